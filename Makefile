@@ -1,0 +1,61 @@
+# make run   start the MTA on etc/mta.toml (creates .venv and dev keys on first use)
+# make test  install what the tests need (Python and Debian packages), run them
+# make lint  ruff and mypy
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian programs the integration tests drive: smtp-source/smtp-sink (postfix),
+# and swaks.
+DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks
+
+.PHONY: run test lint bench clean
+
+$(BIN)/mta: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/pytest: $(BIN)/mta
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+var/dkim/example.test.s2026.pem: | $(BIN)/mta
+	$(BIN)/mta dkim keygen --domain example.test --selector s2026 --out var/dkim
+
+var/tls/cert.pem:
+	mkdir -p var/tls
+	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=mta.example.test" \
+		-keyout var/tls/key.pem -out var/tls/cert.pem 2>/dev/null
+	chmod 600 var/tls/key.pem
+
+var/users:
+	mkdir -p var && touch $@ && chmod 600 $@
+
+run: $(BIN)/mta var/dkim/example.test.s2026.pem var/tls/cert.pem var/users
+	$(BIN)/mta serve --config etc/mta.toml
+
+debian-tools:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+		[ -x "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian packages:$$missing"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "missing Debian packages:$$missing (integration tests that need them are skipped; install them as root)"; \
+		fi; \
+	fi
+
+test: $(BIN)/pytest debian-tools
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/pytest
+	$(BIN)/ruff check mta tests tools
+	$(BIN)/ruff format --check mta tests tools
+	$(BIN)/mypy mta
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

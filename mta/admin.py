@@ -1,0 +1,233 @@
+"""`mta queue ...`: inspect and steer the spool, daemon running or not.
+
+LMDB lets this process read while the daemon writes, and serialises writers
+across processes, so every command works on a live spool. Each command that
+changes jobs does so in one transaction: it happens entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from mta.inbound.message import split_header
+from mta.queue.ids import is_queue_id
+from mta.queue.records import Job, JobState, Message
+from mta.queue.store import Spool
+
+
+class AdminError(Exception):
+    """Bad input to an admin command; str() is one sentence for stderr."""
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def _short_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def job_row(message: Message, job: Job) -> dict[str, Any]:
+    """One line of ``list --json``."""
+    return {
+        "id": message.id,
+        "sender": message.sender,
+        "recipients": list(job.recipients),
+        "domain": job.domain,
+        "state": job.state.value,
+        "attempts": job.attempts,
+        "next_attempt": iso(job.next_attempt),
+        "last_reply": job.last_reply,
+        "size": message.size,
+        "arrived": iso(message.arrived),
+        "message_id": message.message_id,
+    }
+
+
+def list_jobs(
+    spool: Spool, domain: str | None, state: str | None, as_json: bool, out: TextIO
+) -> int:
+    rows = []
+    with spool.read() as txn:
+        messages: dict[str, Message | None] = {}
+        for job in spool.all_jobs(txn):
+            if (domain and job.domain != domain.lower()) or (state and job.state != state):
+                continue
+            if job.message_id not in messages:
+                messages[job.message_id] = spool.message(txn, job.message_id)
+            message = messages[job.message_id]
+            if message is not None:
+                rows.append(job_row(message, job))
+    if as_json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return 0
+    _print_table(rows, out)
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    if not rows:
+        out.write("Mail queue is empty\n")
+        return
+    out.write(
+        f"{'QUEUE ID':<16}  {'STATE':<5}  {'ATT':>3}  {'SIZE':>8}  {'ARRIVED (UTC)':<19}  SENDER\n"
+    )
+    for row in rows:
+        arrived = row["arrived"][:19].replace("T", " ")
+        out.write(
+            f"{row['id']:<16}  {row['state']:<5}  {row['attempts']:>3}  {row['size']:>8}  "
+            f"{arrived:<19}  <{row['sender']}>\n"
+        )
+        for recipient in row["recipients"]:
+            out.write(f"{'':<18}{recipient}\n")
+        if row["last_reply"]:
+            out.write(f"{'':<18}({row['last_reply']})\n")
+    messages = len({row["id"] for row in rows})
+    out.write(f"-- {len(rows)} job(s) in {messages} message(s)\n")
+
+
+def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> int:
+    _check_ids([queue_id])
+    with spool.read() as txn:
+        message = spool.message(txn, queue_id)
+        body = spool.body(txn, queue_id)
+        jobs = spool.jobs_of(txn, queue_id)
+    if message is None or body is None:
+        raise AdminError(f"no message {queue_id} in the spool")
+    if raw:
+        sys.stdout.buffer.write(body)
+        return 0
+    lines, _ = split_header(body)
+    headers = [line.decode("utf-8", "replace").rstrip("\r\n") for line in lines]
+    if as_json:
+        document = asdict(message) | {
+            "arrived": iso(message.arrived),
+            "jobs": [
+                asdict(job) | {"state": job.state.value, "next_attempt": iso(job.next_attempt)}
+                for job in jobs
+            ],
+            "headers": headers,
+        }
+        json.dump(document, out, indent=2)
+        out.write("\n")
+        return 0
+    out.write(
+        f"queue id:   {message.id}\narrived:    {_short_time(message.arrived)} UTC\n"
+        f"size:       {message.size}\nclient:     {message.client}\n"
+        f"sender:     <{message.sender}>\nmessage-id: {message.message_id}\n"
+    )
+    for job in jobs:
+        out.write(
+            f"job {job.domain}: {job.state.value}, {job.attempts} attempt(s), "
+            f"next {_short_time(job.next_attempt)} UTC\n"
+        )
+        for recipient in job.recipients:
+            out.write(f"    <{recipient}>\n")
+        if job.last_reply:
+            out.write(f"    last reply: {job.last_reply}\n")
+    out.write("\n" + "\n".join(headers) + "\n")
+    return 0
+
+
+def stats(spool: Spool, as_json: bool, out: TextIO) -> int:
+    with spool.read() as txn:
+        figures = spool.stats(txn)
+    if as_json:
+        json.dump(asdict(figures), out, indent=2)
+        out.write("\n")
+        return 0
+    states = ", ".join(f"{state} {count}" for state, count in sorted(figures.by_state.items()))
+    out.write(
+        f"messages {figures.messages}, bytes {figures.bytes}, jobs {figures.jobs}"
+        f"{f' ({states})' if states else ''}\n"
+    )
+    if figures.by_domain:
+        out.write(f"{'DOMAIN':<40} {'JOBS':>7} {'RCPTS':>7} {'READY':>7} {'HELD':>7}\n")
+        ranked = sorted(figures.by_domain.items(), key=lambda item: -item[1].jobs)
+        for name, domain in ranked:
+            ready = domain.by_state.get(JobState.READY, 0)
+            held = domain.by_state.get(JobState.HELD, 0)
+            out.write(f"{name:<40} {domain.jobs:>7} {domain.recipients:>7} {ready:>7} {held:>7}\n")
+    return 0
+
+
+# --- changing jobs ---
+
+Change = Callable[[Job, float], Job | None]  # new job, or None to delete it
+
+
+def _hold(job: Job, now: float) -> Job:
+    return job.with_state(JobState.HELD)
+
+
+def _release(job: Job, now: float) -> Job:
+    if job.state is JobState.HELD:
+        return job.with_state(JobState.READY, next_attempt=now)
+    return job
+
+
+def _flush(job: Job, now: float) -> Job:
+    if job.state is JobState.READY:
+        return job.with_state(JobState.READY, next_attempt=now)
+    return job
+
+
+def _delete(job: Job, now: float) -> None:
+    return None
+
+
+CHANGES: dict[str, tuple[Change, str]] = {
+    "hold": (_hold, "held"),
+    "release": (_release, "released"),
+    "flush": (_flush, "flushed"),
+    "delete": (_delete, "deleted"),
+}
+
+
+def change(spool: Spool, action: str, ids: Iterable[str], domain: str | None, out: TextIO) -> int:
+    """Apply ``action`` to the jobs of the given messages, or of a domain."""
+    ids = list(ids)
+    if bool(ids) == bool(domain):
+        raise AdminError(f"queue {action}: give queue IDs or --domain, not both or neither")
+    _check_ids(ids)
+    transform, done = CHANGES[action]
+    missing = []
+    changed = 0
+    with spool.write() as txn:
+        if domain:
+            jobs = [job for job in spool.all_jobs(txn) if job.domain == domain.lower()]
+        else:
+            jobs = []
+            for queue_id in ids:
+                found = spool.jobs_of(txn, queue_id)
+                missing += [] if found else [queue_id]
+                jobs += found
+        now = time.time()
+        for job in jobs:
+            new = transform(job, now)
+            if new is None:
+                spool.delete_job(txn, job)
+            elif new != job:
+                spool.put_job(txn, new, old=job)
+            else:
+                continue
+            changed += 1
+    out.write(f"{done} {changed} job(s)\n")
+    if missing:
+        raise AdminError(f"not in the spool: {', '.join(missing)}")
+    return 0
+
+
+def _check_ids(ids: Iterable[str]) -> None:
+    bad = [queue_id for queue_id in ids if not is_queue_id(queue_id)]
+    if bad:
+        raise AdminError(
+            f"not a queue ID: {', '.join(bad)} (16 characters such as 0V8J2K9M4C1A7Q3E)"
+        )

@@ -1,0 +1,283 @@
+"""The configuration file: TOML in, frozen dataclasses out, or one clear error.
+
+Every section is a dataclass whose fields say the TOML type they accept and,
+where the raw value needs it, a parser that turns it into what the code uses
+(``"127.0.0.1:2525"`` becomes ``HostPort("127.0.0.1", 2525)``). One generic
+loader walks the file against those dataclasses, so an unknown key, a wrong
+type or a bad value is reported the same way everywhere, naming the key:
+
+    etc/mta.toml: [server] max_recipients: expected an integer, got "many"
+
+Relative paths in the file are relative to the working directory the daemon
+is started in (``make run`` and the systemd unit both start it in the
+project directory).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "etc/mta.toml"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; str() is one sentence naming the key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# --- value parsers: raw TOML value -> value the code uses; ValueError = bad value ---
+
+
+def parse_host_port(text: str) -> HostPort:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f'expected "host:port", got "{text}"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"port {number} is out of range 1-65535")
+    return HostPort(host, number)
+
+
+def parse_network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f'"{text}" is not a network such as "10.0.0.0/8"') from None
+
+
+def positive(number: Any) -> Any:
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, got {number}")
+    return number
+
+
+def not_negative(number: Any) -> Any:
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {number}")
+    return number
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def lowercase_domain(text: str) -> str:
+    name = text.strip().rstrip(".").lower()
+    if not name or " " in name or "@" in name:
+        raise ValueError(f'"{text}" is not a domain name')
+    return name
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f'expected one of {", ".join(choices)}; got "{text}"')
+        return text
+
+    return check
+
+
+# --- field declaration ---
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_PLURAL_NAMES = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+
+
+def setting(
+    kind: type,
+    default: Any = MISSING,
+    parse: Callable[[Any], Any] | None = None,
+    many: bool = False,
+) -> Any:
+    """A config key: its TOML type (a list of them when ``many``), its parser,
+    and its default, given already parsed (``None`` for optional keys)."""
+    meta = {"kind": kind, "parse": parse, "many": many}
+    if isinstance(default, list | tuple):
+        frozen = tuple(default)
+        return field(default_factory=lambda: frozen, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- sections ---
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = setting(str, socket.gethostname(), parse=non_empty)
+    listen: tuple[HostPort, ...] = setting(
+        str, [HostPort("127.0.0.1", 2525)], parse=parse_host_port, many=True
+    )
+    relay_networks: tuple[IPNetwork, ...] = setting(
+        str,
+        [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
+        parse=parse_network,
+        many=True,
+    )
+    max_message_size: int = setting(int, 26_214_400, parse=positive)
+    max_recipients: int = setting(int, 1000, parse=positive)
+    max_connections: int = setting(int, 1000, parse=positive)
+    max_connections_per_ip: int = setting(int, 100, parse=positive)
+    idle_timeout: float = setting(float, 300.0, parse=positive)
+    shutdown_timeout: float = setting(float, 30.0, parse=not_negative)
+    tls_cert: str | None = setting(str, None, parse=non_empty)
+    tls_key: str | None = setting(str, None, parse=non_empty)
+    users_file: str | None = setting(str, None, parse=non_empty)
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("listen: give at least one host:port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.users_file and not self.tls_cert:
+            raise ValueError("users_file needs tls_cert and tls_key: AUTH is only offered over TLS")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = setting(str, "var/spool", parse=non_empty)
+    max_size: int = setting(int, 10 * 2**30, parse=positive)
+    min_free_disk: int = setting(int, 256 * 2**20, parse=not_negative)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort = setting(str, HostPort("127.0.0.1", 9125), parse=parse_host_port)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting(str, "info", parse=one_of("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str = setting(str, parse=lowercase_domain)
+    selector: str = setting(str, parse=non_empty)
+    private_key: str = setting(str, parse=non_empty)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dkim: tuple[DkimConfig, ...] = ()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "spool": SpoolConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+}
+
+
+# --- loading ---
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the file at ``path``; raise ConfigError on any problem."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return parse(document)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def parse(document: dict[str, Any]) -> Config:
+    """Validate an already decoded TOML document."""
+    _reject_unknown(document, [*_SECTIONS, "dkim"], "")
+    sections = {
+        name: _build(cls, document[name], f"[{name}]")
+        for name, cls in _SECTIONS.items()
+        if name in document
+    }
+    dkim = document.get("dkim", [])
+    if not isinstance(dkim, list):
+        raise ConfigError("dkim: write each key as a [[dkim]] table")
+    keys = tuple(_build(DkimConfig, entry, f"[[dkim]] #{n}") for n, entry in enumerate(dkim, 1))
+    seen: set[tuple[str, str]] = set()
+    for key in keys:
+        if (key.domain, key.selector) in seen:
+            raise ConfigError(f"[[dkim]]: {key.domain} selector {key.selector} is listed twice")
+        seen.add((key.domain, key.selector))
+    return Config(dkim=keys, **sections)
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of keys")
+    _reject_unknown(table, [f.name for f in fields(cls)], where)
+    values = {}
+    for spec in fields(cls):
+        if spec.name in table:
+            values[spec.name] = _convert(spec.metadata, table[spec.name], f"{where} {spec.name}")
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"{where}: required key {spec.name} is missing")
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ConfigError(f"{where} {error}") from None
+
+
+def _reject_unknown(table: dict[str, Any], known: list[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            place = f"{where} " if where else ""
+            raise ConfigError(f"{place}unknown key {key}{hint}")
+
+
+def _convert(meta: Any, raw: Any, where: str) -> Any:
+    if meta["many"]:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{where}: expected a list of {_PLURAL_NAMES[meta['kind']]}")
+        return tuple(_convert_one(meta, item, where) for item in raw)
+    return _convert_one(meta, raw, where)
+
+
+def _convert_one(meta: Any, raw: Any, where: str) -> Any:
+    kind = meta["kind"]
+    # TOML integers are valid floats; booleans are never numbers.
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(raw, bool) != (kind is bool) or not isinstance(raw, accepted):
+        shown = f'"{raw}"' if isinstance(raw, str) else str(raw).lower()
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[kind]}, got {shown}")
+    value = kind(raw)
+    if meta["parse"] is None:
+        return value
+    try:
+        return meta["parse"](value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None

@@ -1,0 +1,183 @@
+"""The aiosmtpd handler: the decisions at MAIL, RCPT and DATA.
+
+MAIL   valid sender, and room in the spool (452 4.3.1 now rather than after
+       the client has sent a 25 MB message we cannot keep).
+RCPT   valid address, relay permission (554 5.7.1), recipient limit (452 4.5.3).
+DATA   header sanity (mta.inbound.message), DKIM signing in a thread pool,
+       then a durable group commit; "250 ... queued as ID" only after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+from aiosmtpd.smtp import Envelope
+from aiosmtpd.smtp import Session as SmtpSession
+
+from mta import metrics
+from mta.config import ServerConfig
+from mta.inbound import replies
+from mta.inbound.access import address_is_valid, may_relay
+from mta.inbound.message import Rejected, prepare, received_field
+from mta.queue.commit import GroupCommitter
+from mta.queue.ids import IdGenerator
+from mta.queue.records import Message
+from mta.queue.store import Spool, SpoolFull
+from mta.signing import Signer, SignResult
+
+log = logging.getLogger("mta.smtpd")
+
+# EHLO keywords aiosmtpd does not write itself; the pipelined commands are
+# read in order from one stream, which is all PIPELINING asks of a server.
+_EXTRA_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+
+
+class Handler:
+    def __init__(
+        self,
+        config: ServerConfig,
+        spool: Spool,
+        committer: GroupCommitter,
+        signer: Signer,
+        sign_pool: Executor,
+        new_id: IdGenerator,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.committer = committer
+        self.signer = signer
+        self.sign_pool = sign_pool
+        self.new_id = new_id
+
+    async def handle_EHLO(
+        self,
+        server: Any,
+        session: SmtpSession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        keywords = [line[4:] for line in responses[1:] if line[4:] != "HELP"]
+        keywords += _EXTRA_KEYWORDS
+        lines = [responses[0]] + [f"250-{keyword}" for keyword in keywords]
+        return lines[:-1] + ["250 " + lines[-1][4:]]
+
+    async def handle_MAIL(
+        self,
+        server: Any,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        sender = "" if address == "<>" else address
+        if sender and not address_is_valid(sender):
+            return replies.bad_address(address, "sender")
+        with self.spool.read() as txn:
+            if self.spool.room_problem(txn):
+                return replies.NO_ROOM
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: Any,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not address_is_valid(address):
+            return replies.bad_address(address, "recipient")
+        if not may_relay(server.ip, bool(session.authenticated), self.config.relay_networks):
+            return replies.relay_denied(address)
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: Any, session: SmtpSession, envelope: Envelope) -> str:
+        queue_id = self.new_id()
+        now = time.time()
+        helo = session.host_name or ""
+        try:
+            prepared = prepare(
+                envelope.original_content or b"",
+                received=received_field(
+                    helo=helo,
+                    client_ip=server.ip,
+                    hostname=self.config.hostname,
+                    protocol=_protocol(session),
+                    queue_id=queue_id,
+                    recipients=envelope.rcpt_tos,
+                    now=now,
+                ),
+                queue_id=queue_id,
+                hostname=self.config.hostname,
+                now=now,
+            )
+        except Rejected as rejected:
+            return str(rejected)
+        loop = asyncio.get_running_loop()
+        signed = await loop.run_in_executor(self.sign_pool, self._sign, prepared.data)
+        sender = envelope.mail_from or ""
+        message = Message(
+            id=queue_id,
+            sender="" if sender == "<>" else sender,
+            recipients=tuple(envelope.rcpt_tos),
+            arrived=now,
+            size=len(signed.message),
+            client=f"{helo} ([{server.ip}])",
+            message_id=prepared.message_id,
+        )
+        try:
+            await self.committer.add(message, signed.message)
+        except SpoolFull as full:
+            log.warning("id=%s not queued: %s", queue_id, full)
+            return replies.NO_ROOM
+        metrics.MESSAGES_RECEIVED.inc()
+        log.info(
+            "id=%s from=<%s> size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
+            queue_id,
+            message.sender,
+            message.size,
+            len(message.recipients),
+            server.ip,
+            message.message_id,
+            _dkim_summary(signed),
+        )
+        return replies.queued(queue_id)
+
+    def _sign(self, data: bytes) -> SignResult:
+        started = time.perf_counter()
+        result = self.signer.sign(data)
+        metrics.DKIM_SIGN_SECONDS.observe(time.perf_counter() - started)
+        metrics.DKIM_MESSAGES.labels("signed" if result.domain else "unsigned").inc()
+        return result
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %r", error, exc_info=error)
+        return replies.INTERNAL_ERROR
+
+
+def _protocol(session: SmtpSession) -> str:
+    """The "with" keyword of a Received field (RFC 3848)."""
+    name = "ESMTP" if session.extended_smtp else "SMTP"
+    if session.ssl:
+        name += "S"
+    if session.authenticated:
+        name += "A"
+    return name
+
+
+def _dkim_summary(result: SignResult) -> str:
+    if result.domain is None:
+        return "none"
+    return f"{result.domain}/{','.join(result.selectors)}"

@@ -1,0 +1,154 @@
+"""The SMTP protocol object (aiosmtpd's, adjusted) and the set of open sessions.
+
+aiosmtpd does the SMTP state machine; this subclass adds what a production
+listener needs around it:
+
+- connection limits, total and per client IP, answered 421 before the banner;
+- enhanced status codes on aiosmtpd's stock replies (mta.inbound.replies),
+  and one place that counts and logs every refusal;
+- a 421 before closing an idle session, instead of a silent close;
+- graceful shutdown: ``Sessions.drain`` closes idle sessions at once and lets
+  sessions inside a transaction finish (their 250 means the message is on
+  disk), up to a deadline.
+
+It overrides two private aiosmtpd hooks (``_timeout_cb``, and the EHLO lines
+passing through ``push``); aiosmtpd is pinned to 1.4.x for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from mta import metrics
+from mta.inbound import replies
+
+log = logging.getLogger("mta.smtpd")
+
+
+class Sessions:
+    """Open SMTP sessions, for connection limits and for draining at shutdown."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.open: set[Session] = set()
+        self._per_ip: Counter[str] = Counter()
+
+    def admit(self, session: Session, ip: str) -> str | None:
+        """Register a new session, or return the 421 reply that refuses it."""
+        if len(self.open) >= self.max_total:
+            return replies.SERVER_BUSY
+        if self._per_ip[ip] >= self.max_per_ip:
+            return replies.TOO_MANY_CONNECTIONS.replace("{ip}", ip)
+        self.open.add(session)
+        self._per_ip[ip] += 1
+        metrics.SESSIONS_ACTIVE.inc()
+        return None
+
+    def leave(self, session: Session, ip: str) -> None:
+        self.open.discard(session)
+        self._per_ip[ip] -= 1
+        if not self._per_ip[ip]:
+            del self._per_ip[ip]
+        metrics.SESSIONS_ACTIVE.dec()
+
+    async def drain(self, timeout: float, poll: float = 0.05) -> None:
+        """Close every session, letting open transactions finish first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.open and loop.time() < deadline:
+            for session in list(self.open):
+                if not session.in_transaction:
+                    session.close_with(replies.SHUTTING_DOWN)
+            await asyncio.sleep(poll)
+        for session in list(self.open):
+            log.warning("closing session from [%s] at shutdown mid-transaction", session.ip)
+            session.close_with(replies.SHUTTING_DOWN)
+
+
+class Session(SMTP):
+    """One SMTP connection."""
+
+    def __init__(self, handler: Any, sessions: Sessions, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.sessions = sessions
+        self.ip = ""
+        self._admitted = False
+        self._in_ehlo = False
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection, not the switch to TLS
+            peer = transport.get_extra_info("peername")
+            self.ip = peer[0] if peer else ""
+            refusal = self.sessions.admit(self, self.ip)
+            if refusal is not None:
+                self._refuse(transport, refusal)
+                return
+            self._admitted = True
+        super().connection_made(transport)
+
+    def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
+        reply = replies.enhance(template.replace("{host}", self.hostname))
+        self._count_refusal(reply)
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(reply.encode() + b"\r\n")
+        transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return  # refused before aiosmtpd set anything up
+        self._admitted = False
+        self.sessions.leave(self, self.ip)
+        super().connection_lost(error)
+
+    def close_with(self, template: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            reply = template.replace("{host}", self.hostname)
+            self.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        log.info("timeout after %.0fs idle from [%s]", self._timeout_duration, self.ip)
+        self.close_with(replies.TIMEOUT)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and self._is_command_reply(status):
+            status = replies.enhance(status)
+            if status[0] in "45":
+                self._count_refusal(status)
+        await super().push(status)
+
+    def _is_command_reply(self, status: str) -> bool:
+        if self._in_ehlo or status[:3] in ("334", "354"):
+            return False
+        return not status.startswith(f"220 {self.hostname}")  # the greeting
+
+    def _count_refusal(self, reply: str) -> None:
+        reason = replies.rejection_reason(reply)
+        if reason is not None:
+            metrics.MESSAGES_REJECTED.labels(reason).inc()
+        envelope = self.envelope
+        sender = envelope.mail_from if envelope is not None else None
+        log.info(
+            "reject: client=[%s] helo=<%s> from=<%s> reply=%s",
+            self.ip,
+            self.session.host_name if self.session else "",
+            "" if sender in (None, "<>") else sender,
+            reply,
+        )

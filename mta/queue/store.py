@@ -1,0 +1,209 @@
+"""The spool on disk: one LMDB environment holding messages and their jobs.
+
+Named databases inside the environment:
+
+    messages  queue ID -> Message (envelope, arrival, size) as JSON
+    bodies    queue ID -> the signed message bytes
+    jobs      queue ID NUL domain -> Job as JSON
+    due       ms of next attempt + job key -> b"" (ready jobs only, in time order)
+    meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian)
+
+Every change to a job goes through ``put_job``/``delete_job``, which keep the
+``due`` index and the byte counter right in the same transaction; nothing
+else writes those. Writes take a transaction from the caller, so one commit
+can carry many messages (group commit, mta.queue.commit) and the admin tool
+can change several jobs at once. The environment is opened with sync on: a
+commit returns only after fdatasync, which is what makes "250" mean durable.
+LMDB allows one writer at a time across processes, so the daemon and
+``mta queue`` can both write; readers never block.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from mta.queue.records import Job, JobState, Message, due_key, job_prefix, jobs_for
+
+_BYTES = b"bytes"
+# LMDB reserves address space, not disk: a map twice the spool limit leaves
+# room for its B-trees and free pages before MapFullError could ever hit.
+_MAP_HEADROOM = 2**30
+
+
+class SpoolMissing(Exception):
+    """There is no spool where the config says."""
+
+
+class SpoolFull(Exception):
+    """No room for a new message; str() is the reason, for the 452 reply and the log."""
+
+
+@dataclass
+class DomainStats:
+    jobs: int = 0
+    recipients: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SpoolStats:
+    messages: int = 0
+    bytes: int = 0
+    jobs: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+    by_domain: dict[str, DomainStats] = field(default_factory=dict)
+
+
+class Spool:
+    def __init__(
+        self, path: str | Path, max_size: int, min_free_disk: int = 0, create: bool = True
+    ) -> None:
+        """Open (or with ``create``, make) the spool at ``path``; SpoolMissing if absent."""
+        self.path = Path(path)
+        self.max_size = max_size
+        self.min_free_disk = min_free_disk
+        if create:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not (self.path / "data.mdb").exists():
+            raise SpoolMissing(f"no spool at {self.path} (has mta serve run with this config?)")
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=2 * max_size + _MAP_HEADROOM,
+            max_dbs=8,
+            sync=True,
+            metasync=True,
+        )
+        # A process killed with SIGKILL leaves its reader slots behind.
+        self.env.reader_check()
+        self._messages = self.env.open_db(b"messages")
+        self._bodies = self.env.open_db(b"bodies")
+        self._jobs = self.env.open_db(b"jobs")
+        self._due = self.env.open_db(b"due")
+        self._meta = self.env.open_db(b"meta")
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed (durably) on leaving the block."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin() as txn:
+            yield txn
+
+    # --- room ---
+
+    def room_problem(self, txn: lmdb.Transaction, size: int = 0) -> str | None:
+        """Why a message of ``size`` bytes cannot be taken now, or None."""
+        if self.stored_bytes(txn) + size > self.max_size:
+            return "spool size limit reached"
+        if self.free_disk() < self.min_free_disk + size:
+            return "disk nearly full"
+        return None
+
+    def free_disk(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def stored_bytes(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_BYTES, db=self._meta)
+        return struct.unpack(">q", raw)[0] if raw else 0
+
+    def message_count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self._messages)["entries"])
+
+    def _add_bytes(self, txn: lmdb.Transaction, delta: int) -> None:
+        txn.put(_BYTES, struct.pack(">q", self.stored_bytes(txn) + delta), db=self._meta)
+
+    # --- writing ---
+
+    def add(self, txn: lmdb.Transaction, message: Message, body: bytes) -> None:
+        """Store a new message and one ready job per recipient domain."""
+        problem = self.room_problem(txn, len(body))
+        if problem:
+            raise SpoolFull(problem)
+        key = message.id.encode()
+        if not txn.put(key, message.encode(), db=self._messages, overwrite=False):
+            raise ValueError(f"queue ID {message.id} is already in the spool")
+        txn.put(key, body, db=self._bodies)
+        self._add_bytes(txn, len(body))
+        for job in jobs_for(message):
+            self.put_job(txn, job)
+
+    def put_job(self, txn: lmdb.Transaction, job: Job, old: Job | None = None) -> None:
+        """Store ``job``, replacing ``old`` (the same job as it was read)."""
+        if old is not None and old.state is JobState.READY:
+            txn.delete(due_key(old), db=self._due)
+        txn.put(job.key, job.encode(), db=self._jobs)
+        if job.state is JobState.READY:
+            txn.put(due_key(job), b"", db=self._due)
+
+    def delete_job(self, txn: lmdb.Transaction, job: Job) -> bool:
+        """Remove a job; the message goes with its last job. True if it went."""
+        txn.delete(job.key, db=self._jobs)
+        if job.state is JobState.READY:
+            txn.delete(due_key(job), db=self._due)
+        if any(True for _ in self._job_items(txn, job.message_id)):
+            return False
+        message = self.message(txn, job.message_id)
+        key = job.message_id.encode()
+        txn.delete(key, db=self._messages)
+        txn.delete(key, db=self._bodies)
+        if message is not None:
+            self._add_bytes(txn, -message.size)
+        return True
+
+    # --- reading ---
+
+    def message(self, txn: lmdb.Transaction, queue_id: str) -> Message | None:
+        raw = txn.get(queue_id.encode(), db=self._messages)
+        return Message.decode(raw) if raw is not None else None
+
+    def body(self, txn: lmdb.Transaction, queue_id: str) -> bytes | None:
+        raw = txn.get(queue_id.encode(), db=self._bodies)
+        return bytes(raw) if raw is not None else None
+
+    def jobs_of(self, txn: lmdb.Transaction, queue_id: str) -> list[Job]:
+        return [Job.decode(value) for value in self._job_items(txn, queue_id)]
+
+    def _job_items(self, txn: lmdb.Transaction, queue_id: str) -> Iterator[bytes]:
+        """The encoded jobs of one message."""
+        prefix = job_prefix(queue_id)
+        cursor = txn.cursor(db=self._jobs)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not bytes(key).startswith(prefix):
+                return
+            yield bytes(value)
+
+    def all_jobs(self, txn: lmdb.Transaction) -> Iterator[Job]:
+        """Every job, in queue ID (arrival) order."""
+        for _, value in txn.cursor(db=self._jobs):
+            yield Job.decode(value)
+
+    def all_messages(self, txn: lmdb.Transaction) -> Iterator[Message]:
+        for _, value in txn.cursor(db=self._messages):
+            yield Message.decode(value)
+
+    def stats(self, txn: lmdb.Transaction) -> SpoolStats:
+        stats = SpoolStats(messages=self.message_count(txn), bytes=self.stored_bytes(txn))
+        for job in self.all_jobs(txn):
+            stats.jobs += 1
+            stats.by_state[job.state] = stats.by_state.get(job.state, 0) + 1
+            domain = stats.by_domain.setdefault(job.domain, DomainStats())
+            domain.jobs += 1
+            domain.recipients += len(job.recipients)
+            domain.by_state[job.state] = domain.by_state.get(job.state, 0) + 1
+        return stats
