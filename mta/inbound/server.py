@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -99,8 +99,8 @@ class Session(SMTP):
     def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
         reply = replies.enhance(template.replace("{host}", self.hostname))
         self._count_refusal(reply)
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(reply.encode() + b"\r\n")
+        # uvloop's transports are not asyncio.Transport subclasses, but write alike.
+        cast(asyncio.Transport, transport).write(reply.encode() + b"\r\n")
         transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -109,6 +109,13 @@ class Session(SMTP):
         self._admitted = False
         self.sessions.leave(self, self.ip)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        # aiosmtpd keeps the transport half-open after EOF; if the client left
+        # before the session task first ran, nothing would ever close it and
+        # the session would hold its connection slot until the idle timeout.
+        return False
 
     def close_with(self, template: str) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,19 @@ class Mta:
             [MTA, "serve", "--config", str(self.config_path)], stdout=log, stderr=log
         )
         wait_for_port(self.port, START_TIMEOUT, self.process)
+        self.wait_for_no_sessions()
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def wait_for_no_sessions(self, timeout: float = 10.0) -> None:
+        """Until the daemon has seen the end of every connection (wait_for_port's too)."""
+        deadline = time.monotonic() + timeout
+        while "mta_smtp_sessions_active 0.0" not in self.metrics():
+            assert time.monotonic() < deadline, "sessions still open"
+            time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.process is not None

@@ -7,7 +7,6 @@ import re
 import smtplib
 import ssl
 import subprocess
-import urllib.request
 
 import dkim
 import pytest
@@ -238,8 +237,7 @@ def test_metrics_count_what_happened(running_mta: Mta) -> None:
     client.command("MAIL FROM:<a@x.test>")
     client.command("RCPT TO:<b@example.net>")
     client.close()
-    url = f"http://127.0.0.1:{running_mta.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = running_mta.metrics()
     assert "mta_messages_received_total 1.0" in text
     assert 'mta_messages_rejected_total{reason="relay_denied"} 1.0' in text
     assert "mta_spool_messages 1.0" in text

@@ -1,0 +1,110 @@
+"""Nothing accepted is lost: kill -9 under load, a full spool, a clean SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import threading
+import time
+
+import lmdb
+import pytest
+
+from tests.integration.conftest import Mta, RawSmtp
+from tests.integration.test_accept import MESSAGE, send
+
+pytestmark = pytest.mark.integration
+
+
+def load(mta: Mta, accepted: list[str], stop: threading.Event, limit: int) -> None:
+    """Send messages over one reused connection until stopped; record each 250."""
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
+            client.ehlo("load.test")
+            for _ in range(limit):
+                if stop.is_set():
+                    return
+                client.mail("app@example.test")
+                client.rcpt("user@example.net")
+                code, reply = client.data(MESSAGE)
+                if code == 250:
+                    accepted.append(reply.decode().rsplit(" ", 1)[1])
+    except (OSError, smtplib.SMTPException):
+        return  # the daemon was killed under us
+
+
+def test_kill_9_under_load_loses_no_accepted_message(mta: Mta) -> None:
+    accepted: list[str] = []
+    for _round in range(3):
+        mta.start()
+        stop = threading.Event()
+        senders = [
+            threading.Thread(target=load, args=(mta, accepted, stop, 400)) for _ in range(8)
+        ]
+        before = len(accepted)
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 20
+        while len(accepted) < before + 150 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mta.stop(signal.SIGKILL) == -signal.SIGKILL
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=30)
+        assert len(accepted) >= before + 150, "the load did not get going"
+
+    mta.start()
+    listed = {row["id"] for row in mta.queue_list()}
+    assert set(accepted) <= listed, f"lost: {sorted(set(accepted) - listed)[:5]}"
+    assert mta.stop() == 0
+    # The spool opens clean with plain LMDB, outside our code.
+    environment = lmdb.open(mta.spool["path"], max_dbs=8, readonly=True, lock=False)
+    with environment.begin() as txn:
+        messages = environment.open_db(b"messages", txn=txn, create=False)
+        assert txn.stat(messages)["entries"] == len(listed)
+    environment.close()
+
+
+def test_full_spool_answers_452_and_recovers(mta: Mta) -> None:
+    mta.spool["max_size"] = 6000
+    mta.start()
+    accepted, refusal = [], ""
+    for _ in range(20):
+        try:
+            accepted.append(send(mta))
+        except AssertionError as error:
+            refusal = str(error)
+            break
+    assert accepted, "nothing fitted at all"
+    assert "452" in refusal and "4.3.1" in refusal, refusal
+    assert {row["id"] for row in mta.queue_list()} == set(accepted)
+
+    removed = mta.cli("queue", "delete", "--domain", "example.net")
+    assert removed.returncode == 0, removed.stderr
+    assert mta.queue_list() == []
+    send(mta)  # room again, without a restart
+    assert mta.stop() == 0
+
+
+def test_sigterm_finishes_open_transaction_then_exits_0(running_mta: Mta) -> None:
+    busy = RawSmtp(running_mta.port)
+    busy.reply()
+    busy.command("EHLO busy.test")
+    busy.command("MAIL FROM:<app@example.test>")
+    busy.command("RCPT TO:<user@example.net>")
+    assert busy.command("DATA").startswith("354")
+    busy.send(MESSAGE[:40])
+    idle = RawSmtp(running_mta.port)
+    idle.reply()
+    idle.command("EHLO idle.test")
+
+    assert running_mta.process is not None
+    running_mta.process.send_signal(signal.SIGTERM)
+    assert idle.reply().startswith("421 4.3.2")  # idle sessions are closed at once
+    busy.send(MESSAGE[40:] + b".\r\n")
+    assert busy.reply().startswith("250 2.0.0 Ok: queued as")
+    assert busy.reply().startswith("421 4.3.2")
+    assert running_mta.stop() == 0
+
+    running_mta.start()
+    assert len(running_mta.queue_list()) == 1
