@@ -51,6 +51,10 @@ def parse_host_port(text: str) -> HostPort:
         raise ValueError(f'expected "host:port", got "{text}"')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'write an IPv6 address in brackets, as "[::1]:25"; got "{text}"')
+    if not host:
+        raise ValueError(f'expected "host:port", got "{text}"')
     number = int(port)
     if not 0 < number < 65536:
         raise ValueError(f"port {number} is out of range 1-65535")
@@ -65,13 +69,13 @@ def parse_network(text: str) -> IPNetwork:
 
 
 def positive(number: Any) -> Any:
-    if number <= 0:
+    if not number > 0:  # also refuses NaN
         raise ValueError(f"must be greater than 0, got {number}")
     return number
 
 
 def not_negative(number: Any) -> Any:
-    if number < 0:
+    if not number >= 0:  # also refuses NaN
         raise ValueError(f"must be 0 or more, got {number}")
     return number
 
@@ -206,6 +210,8 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {error.start}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     try:

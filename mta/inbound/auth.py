@@ -51,7 +51,7 @@ def check_password(password: str, stored: str) -> bool:
             p=int(cost["p"]),
             dklen=len(expected),
         )
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return False
     return scheme == "scrypt" and hmac.compare_digest(actual, expected)
 
@@ -75,8 +75,8 @@ def read_users(path: str | Path) -> dict[str, str]:
 
 def add_user(path: str | Path, name: str, password: str) -> None:
     """Add ``name`` or replace its password; the file is rewritten atomically, mode 0600."""
-    if not name or ":" in name or any(char.isspace() for char in name):
-        raise UsersFileError(f"user name {name!r}: use no spaces and no colon")
+    if not name or name.startswith("#") or ":" in name or any(c.isspace() for c in name):
+        raise UsersFileError(f"user name {name!r}: use no spaces and no colon, no # first")
     if not password:
         raise UsersFileError("the password must not be empty")
     target = Path(path)
@@ -85,6 +85,7 @@ def add_user(path: str | Path, name: str, password: str) -> None:
     temporary = target.with_name(target.name + ".tmp")
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a left-over temporary file keeps its old mode otherwise
     with os.fdopen(descriptor, "w") as file:
         file.writelines(f"{user}:{stored}\n" for user, stored in users.items())
         file.flush()

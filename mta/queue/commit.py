@@ -13,6 +13,7 @@ A future never resolves before its message is on disk (DESIGN invariant 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -95,13 +96,17 @@ class GroupCommitter:
         metrics.SPOOL_COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.SPOOL_COMMIT_MESSAGES.observe(len(batch))
         for request, outcome in zip(batch, outcomes, strict=True):
-            request.loop.call_soon_threadsafe(_settle, request.future, outcome)
+            # RuntimeError: that event loop is closed, so nobody is waiting.
+            with contextlib.suppress(RuntimeError):
+                request.loop.call_soon_threadsafe(_settle, request.future, outcome)
 
     def _add_one(self, txn: lmdb.Transaction, request: _Request) -> BaseException | None:
+        # Each check in Spool.add comes before its first write, so refusing
+        # one message leaves the others in the batch intact.
         try:
             self.spool.add(txn, request.message, request.body)
-        except SpoolFull as full:
-            return full
+        except (SpoolFull, ValueError) as refused:
+            return refused
         return None
 
 

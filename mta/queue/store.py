@@ -130,6 +130,8 @@ class Spool:
 
     def add(self, txn: lmdb.Transaction, message: Message, body: bytes) -> None:
         """Store a new message and one ready job per recipient domain."""
+        if message.size != len(body):  # delete_job subtracts message.size
+            raise ValueError(f"message {message.id}: size {message.size} != {len(body)} bytes")
         problem = self.room_problem(txn, len(body))
         if problem:
             raise SpoolFull(problem)

@@ -38,9 +38,7 @@ def test_kill_9_under_load_loses_no_accepted_message(mta: Mta) -> None:
     for _round in range(3):
         mta.start()
         stop = threading.Event()
-        senders = [
-            threading.Thread(target=load, args=(mta, accepted, stop, 400)) for _ in range(8)
-        ]
+        senders = [threading.Thread(target=load, args=(mta, accepted, stop, 400)) for _ in range(8)]
         before = len(accepted)
         for sender in senders:
             sender.start()
@@ -83,6 +81,20 @@ def test_full_spool_answers_452_and_recovers(mta: Mta) -> None:
     assert removed.returncode == 0, removed.stderr
     assert mta.queue_list() == []
     send(mta)  # room again, without a restart
+    assert mta.stop() == 0
+
+
+def test_nearly_full_disk_answers_452_at_mail(mta: Mta) -> None:
+    mta.spool["min_free_disk"] = 2**60  # more than any disk here has free
+    mta.start()
+    client = RawSmtp(mta.port)
+    client.reply()
+    client.command("EHLO client.test")
+    assert client.command("MAIL FROM:<app@example.test>") == (
+        "452 4.3.1 Insufficient system storage"
+    )
+    client.close()
+    assert 'mta_messages_rejected_total{reason="spool_full"} 1.0' in mta.metrics()
     assert mta.stop() == 0
 
 
