@@ -265,6 +265,11 @@ class RawSmtp:
             if len(line) < 4 or line[3:4] == b" ":
                 return "\n".join(lines)
 
+    def hello(self, name: str = "client.test") -> str:
+        """Read the greeting, say EHLO; the EHLO reply."""
+        assert self.reply().startswith("220 ")
+        return self.command(f"EHLO {name}")
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 

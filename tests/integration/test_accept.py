@@ -142,8 +142,7 @@ def test_size_limit_announced_and_streamed(mta: Mta) -> None:
     mta.server["max_message_size"] = 10_000
     mta.start()
     client = RawSmtp(mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
     assert client.command("MAIL FROM:<app@example.test> SIZE=20000").startswith("552 5.3.4")
     # Not announced: the limit holds while the data streams in.
     assert client.command("MAIL FROM:<app@example.test>").startswith("250")
@@ -160,8 +159,7 @@ def test_recipient_limit(mta: Mta) -> None:
     mta.server["max_recipients"] = 3
     mta.start()
     client = RawSmtp(mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
     client.command("MAIL FROM:<app@example.test>")
     for number in range(3):
         assert client.command(f"RCPT TO:<u{number}@example.net>").startswith("250 2.1.5")
@@ -188,8 +186,7 @@ def test_smuggled_message_is_never_queued(running_mta: Mta, terminator: bytes) -
         b"From: ceo@example.test\r\nSubject: smuggled\r\n\r\nwire the money\r\n"
     )
     client = RawSmtp(running_mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
     # Everything pipelined in one write, as an attacker would.
     client.send(
         b"MAIL FROM:<app@example.test>\r\nRCPT TO:<user@example.net>\r\nDATA\r\n"
@@ -209,8 +206,7 @@ def test_smuggled_message_is_never_queued(running_mta: Mta, terminator: bytes) -
 
 def test_header_and_line_problems_get_clear_replies(running_mta: Mta) -> None:
     client = RawSmtp(running_mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
 
     def transaction(data: bytes) -> str:
         client.command("MAIL FROM:<app@example.test>")
@@ -233,8 +229,7 @@ def test_header_and_line_problems_get_clear_replies(running_mta: Mta) -> None:
 def test_metrics_count_what_happened(running_mta: Mta) -> None:
     send(running_mta)
     client = RawSmtp(running_mta.port, source="127.0.0.3")
-    client.reply()
-    client.command("EHLO x.test")
+    client.hello("x.test")
     client.command("MAIL FROM:<a@x.test>")
     client.command("RCPT TO:<b@example.net>")
     client.close()

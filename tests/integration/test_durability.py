@@ -88,8 +88,7 @@ def test_nearly_full_disk_answers_452_at_mail(mta: Mta) -> None:
     mta.spool["min_free_disk"] = 2**60  # more than any disk here has free
     mta.start()
     client = RawSmtp(mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
     assert client.command("MAIL FROM:<app@example.test>") == (
         "452 4.3.1 Insufficient system storage"
     )
@@ -100,15 +99,13 @@ def test_nearly_full_disk_answers_452_at_mail(mta: Mta) -> None:
 
 def test_sigterm_finishes_open_transaction_then_exits_0(running_mta: Mta) -> None:
     busy = RawSmtp(running_mta.port)
-    busy.reply()
-    busy.command("EHLO busy.test")
+    busy.hello("busy.test")
     busy.command("MAIL FROM:<app@example.test>")
     busy.command("RCPT TO:<user@example.net>")
     assert busy.command("DATA").startswith("354")
     busy.send(MESSAGE[:40])
     idle = RawSmtp(running_mta.port)
-    idle.reply()
-    idle.command("EHLO idle.test")
+    idle.hello("idle.test")
 
     assert running_mta.process is not None
     running_mta.process.send_signal(signal.SIGTERM)

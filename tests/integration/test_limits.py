@@ -48,8 +48,7 @@ def test_idle_session_gets_421_and_is_closed(mta: Mta) -> None:
     mta.server["idle_timeout"] = 1
     mta.start()
     client = RawSmtp(mta.port)
-    client.reply()
-    client.command("EHLO client.test")
+    client.hello()
     assert client.reply() == "421 4.4.2 mta.test Error: timeout exceeded"
     assert client.reply() == ""  # closed
     client.close()
