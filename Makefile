@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian programs the integration tests drive: smtp-source/smtp-sink (postfix),
-# and swaks.
-DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks
+# swaks, and nsd (the authoritative DNS server the delivery tests run).
+DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks /usr/sbin/nsd:nsd
 
 .PHONY: run test lint bench clean
 

@@ -19,9 +19,10 @@ import difflib
 import ipaddress
 import socket
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 DEFAULT_PATH = "etc/mta.toml"
@@ -113,13 +114,17 @@ def setting(
     default: Any = MISSING,
     parse: Callable[[Any], Any] | None = None,
     many: bool = False,
+    table: bool = False,
 ) -> Any:
-    """A config key: its TOML type (a list of them when ``many``), its parser,
-    and its default, given already parsed (``None`` for optional keys)."""
-    meta = {"kind": kind, "parse": parse, "many": many}
+    """A config key: its TOML type (a list of them when ``many``, a table of
+    name = value when ``table``), its parser, and its default, given already
+    parsed (``None`` for optional keys)."""
+    meta = {"kind": kind, "parse": parse, "many": many, "table": table}
     if isinstance(default, list | tuple):
         frozen = tuple(default)
         return field(default_factory=lambda: frozen, metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: MappingProxyType(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -175,6 +180,31 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    nameservers: tuple[HostPort, ...] = setting(str, [], parse=parse_host_port, many=True)
+    smtp_port: int = setting(int, 25, parse=positive)
+    allow_private_mx: bool = setting(bool, False)
+    routes: Mapping[str, HostPort] = setting(str, {}, parse=parse_host_port, table=True)
+    require_tls: tuple[str, ...] = setting(str, [], parse=lowercase_domain, many=True)
+    max_concurrent: int = setting(int, 100, parse=positive)
+    max_concurrent_per_domain: int = setting(int, 20, parse=positive)
+    connect_timeout: float = setting(float, 30.0, parse=positive)
+    command_timeout: float = setting(float, 300.0, parse=positive)
+    max_messages_per_connection: int = setting(int, 100, parse=positive)
+    connection_idle_timeout: float = setting(float, 5.0, parse=positive)
+    retry_first: float = setting(float, 60.0, parse=positive)
+    retry_factor: float = setting(float, 2.0, parse=positive)
+    retry_max: float = setting(float, 3600.0, parse=positive)
+    max_age: float = setting(float, 5 * 86400.0, parse=positive)
+
+    def __post_init__(self) -> None:
+        if self.retry_factor < 1:
+            raise ValueError("retry_factor must be 1 or more: waits never shrink")
+        if self.retry_max < self.retry_first:
+            raise ValueError("retry_max must be at least retry_first")
+
+
+@dataclass(frozen=True)
 class DkimConfig:
     domain: str = setting(str, parse=lowercase_domain)
     selector: str = setting(str, parse=non_empty)
@@ -187,6 +217,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dkim: tuple[DkimConfig, ...] = ()
 
 
@@ -195,6 +226,7 @@ _SECTIONS: dict[str, type] = {
     "spool": SpoolConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "delivery": DeliveryConfig,
 }
 
 
@@ -266,6 +298,15 @@ def _reject_unknown(table: dict[str, Any], known: list[str], where: str) -> None
 
 
 def _convert(meta: Any, raw: Any, where: str) -> Any:
+    if meta["table"]:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table of name = {_TYPE_NAMES[meta['kind']]}")
+        return MappingProxyType(
+            {
+                name.lower(): _convert_one(meta, value, f"{where}.{name}")
+                for name, value in raw.items()
+            }
+        )
     if meta["many"]:
         if not isinstance(raw, list):
             raise ConfigError(f"{where}: expected a list of {_PLURAL_NAMES[meta['kind']]}")

@@ -22,6 +22,11 @@ from mta.config import Config, ConfigError, ServerConfig
 from mta.inbound.auth import Authenticator, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
+from mta.outbound.attempt import Attempter
+from mta.outbound.client import ClientSettings, Deliverer
+from mta.outbound.resolver import Resolver
+from mta.outbound.scheduler import Scheduler
+from mta.policy.retry import RetrySchedule
 from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
 from mta.queue.store import Spool
@@ -66,9 +71,29 @@ async def _serve(config: Config) -> int:
     spool = Spool(config.spool.path, config.spool.max_size, config.spool.min_free_disk)
     committer = GroupCommitter(spool)
     sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-    handler = Handler(
-        server_config, spool, committer, signing.Signer(keys), sign_pool, IdGenerator()
+    signer, new_id = signing.Signer(keys), IdGenerator()
+    deliverer = Deliverer(
+        client_settings(config), require_tls=frozenset(config.delivery.require_tls).__contains__
     )
+    scheduler = Scheduler(
+        spool,
+        lambda key: attempter(key),
+        config.delivery.max_concurrent,
+        config.delivery.max_concurrent_per_domain,
+    )
+    attempter = Attempter(
+        spool=spool,
+        committer=committer,
+        resolver=resolver(config),
+        deliverer=deliverer,
+        signer=signer,
+        sign_pool=sign_pool,
+        new_id=new_id,
+        schedule=retry_schedule(config),
+        hostname=server_config.hostname,
+        on_queued=scheduler.wake,
+    )
+    handler = Handler(server_config, spool, committer, signer, sign_pool, new_id, scheduler.wake)
     sessions = Sessions(server_config.max_connections, server_config.max_connections_per_ip)
 
     def new_session() -> Session:
@@ -92,10 +117,7 @@ async def _serve(config: Config) -> int:
             raise StartupError(
                 f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
             ) from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(number, stop.set)
+        delivering = asyncio.get_running_loop().create_task(scheduler.run())
         log.info(
             "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
             " ".join(str(address) for address in server_config.listen),
@@ -103,17 +125,59 @@ async def _serve(config: Config) -> int:
             Path(config.spool.path).resolve(),
             len(keys),
         )
-        await stop.wait()
-        log.info("stopping: no new connections; finishing open transactions")
+        await _wait_for_stop_signal()
+        log.info("stopping: no new connections; finishing open transactions and deliveries")
         for listener in listeners:
             listener.close()
         await sessions.drain(server_config.shutdown_timeout)
+        await scheduler.stop(server_config.shutdown_timeout)
+        await delivering
     finally:
+        await deliverer.close()
         committer.close()
         sign_pool.shutdown()
         spool.close()
     log.info("mta stopped")
     return 0
+
+
+async def _wait_for_stop_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    await stop.wait()
+
+
+def resolver(config: Config) -> Resolver:
+    delivery = config.delivery
+    return Resolver(
+        nameservers=[(ns.host, ns.port) for ns in delivery.nameservers] or None,
+        smtp_port=delivery.smtp_port,
+        allow_private=delivery.allow_private_mx,
+        routes={domain: (hop.host, hop.port) for domain, hop in delivery.routes.items()},
+    )
+
+
+def client_settings(config: Config) -> ClientSettings:
+    delivery = config.delivery
+    return ClientSettings(
+        helo=config.server.hostname,
+        connect_timeout=delivery.connect_timeout,
+        command_timeout=delivery.command_timeout,
+        max_messages_per_connection=delivery.max_messages_per_connection,
+        idle_timeout=delivery.connection_idle_timeout,
+    )
+
+
+def retry_schedule(config: Config) -> RetrySchedule:
+    delivery = config.delivery
+    return RetrySchedule(
+        first=delivery.retry_first,
+        factor=delivery.retry_factor,
+        cap=delivery.retry_max,
+        max_age=delivery.max_age,
+    )
 
 
 async def _listen(factory: Callable[[], Session], server: ServerConfig) -> list[asyncio.Server]:

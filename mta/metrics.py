@@ -49,6 +49,26 @@ SPOOL_COMMIT_MESSAGES = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 
+MESSAGES_DELIVERED = Counter(
+    "mta_messages_delivered_total", "Recipients delivered (the receiving server answered 2xx)."
+)
+MESSAGES_DEFERRED = Counter(
+    "mta_messages_deferred_total", "Recipients deferred after a temporary failure, to retry."
+)
+MESSAGES_BOUNCED = Counter(
+    "mta_messages_bounced_total", "Recipients bounced: permanent failure or expired."
+)
+DELIVERY_ATTEMPTS = Counter(
+    "mta_delivery_attempts_total",
+    "Delivery attempts (one per job: a message to one domain), by how they ended.",
+    ["result"],
+)
+DELIVERY_DELAY_SECONDS = Histogram(
+    "mta_delivery_delay_seconds",
+    "Seconds from acceptance to delivery, per delivered recipient.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 300, 3600, 86400),
+)
+
 
 class SpoolCollector(Collector):
     """Reads the spool's size at scrape time, so the figures include what

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -45,6 +46,7 @@ class Handler:
         signer: Signer,
         sign_pool: Executor,
         new_id: IdGenerator,
+        on_queued: Callable[[], None],
     ) -> None:
         self.config = config
         self.spool = spool
@@ -52,6 +54,7 @@ class Handler:
         self.signer = signer
         self.sign_pool = sign_pool
         self.new_id = new_id
+        self.on_queued = on_queued  # the scheduler tries new mail at once
 
     async def handle_EHLO(
         self,
@@ -143,6 +146,7 @@ class Handler:
             log.warning("id=%s not queued: %s", queue_id, full)
             return replies.NO_ROOM
         metrics.MESSAGES_RECEIVED.inc()
+        self.on_queued()
         log.info(
             "id=%s from=<%s> size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
             queue_id,

@@ -1,13 +1,18 @@
-"""Group commit: many SMTP sessions share one durable LMDB commit.
+"""Group commit: many SMTP sessions and deliveries share one durable LMDB commit.
 
-An fsync costs about a millisecond, so one commit per message would cap
-acceptance near 1,000 messages/s and stall the event loop while it waits.
-Instead every session hands its message to one writer thread and awaits a
-future. The thread takes everything that queued up while the previous commit
-was syncing, writes it all in one transaction, commits once, and only then
-resolves each session's future. Under light load a batch is one message and
-latency is one fsync; under heavy load batches grow and the fsync is shared.
-A future never resolves before its message is on disk (DESIGN invariant 1).
+An fsync costs about a millisecond, so one commit per change would cap the
+spool near 1,000 changes/s and stall the event loop while it waits. Instead
+every change (a new message from a session, a delivery result from the
+scheduler) is handed to one writer thread as a function of a transaction,
+and the caller awaits a future. The thread takes everything that queued up
+while the previous commit was syncing, runs it all in one transaction,
+commits once, and only then resolves each caller's future. Under light load a
+batch is one change and latency is one fsync; under heavy load the fsync is
+shared. A future never resolves before its change is on disk (DESIGN
+invariant 1).
+
+Each change runs in a nested transaction, so one that raises is rolled back
+alone and reported to its caller, while the rest of the batch commits.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -29,14 +36,20 @@ from mta.queue.store import Spool, SpoolFull
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+T = TypeVar("T")
 
 
 @dataclass
 class _Request:
-    message: Message
-    body: bytes
-    future: asyncio.Future[None]
+    change: Callable[[lmdb.Transaction], Any]
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: BaseException | None = None
 
 
 class GroupCommitter:
@@ -48,10 +61,17 @@ class GroupCommitter:
 
     async def add(self, message: Message, body: bytes) -> None:
         """Return once the message is durably in the spool; raise SpoolFull if no room."""
+        await self.run(lambda txn: self.spool.add(txn, message, body))
+
+    async def run(self, change: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``change`` in the writer thread; return its result once committed.
+
+        ``change`` must only touch the spool through the transaction it is given.
+        """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._requests.put(_Request(message, body, future, loop))
-        await future
+        future: asyncio.Future[T] = loop.create_future()
+        self._requests.put(_Request(change, future, loop))
+        return await future
 
     def close(self) -> None:
         """Commit what was handed in so far, then stop the writer thread."""
@@ -82,17 +102,16 @@ class GroupCommitter:
         return batch, False
 
     def _commit(self, batch: list[_Request]) -> None:
-        outcomes: list[BaseException | None] = []
+        outcomes: list[_Outcome] = []
         started = time.perf_counter()
         try:
             with self.spool.write() as txn:
-                for request in batch:
-                    outcomes.append(self._add_one(txn, request))
+                outcomes = [self._apply(txn, request) for request in batch]
         except lmdb.MapFullError:
-            outcomes = [SpoolFull("spool database is full")] * len(batch)
-        except Exception as error:  # the whole commit failed: nobody is accepted
+            outcomes = [_Outcome(error=SpoolFull("spool database is full"))] * len(batch)
+        except Exception as error:  # the whole commit failed: nothing in it happened
             log.exception("spool commit failed")
-            outcomes = [error] * len(batch)
+            outcomes = [_Outcome(error=error)] * len(batch)
         metrics.SPOOL_COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.SPOOL_COMMIT_MESSAGES.observe(len(batch))
         for request, outcome in zip(batch, outcomes, strict=True):
@@ -100,20 +119,20 @@ class GroupCommitter:
             with contextlib.suppress(RuntimeError):
                 request.loop.call_soon_threadsafe(_settle, request.future, outcome)
 
-    def _add_one(self, txn: lmdb.Transaction, request: _Request) -> BaseException | None:
-        # Each check in Spool.add comes before its first write, so refusing
-        # one message leaves the others in the batch intact.
+    def _apply(self, txn: lmdb.Transaction, request: _Request) -> _Outcome:
         try:
-            self.spool.add(txn, request.message, request.body)
-        except (SpoolFull, ValueError) as refused:
-            return refused
-        return None
+            with self.spool.env.begin(write=True, parent=txn) as child:
+                return _Outcome(value=request.change(child))
+        except lmdb.MapFullError:
+            raise  # the parent transaction cannot go on either
+        except Exception as error:  # rolled back alone; the caller hears why
+            return _Outcome(error=error)
 
 
-def _settle(future: asyncio.Future[None], outcome: BaseException | None) -> None:
-    if future.cancelled():  # the session went away; the message is stored anyway
+def _settle(future: asyncio.Future[Any], outcome: _Outcome) -> None:
+    if future.cancelled():  # the caller went away; the change is stored anyway
         return
-    if outcome is None:
-        future.set_result(None)
+    if outcome.error is None:
+        future.set_result(outcome.value)
     else:
-        future.set_exception(outcome)
+        future.set_exception(outcome.error)

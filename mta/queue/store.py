@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lmdb
 
-from mta.queue.records import Job, JobState, Message, due_key, job_prefix, jobs_for
+from mta.queue.records import Job, JobState, Message, due_key, due_time, job_prefix, jobs_for
 
 _BYTES = b"bytes"
 # LMDB reserves address space, not disk: a map twice the spool limit leaves
@@ -128,11 +128,18 @@ class Spool:
 
     # --- writing ---
 
-    def add(self, txn: lmdb.Transaction, message: Message, body: bytes) -> None:
-        """Store a new message and one ready job per recipient domain."""
+    def add(
+        self, txn: lmdb.Transaction, message: Message, body: bytes, within_limits: bool = True
+    ) -> None:
+        """Store a new message and one ready job per recipient domain.
+
+        ``within_limits=False`` is for bounces: a job may only leave the spool
+        with its DSN queued, so a full spool must not refuse the DSN (LMDB's
+        map keeps headroom beyond ``max_size`` for this).
+        """
         if message.size != len(body):  # delete_job subtracts message.size
             raise ValueError(f"message {message.id}: size {message.size} != {len(body)} bytes")
-        problem = self.room_problem(txn, len(body))
+        problem = self.room_problem(txn, len(body)) if within_limits else None
         if problem:
             raise SpoolFull(problem)
         key = message.id.encode()
@@ -175,6 +182,16 @@ class Spool:
     def body(self, txn: lmdb.Transaction, queue_id: str) -> bytes | None:
         raw = txn.get(queue_id.encode(), db=self._bodies)
         return bytes(raw) if raw is not None else None
+
+    def job(self, txn: lmdb.Transaction, key: bytes) -> Job | None:
+        raw = txn.get(key, db=self._jobs)
+        return Job.decode(raw) if raw is not None else None
+
+    def due(self, txn: lmdb.Transaction) -> Iterator[tuple[float, bytes]]:
+        """(next attempt time, job key) of every ready job, soonest first."""
+        for key, _ in txn.cursor(db=self._due):
+            raw = bytes(key)
+            yield due_time(raw), raw[8:]
 
     def jobs_of(self, txn: lmdb.Transaction, queue_id: str) -> list[Job]:
         return [Job.decode(value) for value in self._job_items(txn, queue_id)]

@@ -101,14 +101,21 @@ class Mta:
     root: Path
     server: dict[str, Any] = field(default_factory=dict)
     spool: dict[str, Any] = field(default_factory=dict)
+    delivery: dict[str, Any] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
+    # By default mail goes nowhere (a port nothing listens on) and waits an
+    # hour for its retry, so tests of accepting can look at the spool.
+    park_mail: bool = True
     port: int = 0
     metrics_port: int = 0
+    parking_port: int = 0
     txt_record: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.parking_port = free_port()
         keygen = run_mta(
             "dkim",
             "keygen",
@@ -134,6 +141,7 @@ class Mta:
             "shutdown_timeout": 10,
         } | self.server
         self.spool = {"path": str(self.root / "spool"), "min_free_disk": 0} | self.spool
+        self.delivery = {"retry_first": 3600, "retry_max": 3600} | self.delivery
 
     @property
     def config_path(self) -> Path:
@@ -149,6 +157,11 @@ class Mta:
         lines += ["[spool]"]
         lines += [f"{key} = {toml_value(value)}" for key, value in self.spool.items()]
         lines += ["[metrics]", f'listen = "127.0.0.1:{self.metrics_port}"']
+        lines += ["[delivery]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in self.delivery.items()]
+        routes = self.routes | ({"*": f"127.0.0.1:{self.parking_port}"} if self.park_mail else {})
+        lines += ["[delivery.routes]"]
+        lines += [f'"{domain}" = {toml_value(hop)}' for domain, hop in routes.items()]
         lines += [
             "[[dkim]]",
             'domain = "example.test"',
@@ -212,6 +225,12 @@ class Mta:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_for_empty_spool(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while rows := self.queue_list():
+            assert time.monotonic() < deadline, f"still queued: {rows}"
+            time.sleep(0.1)
 
 
 @pytest.fixture

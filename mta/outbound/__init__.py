@@ -1,0 +1,1 @@
+"""Delivery: scheduler, resolver, SMTP client, DSN."""

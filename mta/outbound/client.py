@@ -1,0 +1,625 @@
+"""The SMTP client: deliver one message to one destination, reusing connections.
+
+``Deliverer.deliver(route, sender, recipients, data)`` tries the route's MX
+hosts in order (each host's addresses in order) and returns one final
+``Reply`` per recipient, and the relay that gave them. It never raises for
+anything a network or a server does.
+
+Which failures move on to the next address, and which are the destination's
+answer (RFC 5321 5.1: try the next MX only when a server cannot be reached):
+
+- next address: connect refused / timed out, a greeting other than 220, EHLO
+  (and the HELO fallback) refused, STARTTLS failing when TLS is required, a
+  421 at any point, and a lost connection, timeout or garbled reply before
+  DATA (the server gave no answer about this message);
+- final for this attempt: a server's reply to MAIL, RCPT or DATA (other than
+  421), and a lost connection, timeout or garbled reply from DATA on (the
+  message may have arrived; trying another MX at once would risk a second
+  copy).
+
+When every address fails, each recipient gets one temporary reply that
+describes the last failure, with an RFC 3463 code: 4.4.1 "no answer from
+host" (could not connect), 4.4.2 "bad connection" (lost or timed out
+mid-session), 4.7.4 "security features not supported" (TLS required but not
+offered), 4.7.5 "cryptographic failure" (TLS required, handshake failed),
+4.5.0 "other protocol status" (a reply without a valid code); a server that
+refused to talk keeps its own code, made temporary. All are "451 <status>
+<what happened>", Postfix-worded ("connect to mx[192.0.2.1]:25: Connection
+refused", "host mx[...]:25 said: 421 ... (in reply to MAIL FROM)").
+
+TLS is opportunistic, like Postfix's "may" level: STARTTLS whenever offered,
+without certificate checks (encryption without authentication). If the
+handshake fails and TLS is not required, the same address is tried again
+once in plaintext, as Postfix does, so a broken TLS stack cannot hold mail.
+
+Connections are pooled by (address, port) and reused for the next message to
+any route that lists that address: after a failed transaction the next one
+starts with RSET, a connection carries at most ``max_messages_per_connection``
+transactions and closes (QUIT) after ``idle_timeout`` unused. A pooled
+connection the server closed meanwhile is replaced silently. A connection is
+checked out of the pool while in use, so concurrent deliveries never share one.
+
+No PIPELINING: aiosmtplib's protocol keeps one pending response and drops any
+reply bytes that arrive while none is expected, so sending MAIL, RCPT and DATA
+before reading their replies would lose replies. Every command costs one round
+trip; connection reuse is what saves the most.
+
+Timeouts (RFC 5321 4.5.3.2 suggests 5 minutes for the greeting and most
+commands, 10 for the reply after the data): ``connect_timeout`` for the TCP
+connection, ``command_timeout`` for the greeting and every command, and
+``data_timeout`` for DATA as a whole, because aiosmtplib sends DATA, the
+message and the final dot in one call under one timeout.
+
+``data`` must have CRLF line endings, as stored messages do: aiosmtplib
+dot-stuffs it, but also turns any bare CR or LF into CRLF. MAIL carries SIZE
+when the server offers it, BODY=8BITMIME when offered and the data has 8-bit
+bytes (8-bit data goes as it is to a server without 8BITMIME), and SMTPUTF8
+when an address needs it. Message bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from mta.outbound.resolver import MxHost, Route
+from mta.policy.replies import Reply
+
+log = logging.getLogger("mta.outbound.client")
+
+NO_RELAY = "none"
+# QUIT is a courtesy: never let a slow server hold up closing or shutdown.
+QUIT_TIMEOUT = 5.0
+# The reply for "the server is going away", at any point in a session.
+SERVICE_UNAVAILABLE = 421
+
+
+@dataclass(frozen=True)
+class Attempt:
+    relay: str  # "mx1.example.test[127.0.0.10]:2526", or "none" if no server was reached
+    replies: dict[str, Reply]  # one final Reply per recipient for this attempt
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    helo: str  # our host name, for EHLO
+    connect_timeout: float = 30.0  # TCP connect
+    command_timeout: float = 300.0  # greeting and each command (RFC 5321 4.5.3.2: 5 min)
+    data_timeout: float = 600.0  # DATA, the message and the final reply (RFC: 10 min for the end)
+    max_messages_per_connection: int = 100
+    idle_timeout: float = 5.0  # a pooled connection unused this long is closed (QUIT)
+    max_idle_per_address: int = 10  # pooled idle connections kept per (address, port)
+    source_address: str | None = None  # local IP to bind
+
+
+@dataclass(frozen=True)
+class _Target:
+    host: MxHost
+    address: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.host.port)
+
+    @property
+    def relay(self) -> str:
+        return format_relay(self.host.name, self.address, self.host.port)
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    key: tuple[str, int]
+    relay: str  # as named when opened, for logs
+    tls: bool
+    transactions: int = 0
+    needs_rset: bool = False  # the last transaction ended in an error
+    untested: bool = False  # reused, and no reply seen yet: a failure means "stale"
+    idle_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class _Unavailable(Exception):
+    """This server cannot take the message now: try the next address."""
+
+    def __init__(self, reply: Reply, relay: str) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.relay = relay  # the server that failed, or NO_RELAY if none answered
+
+
+class _Stale(Exception):
+    """A reused connection turned out dead on its first command."""
+
+
+class _TlsBroken(Exception):
+    """The TLS handshake failed; the connection is gone."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def format_relay(name: str, address: str, port: int) -> str:
+    """Postfix's relay= form: name[address]:port."""
+    return f"{name}[{address}]:{port}"
+
+
+def temporary(status: str, text: str) -> Reply:
+    """A reply we make up for a connection-level failure (always 4xx)."""
+    return Reply(451, f"{status} {text}")
+
+
+def refused(relay: str, reply: Reply, command: str) -> Reply:
+    """A server's refusal to talk (greeting, EHLO, STARTTLS, 421), made temporary."""
+    status = "4" + reply.status[1:]
+    return temporary(status, f"host {relay} said: {reply} (in reply to {command})")
+
+
+def malformed(relay: str, command: str, text: str) -> Reply:
+    """A reply a server garbled (no 3-digit code): a protocol error, temporary."""
+    return temporary(
+        "4.5.0",
+        f"host {relay} sent a malformed reply (in reply to {command}): {text.strip()[:200]}",
+    )
+
+
+def server_reply(relay: str, command: str, code: int, text: str) -> Reply:
+    """The server's reply, or a malformed-reply error if its code is not 100..999."""
+    if 100 <= code <= 999:
+        return Reply(code, text)
+    return malformed(relay, command, text)
+
+
+def mail_parameters(extensions: dict[str, str], data: bytes, smtputf8: bool) -> list[bytes]:
+    """ESMTP parameters for MAIL FROM: SIZE, BODY=8BITMIME and SMTPUTF8 when the server has them."""
+    parameters = []
+    if "size" in extensions:
+        parameters.append(b"SIZE=%d" % len(data))
+    if "8bitmime" in extensions and not data.isascii():
+        parameters.append(b"BODY=8BITMIME")
+    if smtputf8:
+        parameters.append(b"SMTPUTF8")
+    return parameters
+
+
+def address_problem(address: str, smtputf8_offered: bool, relay: str) -> Reply | None:
+    """Why ``address`` cannot be sent to this server, if it cannot."""
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in address):
+        return Reply(553, f"5.1.3 <{address!r}>: control character in address")
+    if not address.isascii() and not smtputf8_offered:
+        # RFC 6531 3.2: without SMTPUTF8 the address cannot be transmitted at all.
+        return Reply(553, f"5.6.7 SMTPUTF8 is required, but was not offered by host {relay}")
+    return None
+
+
+def _targets(route: Route) -> list[_Target]:
+    """Every (host, address) of the route, in order, each address once."""
+    seen: set[tuple[str, int]] = set()
+    targets = []
+    for host in route.hosts:
+        for address in host.addresses:
+            target = _Target(host, address)
+            if target.key not in seen:
+                seen.add(target.key)
+                targets.append(target)
+    return targets
+
+
+def _tls_context() -> ssl.SSLContext:
+    # Opportunistic TLS: no certificate or name checks (a self-signed or expired
+    # certificate still gives encryption against passive listeners).
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Deliverer:
+    """Delivers messages over SMTP, keeping a pool of open connections."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        require_tls: Callable[[str], bool] = lambda domain: False,
+    ) -> None:
+        self.settings = settings
+        self.require_tls = require_tls
+        self._tls = _tls_context()
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def deliver(
+        self, route: Route, sender: str, recipients: Sequence[str], data: bytes
+    ) -> Attempt:
+        """Send ``data`` from ``sender`` to ``recipients`` over ``route``; one reply each."""
+        rcpts = list(dict.fromkeys(recipients))
+        if not rcpts:
+            return Attempt(NO_RELAY, {})
+        tls_required = self.require_tls(route.domain)
+        targets = _targets(route)
+        # A pooled connection saves a handshake: try the first host that has one first.
+        pooled = next((t for t in targets if self._has_idle(t.key, tls_required)), None)
+        if pooled is not None:
+            targets.remove(pooled)
+            targets.insert(0, pooled)
+        failure = _Unavailable(temporary("4.4.4", f"no MX host for {route.domain}"), NO_RELAY)
+        for target in targets:
+            try:
+                return await self._deliver_via(target, tls_required, sender, rcpts, data)
+            except _Unavailable as unavailable:
+                log.debug("%s unavailable: %s", target.relay, unavailable.reply)
+                failure = unavailable
+        return Attempt(failure.relay, dict.fromkeys(rcpts, failure.reply))
+
+    async def close(self) -> None:
+        """QUIT and close every pooled connection; later connections are not pooled."""
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                self._retire(connection, "closing")
+        self._idle.clear()
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # --- one address ---
+
+    async def _deliver_via(
+        self, target: _Target, tls_required: bool, sender: str, rcpts: list[str], data: bytes
+    ) -> Attempt:
+        connection = self._checkout(target.key, tls_required)
+        if connection is not None:
+            try:
+                return await self._transaction(connection, target, sender, rcpts, data)
+            except _Stale:
+                pass  # the server closed it while it sat in the pool: not a failure
+        connection = await self._open(target, tls_required)
+        return await self._transaction(connection, target, sender, rcpts, data)
+
+    async def _open(
+        self, target: _Target, tls_required: bool, plaintext: bool = False
+    ) -> _Connection:
+        """A connected, greeted, EHLO'd (and if offered, encrypted) connection."""
+        settings = self.settings
+        relay = target.relay
+        sock = await self._connect_socket(target)
+        smtp = aiosmtplib.SMTP(
+            sock=sock,
+            local_hostname=settings.helo,
+            timeout=settings.command_timeout,
+            start_tls=False,
+        )
+        try:
+            try:
+                await smtp.connect(timeout=settings.command_timeout)
+            except (SMTPException, OSError) as error:
+                raise self._failed(
+                    relay, error, "receiving the initial server greeting", "the greeting"
+                ) from None
+            await self._hello(smtp, relay)
+            tls = False
+            if plaintext:
+                pass
+            elif smtp.supports_extension("starttls"):
+                try:
+                    tls = await self._starttls(smtp, relay, tls_required)
+                except _TlsBroken as broken:
+                    smtp.close()
+                    if tls_required:
+                        raise _Unavailable(
+                            temporary("4.7.5", f"TLS handshake with {relay} failed: {broken.why}"),
+                            relay,
+                        ) from None
+                    log.debug("TLS with %s failed (%s); trying plaintext", relay, broken.why)
+                    return await self._open(target, tls_required, plaintext=True)
+            if tls_required and not tls:
+                raise _Unavailable(
+                    temporary("4.7.4", f"TLS is required, but was not offered by host {relay}"),
+                    relay,
+                )
+        except BaseException:
+            smtp.close()
+            raise
+        log.debug("connected to %s tls=%s", relay, "yes" if tls else "no")
+        return _Connection(smtp, target.key, relay, tls)
+
+    async def _connect_socket(self, target: _Target) -> socket.socket:
+        """A TCP connection to the target, from our source address if set."""
+        settings = self.settings
+        where = f"connect to {target.relay}"
+        try:
+            family = (
+                socket.AF_INET6
+                if ipaddress.ip_address(target.address).version == 6
+                else socket.AF_INET
+            )
+        except ValueError:
+            raise _Unavailable(
+                temporary("4.4.1", f"{where}: not an IP address"), NO_RELAY
+            ) from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if settings.source_address:
+                sock.bind((settings.source_address, 0))
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (target.address, target.host.port)),
+                settings.connect_timeout,
+            )
+        except TimeoutError:
+            sock.close()
+            raise _Unavailable(
+                temporary("4.4.1", f"{where}: Connection timed out"), NO_RELAY
+            ) from None
+        except OSError as error:
+            sock.close()
+            # asyncio words errno as "Connect call failed (address)"; say what it was.
+            why = os.strerror(error.errno) if error.errno else str(error)
+            raise _Unavailable(temporary("4.4.1", f"{where}: {why}"), NO_RELAY) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _hello(self, smtp: aiosmtplib.SMTP, relay: str) -> None:
+        """EHLO, or HELO when a server refuses EHLO permanently (RFC 5321 3.2)."""
+        try:
+            await smtp.ehlo()
+            return
+        except (SMTPException, OSError) as error:
+            permanent = isinstance(error, SMTPHeloError) and 500 <= error.code <= 599
+            if not (permanent and smtp.is_connected):
+                raise self._failed(relay, error, "sending EHLO", "EHLO") from None
+        try:
+            await smtp.helo()
+        except (SMTPException, OSError) as error:
+            raise self._failed(relay, error, "sending HELO", "HELO") from None
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP, relay: str, tls_required: bool) -> bool:
+        """STARTTLS and EHLO again; False if the server refused STARTTLS (plaintext goes on)."""
+        try:
+            await smtp.starttls(tls_context=self._tls, timeout=self.settings.command_timeout)
+        except SMTPResponseException as error:
+            if not 100 <= error.code <= 999:
+                raise _TlsBroken(f"malformed reply to STARTTLS: {error.message[:200]!r}") from None
+            reply = Reply(error.code, error.message)
+            if error.code == SERVICE_UNAVAILABLE:
+                raise _Unavailable(refused(relay, reply, "STARTTLS"), relay) from None
+            if tls_required:
+                raise _Unavailable(
+                    temporary("4.7.5", f"host {relay} refused STARTTLS: {reply}"), relay
+                ) from None
+            return False
+        except (SMTPException, OSError) as error:
+            # OSError covers ssl.SSLError, which aiosmtplib lets through.
+            raise _TlsBroken(str(error) or type(error).__name__) from None
+        await self._hello(smtp, relay)
+        return True
+
+    def _failed(self, relay: str, error: BaseException, doing: str, command: str) -> _Unavailable:
+        """The _Unavailable for an exception aiosmtplib raised during ``command``."""
+        if isinstance(error, SMTPResponseException):
+            reply = server_reply(relay, command, error.code, error.message)
+            if reply.code != error.code:
+                return _Unavailable(reply, relay)  # garbled
+            return _Unavailable(refused(relay, reply, command), relay)
+        return self._lost(relay, error, doing)
+
+    def _lost(self, relay: str, error: BaseException, doing: str) -> _Unavailable:
+        if isinstance(error, TimeoutError):
+            text = f"conversation with {relay} timed out while {doing}"
+        else:
+            text = f"lost connection with {relay} while {doing}"
+        return _Unavailable(temporary("4.4.2", text), relay)
+
+    # --- one transaction ---
+
+    async def _transaction(
+        self, connection: _Connection, target: _Target, sender: str, rcpts: list[str], data: bytes
+    ) -> Attempt:
+        """MAIL, RCPT..., DATA on ``connection``; hands it back to the pool or closes it."""
+        relay = target.relay
+        smtp = connection.smtp
+        try:
+            if connection.needs_rset:
+                await self._command(connection, relay, "RSET", b"RSET")
+                connection.needs_rset = False
+            replies = await self._mail_rcpt_data(connection, relay, sender, rcpts, data)
+        except _Stale:
+            smtp.close()
+            self._log_close(connection, "stale: closed by the server while pooled")
+            raise
+        except BaseException:
+            # _Unavailable, or cancelled mid-command: the session's state is unknown.
+            smtp.close()
+            self._log_close(connection, "failed")
+            raise
+        self._checkin(connection)
+        return Attempt(relay, replies)
+
+    async def _mail_rcpt_data(
+        self, connection: _Connection, relay: str, sender: str, rcpts: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        smtp = connection.smtp
+        replies: dict[str, Reply] = {}
+        smtputf8_offered = smtp.supports_extension("smtputf8")
+        problem = address_problem(sender, smtputf8_offered, relay)
+        if problem is not None:
+            return dict.fromkeys(rcpts, problem)
+        connection.needs_rset = True  # until the message is accepted
+        smtputf8 = smtputf8_offered and not all(a.isascii() for a in [sender, *rcpts])
+        parameters = mail_parameters(smtp.esmtp_extensions, data, smtputf8)
+        mail = await self._command(
+            connection, relay, "MAIL FROM", b"MAIL", b"FROM:<%s>" % sender.encode(), *parameters
+        )
+        connection.transactions += 1
+        if mail.code // 100 != 2:
+            return dict.fromkeys(rcpts, mail)
+        accepted = []
+        for rcpt in rcpts:
+            problem = address_problem(rcpt, smtputf8_offered, relay)
+            if problem is not None:
+                replies[rcpt] = problem
+                continue
+            reply = await self._command(
+                connection, relay, "RCPT TO", b"RCPT", b"TO:<%s>" % rcpt.encode()
+            )
+            replies[rcpt] = reply
+            if reply.code // 100 == 2:
+                accepted.append(rcpt)
+        if not accepted:
+            try:
+                await self._command(connection, relay, "RSET", b"RSET")
+                connection.needs_rset = False
+            except _Unavailable:
+                pass  # closed; the RCPT replies stand
+            return replies
+        final = await self._data(connection, relay, data)
+        if final.code // 100 == 2:
+            connection.needs_rset = False
+        for rcpt in accepted:
+            replies[rcpt] = final
+        return replies
+
+    async def _command(self, connection: _Connection, relay: str, name: str, *args: bytes) -> Reply:
+        """One command and its reply; 421, a lost connection or a timeout raise."""
+        try:
+            response = await connection.smtp.execute_command(
+                *args, timeout=self.settings.command_timeout
+            )
+        except SMTPServerDisconnected as error:
+            if connection.untested:
+                raise _Stale from None
+            raise self._lost(relay, error, f"sending {name}") from None
+        except (SMTPException, OSError) as error:
+            # A timeout, or a reply aiosmtplib could not parse: out of step either way.
+            raise self._failed(relay, error, f"sending {name}", name) from None
+        reply = server_reply(relay, name, response.code, response.message)
+        if reply.code != response.code:
+            raise _Unavailable(reply, relay)  # garbled
+        if response.code == SERVICE_UNAVAILABLE:
+            if connection.untested:
+                raise _Stale  # most likely the server's idle timeout, said on our next command
+            raise _Unavailable(refused(relay, reply, name), relay)
+        connection.untested = False
+        return reply
+
+    async def _data(self, connection: _Connection, relay: str, data: bytes) -> Reply:
+        """DATA, the message (dot-stuffed by aiosmtplib) and the final reply."""
+        smtp = connection.smtp
+        try:
+            response = await smtp.data(data, timeout=self.settings.data_timeout)
+        except SMTPResponseException as error:
+            # A refusal of DATA or of the message: the destination's answer.
+            if error.code == SERVICE_UNAVAILABLE:
+                reply = Reply(error.code, error.message)
+                raise _Unavailable(refused(relay, reply, "DATA"), relay) from None
+            if 400 <= error.code <= 599:
+                return Reply(error.code, error.message)
+            # Garbled, or a 2xx where 354 was due: out of step, and the message
+            # may or may not have been taken. Never the next MX (a second copy).
+            smtp.close()
+            return malformed(relay, "DATA", f"{error.code} {error.message}")
+        except (SMTPException, OSError) as error:
+            # Lost or timed out: the message may have arrived, so this is the
+            # answer, not a reason to try the next MX.
+            smtp.close()
+            return self._lost(relay, error, "sending the message").reply
+        return server_reply(relay, "DATA", response.code, response.message)
+
+    # --- the pool ---
+
+    def _has_idle(self, key: tuple[str, int], tls_required: bool) -> bool:
+        return any(
+            c.smtp.is_connected and (c.tls or not tls_required) for c in self._idle.get(key, ())
+        )
+
+    def _checkout(self, key: tuple[str, int], tls_required: bool) -> _Connection | None:
+        idle = self._idle.get(key, [])
+        # Most recently used first, so that surplus connections age out.
+        for connection in reversed(list(idle)):
+            if not connection.smtp.is_connected:
+                idle.remove(connection)
+                self._unschedule(connection)
+                self._log_close(connection, "closed by server")
+            elif connection.tls or not tls_required:
+                idle.remove(connection)
+                self._unschedule(connection)
+                connection.untested = True
+                return connection
+        return None
+
+    def _checkin(self, connection: _Connection) -> None:
+        settings = self.settings
+        connection.untested = False
+        if not connection.smtp.is_connected:
+            self._log_close(connection, "closed by server")
+            return
+        if self._closed:
+            self._retire(connection, "deliverer closed")
+            return
+        if connection.transactions >= settings.max_messages_per_connection:
+            self._retire(connection, "message limit")
+            return
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= settings.max_idle_per_address:
+            self._retire(connection, "pool full")
+            return
+        idle.append(connection)
+        connection.idle_timer = asyncio.get_running_loop().call_later(
+            settings.idle_timeout, self._expire, connection
+        )
+
+    def _expire(self, connection: _Connection) -> None:
+        connection.idle_timer = None
+        idle = self._idle.get(connection.key, [])
+        if connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
+            self._retire(connection, "idle")
+
+    def _unschedule(self, connection: _Connection) -> None:
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
+            connection.idle_timer = None
+
+    def _retire(self, connection: _Connection, reason: str) -> None:
+        """QUIT and close in the background; close() waits for it."""
+        self._unschedule(connection)
+        task = asyncio.get_running_loop().create_task(self._quit(connection, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _quit(self, connection: _Connection, reason: str) -> None:
+        smtp = connection.smtp
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=min(QUIT_TIMEOUT, self.settings.command_timeout))
+        except (aiosmtplib.SMTPException, OSError):
+            pass  # closing anyway
+        finally:
+            smtp.close()
+            self._log_close(connection, reason)
+
+    def _log_close(self, connection: _Connection, reason: str) -> None:
+        log.debug(
+            "closed connection to %s after %d messages (%s)",
+            connection.relay,
+            connection.transactions,
+            reason,
+        )

@@ -1,0 +1,117 @@
+"""The scheduler: which jobs to try now.
+
+The spool's ``due`` index holds every ready job by its next attempt time, so
+"what is due" is a range scan from the start of the index that stops at the
+first job in the future; the millions of jobs waiting for a retry are never
+read. A job is started when it is due, not already in flight, and its
+domain and the whole node are under their concurrency limits.
+
+In-flight jobs are leased in memory only: their index entries stay put, so a
+crash or restart simply finds them due again (at least once, DESIGN
+invariant 3). The scheduler wakes when a new message is committed (no
+polling delay in the normal path), when an attempt finishes (a slot is free),
+and at least every ``poll`` seconds, which is how changes made by
+``mta queue flush|release`` from another process are noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from mta.queue.records import split_job_key
+from mta.queue.store import Spool
+
+log = logging.getLogger("mta.scheduler")
+
+Attempt = Callable[[bytes], Coroutine[Any, Any, None]]
+CRASH_PAUSE = 60.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        spool: Spool,
+        attempt: Attempt,
+        max_concurrent: int,
+        max_per_domain: int,
+        clock: Callable[[], float] = time.time,
+        poll: float = 1.0,
+    ) -> None:
+        self.spool = spool
+        self.attempt = attempt
+        self.max_concurrent = max_concurrent
+        self.max_per_domain = max_per_domain
+        self.clock = clock
+        self.poll = poll
+        self.in_flight: dict[bytes, asyncio.Task[None]] = {}
+        self._per_domain: Counter[str] = Counter()
+        self._crashed: dict[bytes, float] = {}  # job key -> when to try it again
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Look for due jobs now (a message was queued, or a slot came free)."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            next_due = self.start_due()
+            wait = self.poll if next_due is None else max(0.0, next_due - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(wait, self.poll))
+            self._wakeup.clear()
+
+    def start_due(self) -> float | None:
+        """Start every job that is due and allowed; the next future due time, if seen."""
+        now = self.clock()
+        with self.spool.read() as txn:
+            for when, key in self.spool.due(txn):
+                if when > now:
+                    return when
+                if len(self.in_flight) >= self.max_concurrent:
+                    return None  # a finishing attempt wakes us
+                if key in self.in_flight or self._crashed.get(key, 0.0) > now:
+                    continue
+                domain = split_job_key(key)[1]
+                if self._per_domain[domain] >= self.max_per_domain:
+                    continue
+                self._start(key, domain)
+        return None
+
+    def _start(self, key: bytes, domain: str) -> None:
+        self._per_domain[domain] += 1
+        task = asyncio.get_running_loop().create_task(self.attempt(key))
+        self.in_flight[key] = task
+        task.add_done_callback(lambda done: self._finished(key, domain, done))
+
+    def _finished(self, key: bytes, domain: str, task: asyncio.Task[None]) -> None:
+        del self.in_flight[key]
+        self._per_domain[domain] -= 1
+        if not self._per_domain[domain]:
+            del self._per_domain[domain]
+        if not task.cancelled() and task.exception() is not None:
+            # The job stays due, so it is not lost; a pause keeps a job that
+            # trips a bug from being retried in a tight loop.
+            log.error("delivery attempt crashed", exc_info=task.exception())
+            self._crashed[key] = self.clock() + CRASH_PAUSE
+        else:
+            self._crashed.pop(key, None)
+        self.wake()
+
+    async def stop(self, timeout: float) -> None:
+        """Start nothing new; give attempts in flight ``timeout`` seconds, then
+        cancel them (their jobs stay in the spool and are tried after restart)."""
+        self._stopping = True
+        self.wake()
+        if self.in_flight:
+            _, pending = await asyncio.wait(list(self.in_flight.values()), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)

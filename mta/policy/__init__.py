@@ -1,0 +1,1 @@
+"""Pure delivery rules: retry schedule, reply classification. No I/O; time is an argument."""

@@ -1,0 +1,858 @@
+"""The SMTP client (mta.outbound.client) against real servers on loopback.
+
+Receiving MXes are Postfix's smtp-sink (tests/integration/sink.py) on
+127.0.0.10 and 127.0.0.11. What smtp-sink cannot do (refuse only some
+recipients, STARTTLS, let a test close a session from the server's side)
+is done by a small aiosmtpd server on 127.0.0.12, and servers that hang by
+a few lines of asyncio. Every test is bounded with asyncio.wait_for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from mta.outbound.client import (
+    Attempt,
+    ClientSettings,
+    Deliverer,
+    address_problem,
+    format_relay,
+    mail_parameters,
+    refused,
+    temporary,
+)
+from mta.outbound.resolver import MxHost, Route
+from mta.policy.replies import Reply
+from tests.integration.conftest import make_certificate
+from tests.integration.sink import Sink, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+MX1, MX2, PEER = "127.0.0.10", "127.0.0.11", "127.0.0.12"
+BOUND = 10.0  # seconds any one test's client work may take
+
+MESSAGE = (
+    b"From: App <app@example.test>\r\n"
+    b"To: user@example.net\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <1@example.test>\r\n"
+    b"\r\n"
+    b"Hello,\r\n"
+    b"\r\n"
+    b"  indented line\r\n"
+    b"last line\r\n"
+)
+
+# Lines a naive sender would end the data at, or unstuff wrongly; and no
+# line break at the very end (the client must add one before the dot).
+DOTS = (
+    b"From: App <app@example.test>\r\n"
+    b"Subject: dots\r\n"
+    b"\r\n"
+    b".\r\n"
+    b"..x\r\n"
+    b".\r\n"
+    b"...\r\n"
+    b"a line\r\n"
+    b". \r\n"
+    b".\r\n"
+    b"."
+)
+
+
+def run(coroutine: Awaitable[T], bound: float = BOUND) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coroutine, bound)
+
+    return asyncio.run(bounded())
+
+
+def route(*hosts: tuple[str, str, int], domain: str = "example.net") -> Route:
+    """A route over (name, address, port) hosts, in order."""
+    return Route(
+        domain,
+        tuple(
+            MxHost(name, 10 * index, (address,), port)
+            for index, (name, address, port) in enumerate(hosts)
+        ),
+    )
+
+
+def sink_route(*sinks: Sink, domain: str = "example.net") -> Route:
+    return route(
+        *((f"mx{n}.example.test", s.host, s.port) for n, s in enumerate(sinks, 1)), domain=domain
+    )
+
+
+def settings(**overrides: Any) -> ClientSettings:
+    base: dict[str, Any] = {
+        "helo": "client.example.test",
+        "connect_timeout": 2.0,
+        "command_timeout": 3.0,
+        "data_timeout": 3.0,
+    }
+    return ClientSettings(**(base | overrides))
+
+
+async def deliver_once(
+    target: Route,
+    sender: str = "app@example.test",
+    recipients: tuple[str, ...] = ("user@example.net",),
+    data: bytes = MESSAGE,
+    **overrides: Any,
+) -> Attempt:
+    require = overrides.pop("require_tls", None)
+    deliverer = (
+        Deliverer(settings(**overrides))
+        if require is None
+        else Deliverer(settings(**overrides), require_tls=require)
+    )
+    try:
+        return await deliverer.deliver(target, sender, recipients, data)
+    finally:
+        await deliverer.close()
+
+
+@pytest.fixture
+def sinks(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
+    """Start smtp-sinks: sinks(host, *options); all are stopped at the end."""
+    started: list[Sink] = []
+
+    def start(host: str = MX1, *options: str) -> Sink:
+        sink = Sink(tmp_path / f"sink{len(started)}", host=host, options=options)
+        started.append(sink.start())
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+
+
+def refused_port(host: str) -> tuple[str, int]:
+    return host, free_port(host)
+
+
+# --- an aiosmtpd peer for what smtp-sink cannot do ---
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    options: list[str]
+    data: bytes
+    tls: bool
+    peer: tuple[str, int]
+
+
+@dataclass
+class PeerHandler:
+    """Refuses senders and recipients whose local part starts with "bad"; records the rest."""
+
+    messages: list[Received] = field(default_factory=list)
+    sessions: list[Any] = field(default_factory=list)  # aiosmtpd SMTP objects, one per connection
+    resets: int = 0
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if server not in self.sessions:
+            self.sessions.append(server)
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.split("@")[0].startswith("bad"):
+            return f"550 5.7.1 <{address}>: Sender address rejected: not today"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.split("@")[0].startswith("bad"):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        self.resets += 1
+        return "250 2.0.0 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                list(envelope.mail_options),
+                envelope.original_content,
+                session.ssl is not None,
+                session.peer,
+            )
+        )
+        return "250 2.0.0 Ok: queued"
+
+
+class Peer:
+    """aiosmtpd in its own thread on PEER:port, optionally offering STARTTLS."""
+
+    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
+        self.handler = PeerHandler()
+        self.port = free_port(PEER)
+        extra: dict[str, Any] = {}
+        if tls_context is not None:
+            extra = {"tls_context": tls_context, "require_starttls": False}
+        self.controller = Controller(
+            self.handler, hostname=PEER, port=self.port, server_hostname="peer.test", **extra
+        )
+
+    def __enter__(self) -> Peer:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.controller.stop()
+
+    def route(self, domain: str = "example.net") -> Route:
+        return route(("peer.example.test", PEER, self.port), domain=domain)
+
+    def close_sessions(self) -> list[tuple[str, int]]:
+        """Close every open session from the server's side; the clients' (addr, port)."""
+        closed: list[tuple[str, int]] = []
+        done = threading.Event()
+
+        def close() -> None:
+            for server in self.handler.sessions:
+                if server.transport is not None:
+                    closed.append(server.session.peer)
+                    server.transport.close()
+            done.set()
+
+        self.controller.loop.call_soon_threadsafe(close)
+        assert done.wait(5)
+        wait_until(
+            lambda: all(server.transport is None for server in self.handler.sessions),
+            5,
+            "the peer to close its sessions",
+        )
+        return closed
+
+
+def tcp_state(local: tuple[str, int]) -> str | None:
+    """The kernel's state of the IPv4 TCP socket bound to ``local`` (hex, "08" = CLOSE_WAIT)."""
+    packed = socket.inet_aton(local[0])
+    wanted = f"{int.from_bytes(packed, 'little'):08X}:{local[1]:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted:
+                return fields[3]
+    return None
+
+
+# --- delivering ---
+
+
+def test_message_arrives_byte_for_byte(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+    attempt = run(deliver_once(sink_route(sink)))
+    assert attempt.relay == f"mx1.example.test[{MX1}]:{sink.port}"
+    assert str(attempt.replies["user@example.net"]).startswith("250 2.0.0")
+    (dumped,) = sink.wait_for_messages(1)
+    assert dumped.data == MESSAGE
+    assert dumped.sender == "app@example.test"
+    assert dumped.recipients == ("user@example.net",)
+    assert dumped.helo == "client.example.test"
+
+
+def test_three_recipients_in_one_transaction(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+    recipients = ("a@example.net", "b@example.net", "c@example.net")
+    attempt = run(deliver_once(sink_route(sink), recipients=recipients))
+    assert set(attempt.replies) == set(recipients)
+    assert all(reply.code == 250 for reply in attempt.replies.values())
+    (dumped,) = sink.wait_for_messages(1)
+    assert dumped.recipients == recipients
+
+
+def test_null_sender(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+    attempt = run(deliver_once(sink_route(sink), sender=""))
+    assert attempt.replies["user@example.net"].code == 250
+    (dumped,) = sink.wait_for_messages(1)
+    assert dumped.mail_args == "<>"
+
+
+def test_dot_stuffing_is_exact(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+    starts_with_dot = b".\r\n..\r\n.x\r\n"  # dots from the very first byte of the data
+
+    async def both() -> tuple[Attempt, Attempt]:
+        return await asyncio.gather(
+            deliver_once(sink_route(sink), recipients=("dots@example.net",), data=DOTS),
+            deliver_once(sink_route(sink), recipients=("start@example.net",), data=starts_with_dot),
+        )
+
+    attempts = run(both())
+    assert all(reply.code == 250 for a in attempts for reply in a.replies.values())
+    by_rcpt = {d.recipients[0]: d.data for d in sink.wait_for_messages(2)}
+    # What was sent, plus the CRLF that must precede the final dot.
+    assert by_rcpt["dots@example.net"] == DOTS + b"\r\n"
+    assert by_rcpt["start@example.net"] == starts_with_dot
+
+
+def test_dot_stuffing_is_exact_for_aiosmtpd_too() -> None:
+    with Peer() as peer:
+        attempt = run(deliver_once(peer.route(), data=DOTS))
+        assert attempt.replies["user@example.net"].code == 250
+        assert peer.handler.messages[0].data == DOTS + b"\r\n"
+
+
+def test_size_and_8bitmime_when_offered() -> None:
+    eight_bit = MESSAGE.replace(b"Hello,", "Grüße,".encode())
+    with Peer() as peer:  # aiosmtpd offers SIZE and 8BITMIME
+        run(deliver_once(peer.route(), data=eight_bit))
+        run(deliver_once(peer.route(), data=MESSAGE))
+        first, second = peer.handler.messages
+    assert first.options == [f"SIZE={len(eight_bit)}", "BODY=8BITMIME"]
+    assert first.data == eight_bit
+    assert second.options == [f"SIZE={len(MESSAGE)}"]  # 7-bit data: no BODY
+
+
+def test_8bitmime_to_smtp_sink_and_source_address(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)  # smtp-sink offers 8BITMIME, not SIZE
+    eight_bit = MESSAGE.replace(b"Hello,", "Grüße,".encode())
+    attempt = run(deliver_once(sink_route(sink), data=eight_bit, source_address="127.0.0.5"))
+    assert attempt.replies["user@example.net"].code == 250
+    (dumped,) = sink.wait_for_messages(1)
+    assert dumped.mail_args == "<app@example.test> BODY=8BITMIME"
+    assert dumped.client_addr == "127.0.0.5"
+    assert dumped.data == eight_bit
+
+
+# --- which server, and what when none ---
+
+
+def test_first_mx_down_second_used(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX2)
+    down = refused_port(MX1)
+    target = route(("mx1.example.test", *down), ("mx2.example.test", sink.host, sink.port))
+    attempt = run(deliver_once(target))
+    assert attempt.relay == f"mx2.example.test[{MX2}]:{sink.port}"
+    assert attempt.replies["user@example.net"].code == 250
+    assert len(sink.wait_for_messages(1)) == 1
+
+
+def test_all_mx_down_is_temporary_for_every_recipient() -> None:
+    down1, down2 = refused_port(MX1), refused_port(MX2)
+    target = route(("mx1.example.test", *down1), ("mx2.example.test", *down2))
+    attempt = run(deliver_once(target, recipients=("a@example.net", "b@example.net")))
+    assert attempt.relay == "none"
+    expected = Reply(
+        451, f"4.4.1 connect to mx2.example.test[{MX2}]:{down2[1]}: Connection refused"
+    )
+    assert attempt.replies == {"a@example.net": expected, "b@example.net": expected}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-f", "CONNECT"),  # 5xx greeting
+        ("-r", "EHLO,HELO"),  # 4xx to EHLO and to HELO
+        ("-Q", "MAIL"),  # 421 and hang up at MAIL
+        ("-Q", "RCPT"),
+        ("-Q", "DATA"),
+        ("-q", "RCPT"),  # hang up without a reply
+    ],
+)
+def test_unavailable_server_fails_over(
+    sinks: Callable[..., Sink], options: tuple[str, ...]
+) -> None:
+    bad, good = sinks(MX1, *options), sinks(MX2)
+    attempt = run(deliver_once(sink_route(bad, good)))
+    assert attempt.relay == f"mx2.example.test[{MX2}]:{good.port}"
+    assert attempt.replies["user@example.net"].code == 250
+    assert len(good.wait_for_messages(1)) == 1
+
+
+def test_unavailable_last_server_is_temporary(sinks: Callable[..., Sink]) -> None:
+    bad = sinks(MX1, "-Q", "MAIL")
+    attempt = run(deliver_once(sink_route(bad)))
+    reply = attempt.replies["user@example.net"]
+    assert attempt.relay == f"mx1.example.test[{MX1}]:{bad.port}"
+    assert reply.code == 451 and reply.status.startswith("4.")
+    assert f"host mx1.example.test[{MX1}]:{bad.port} said: 421" in reply.text
+    assert "MAIL FROM" in reply.text
+
+
+def test_ehlo_refused_falls_back_to_helo(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1, "-f", "EHLO")
+    attempt = run(deliver_once(sink_route(sink)))
+    assert attempt.replies["user@example.net"].code == 250
+    (dumped,) = sink.wait_for_messages(1)
+    assert dumped.data == MESSAGE
+
+
+# --- the destination's answers ---
+
+
+@pytest.mark.parametrize(("options", "code"), [(("-r", "RCPT"), 450), (("-f", "RCPT"), 500)])
+def test_rcpt_refused_for_every_recipient(
+    sinks: Callable[..., Sink], options: tuple[str, ...], code: int
+) -> None:
+    sink, second = sinks(MX1, *options), sinks(MX2)
+    recipients = ("a@example.net", "b@example.net")
+    attempt = run(deliver_once(sink_route(sink, second), recipients=recipients))
+    # The destination answered: no second MX for a refusal.
+    assert attempt.relay == f"mx1.example.test[{MX1}]:{sink.port}"
+    assert {r: reply.code for r, reply in attempt.replies.items()} == dict.fromkeys(
+        recipients, code
+    )
+    assert sink.messages() == [] and second.messages() == []
+
+
+def test_some_recipients_refused() -> None:
+    recipients = ("good1@example.net", "bad2@example.net", "good3@example.net")
+    with Peer() as peer:
+        attempt = run(deliver_once(peer.route(), recipients=recipients))
+        (received,) = peer.handler.messages
+    assert attempt.replies["good1@example.net"] == attempt.replies["good3@example.net"]
+    assert str(attempt.replies["good1@example.net"]) == "250 2.0.0 Ok: queued"
+    assert str(attempt.replies["bad2@example.net"]) == (
+        "550 5.1.1 <bad2@example.net>: Recipient address rejected: no such user"
+    )
+    assert received.recipients == ["good1@example.net", "good3@example.net"]
+
+
+def test_no_recipient_accepted_resets() -> None:
+    recipients = ("bad1@example.net", "bad2@example.net")
+    with Peer() as peer:
+        attempt = run(deliver_once(peer.route(), recipients=recipients))
+        assert peer.handler.messages == []
+        assert peer.handler.resets == 1
+    assert [reply.code for reply in attempt.replies.values()] == [550, 550]
+    assert "bad1@example.net" in attempt.replies["bad1@example.net"].text
+
+
+def test_mail_refused_permanently_for_all(sinks: Callable[..., Sink]) -> None:
+    sink, second = sinks(MX1, "-f", "MAIL"), sinks(MX2)
+    attempt = run(deliver_once(sink_route(sink, second), recipients=("a@x.test", "b@x.test")))
+    assert attempt.relay.startswith("mx1.example.test")
+    assert [str(r) for r in attempt.replies.values()] == ["500 5.3.0 Error: command failed"] * 2
+    assert second.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [(("-r", "DATA"), 450), (("-r", "."), 450), (("-f", "."), 500)],
+)
+def test_data_refused(sinks: Callable[..., Sink], options: tuple[str, ...], code: int) -> None:
+    sink = sinks(MX1, *options)
+    attempt = run(deliver_once(sink_route(sink), recipients=("a@x.test", "b@x.test")))
+    assert [reply.code for reply in attempt.replies.values()] == [code, code]
+
+
+# --- servers that hang ---
+
+
+def test_silent_server_times_out() -> None:
+    async def scenario() -> Attempt:
+        async def accept_and_sleep(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await asyncio.sleep(BOUND)
+
+        server = await asyncio.start_server(accept_and_sleep, PEER, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await deliver_once(route(("slow.example.test", PEER, port)), command_timeout=0.3)
+
+    attempt = run(scenario())
+    reply = attempt.replies["user@example.net"]
+    assert reply.code == 451 and reply.status == "4.4.2"
+    assert "timed out while receiving the initial server greeting" in reply.text
+
+
+def scripted(
+    script: dict[bytes, bytes | None],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server answering each verb (b"CONNECT" for the greeting, b"." for the
+    end of data) as ``script`` says, None meaning never; 250 to the rest."""
+    defaults: dict[bytes, bytes | None] = {
+        b"CONNECT": b"220 scripted.test ESMTP\r\n",
+        b"EHLO": b"250-scripted.test\r\n250 8BITMIME\r\n",
+        b"DATA": b"354 go ahead\r\n",
+        b"QUIT": b"221 2.0.0 bye\r\n",
+    }
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(verb: bytes) -> bytes:
+            reply = script.get(verb, defaults.get(verb, b"250 2.0.0 ok\r\n"))
+            if reply is None:
+                await asyncio.sleep(BOUND)
+                return b""
+            writer.write(reply)
+            return reply
+
+        await say(b"CONNECT")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    await say(b".")
+                continue
+            verb = line.split(b":")[0].split()[0].upper() if line.strip() else b""
+            reply = await say(verb)
+            in_data = verb == b"DATA" and reply.startswith(b"354")
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("script", "failover", "status", "words"),
+    [
+        ({b"CONNECT": b"hello there\r\n"}, True, "", ""),  # garbled greeting
+        ({b"MAIL": b"2x0 what\r\n"}, True, "", ""),
+        ({b"RCPT": None}, True, "", ""),  # never answers RCPT
+        ({b".": None}, False, "4.4.2", "timed out while sending the message"),
+        ({b".": b"what?\r\n"}, False, "4.5.0", "malformed reply"),
+        ({b"DATA": b"250 2.0.0 ok\r\n"}, False, "4.5.0", "malformed reply (in reply to DATA)"),
+    ],
+)
+def test_misbehaving_server(
+    sinks: Callable[..., Sink],
+    script: dict[bytes, bytes | None],
+    failover: bool,
+    status: str,
+    words: str,
+) -> None:
+    """Before the message data, the next MX; after it (it may have arrived), temporary."""
+    second = sinks(MX2)
+
+    async def scenario() -> tuple[Attempt, int]:
+        server = await asyncio.start_server(scripted(script), PEER, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            target = route(
+                ("odd.example.test", PEER, port), ("mx2.example.test", second.host, second.port)
+            )
+            attempt = await deliver_once(target, command_timeout=0.3, data_timeout=0.3)
+            return attempt, port
+
+    attempt, port = run(scenario())
+    reply = attempt.replies["user@example.net"]
+    if failover:
+        assert attempt.relay == f"mx2.example.test[{MX2}]:{second.port}"
+        assert reply.code == 250
+        assert len(second.wait_for_messages(1)) == 1
+    else:
+        assert attempt.relay == f"odd.example.test[{PEER}]:{port}"
+        assert reply.code == 451 and reply.status == status
+        assert words in reply.text
+        assert second.messages() == []
+
+
+# --- connection reuse ---
+
+
+def test_connection_reused(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+
+    async def scenario() -> None:
+        deliverer = Deliverer(settings())
+        for n in range(5):
+            attempt = await deliverer.deliver(
+                sink_route(sink), "a@x.test", [f"{n}@x.test"], MESSAGE
+            )
+            assert attempt.replies[f"{n}@x.test"].code == 250
+        # Three at once need three connections (one is pooled, two are new);
+        # three more at once reuse them.
+        for batch in range(2):
+            await asyncio.gather(
+                *(
+                    deliverer.deliver(sink_route(sink), "a@x.test", [f"{batch}{n}@x.test"], MESSAGE)
+                    for n in range(3)
+                )
+            )
+        await deliverer.close()
+
+    run(scenario())
+    counters = sink.wait_for_counters(lambda c: c.quits >= 3 and c.messages >= 11)
+    assert (counters.sessions, counters.quits, counters.messages) == (3, 3, 11)
+
+
+def test_reuse_after_a_refusal_starts_with_rset() -> None:
+    with Peer() as peer:
+
+        async def scenario() -> list[Attempt]:
+            deliverer = Deliverer(settings())
+            attempts = []
+            for sender, rcpts in [
+                ("a@x.test", ["bad@x.test", "good1@x.test"]),  # delivered: no RSET after
+                ("bad@x.test", ["good2@x.test"]),  # MAIL refused: RSET before the next
+                ("a@x.test", ["good3@x.test"]),
+            ]:
+                attempts.append(await deliverer.deliver(peer.route(), sender, rcpts, MESSAGE))
+                resets.append(peer.handler.resets)
+            await deliverer.close()
+            return attempts
+
+        resets: list[int] = []
+        attempts = run(scenario())
+        assert len(peer.handler.sessions) == 1
+        assert resets == [0, 0, 1]
+        assert [m.recipients for m in peer.handler.messages] == [["good1@x.test"], ["good3@x.test"]]
+    assert attempts[0].replies["bad@x.test"].code == 550
+    assert str(attempts[1].replies["good2@x.test"]).startswith("550 5.7.1 <bad@x.test>")
+    assert attempts[2].replies["good3@x.test"].code == 250
+
+
+def test_max_messages_per_connection(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+
+    async def scenario() -> None:
+        deliverer = Deliverer(settings(max_messages_per_connection=2))
+        for n in range(5):
+            await deliverer.deliver(sink_route(sink), "a@x.test", [f"{n}@x.test"], MESSAGE)
+        await deliverer.close()
+
+    run(scenario())
+    counters = sink.wait_for_counters(lambda c: c.quits >= 3 and c.messages >= 5)
+    assert (counters.sessions, counters.quits, counters.messages) == (3, 3, 5)
+
+
+def test_idle_connection_is_closed(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+
+    async def scenario() -> None:
+        deliverer = Deliverer(settings(idle_timeout=0.1))
+        await deliverer.deliver(sink_route(sink), "a@x.test", ["b@x.test"], MESSAGE)
+        # Not closed by us: the idle timer must QUIT it.
+        await asyncio.to_thread(sink.wait_for_counters, lambda c: c.quits >= 1)
+        await deliverer.close()
+
+    run(scenario())
+    assert sink.counters().sessions == 1
+
+
+def test_pool_is_bounded(sinks: Callable[..., Sink]) -> None:
+    sink = sinks(MX1)
+
+    async def scenario() -> None:
+        deliverer = Deliverer(settings(max_idle_per_address=1))
+        await asyncio.gather(
+            *(
+                deliverer.deliver(sink_route(sink), "a@x.test", [f"{n}@x.test"], MESSAGE)
+                for n in range(3)
+            )
+        )
+        # Only one of the three may stay: the other two QUIT without close().
+        await asyncio.to_thread(sink.wait_for_counters, lambda c: c.quits >= 2)
+        await deliverer.close()
+
+    run(scenario())
+    assert sink.wait_for_counters(lambda c: c.quits >= 3).sessions == 3
+
+
+def test_server_closed_idle_connection_noticed() -> None:
+    with Peer() as peer:
+
+        async def scenario() -> Attempt:
+            deliverer = Deliverer(settings())
+            await deliverer.deliver(peer.route(), "a@x.test", ["one@x.test"], MESSAGE)
+            (client,) = peer.close_sessions()
+            # Let our event loop see the close before the next delivery.
+            while tcp_state(client) not in (None, "06"):  # gone, or TIME_WAIT
+                await asyncio.sleep(0.01)
+            attempt = await deliverer.deliver(peer.route(), "a@x.test", ["two@x.test"], MESSAGE)
+            await deliverer.close()
+            return attempt
+
+        attempt = run(scenario())
+        assert attempt.replies["two@x.test"].code == 250
+        assert len(peer.handler.sessions) == 2
+        assert len(peer.handler.messages) == 2
+
+
+def test_server_closed_idle_connection_found_on_first_command(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="mta.outbound.client")
+    with Peer() as peer:
+
+        async def scenario() -> Attempt:
+            deliverer = Deliverer(settings())
+            await deliverer.deliver(peer.route(), "a@x.test", ["one@x.test"], MESSAGE)
+            (client,) = peer.close_sessions()
+            # Block this event loop (no await) until the kernel has the server's
+            # FIN: the pooled connection still looks open to the client, and
+            # the next MAIL finds it closed.
+            wait_until(lambda: tcp_state(client) == "08", 5, "CLOSE_WAIT")
+            attempt = await deliverer.deliver(peer.route(), "a@x.test", ["two@x.test"], MESSAGE)
+            await deliverer.close()
+            return attempt
+
+        attempt = run(scenario())
+        assert attempt.replies["two@x.test"].code == 250
+        assert len(peer.handler.sessions) == 2
+        assert [m.recipients for m in peer.handler.messages] == [["one@x.test"], ["two@x.test"]]
+    assert "stale: closed by the server while pooled" in caplog.text
+
+
+def test_pooled_connection_tried_first(sinks: Callable[..., Sink]) -> None:
+    mx1, mx2 = sinks(MX1), sinks(MX2)
+
+    async def scenario() -> list[Attempt]:
+        deliverer = Deliverer(settings())
+        # A route through mx2 only leaves a connection to mx2 in the pool...
+        first = await deliverer.deliver(sink_route(mx2), "a@x.test", ["b@x.test"], MESSAGE)
+        # ...which a route listing mx1 first uses rather than connecting to mx1.
+        second = await deliverer.deliver(sink_route(mx1, mx2), "a@x.test", ["b@x.test"], MESSAGE)
+        await deliverer.close()
+        return [first, second]
+
+    attempts = run(scenario())
+    assert [a.relay.split("[")[1] for a in attempts] == [f"{MX2}]:{mx2.port}"] * 2
+    assert mx1.counters().sessions == 0
+    assert mx2.wait_for_counters(lambda c: c.quits >= 1).sessions == 1
+
+
+# --- TLS ---
+
+
+@pytest.fixture(scope="module")
+def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def test_opportunistic_starttls(server_tls: ssl.SSLContext) -> None:
+    with Peer(server_tls) as peer:
+        attempt = run(deliver_once(peer.route()))
+        (received,) = peer.handler.messages
+    assert attempt.replies["user@example.net"].code == 250
+    assert received.tls
+    assert received.data == MESSAGE
+
+
+def test_require_tls_with_tls(server_tls: ssl.SSLContext) -> None:
+    with Peer(server_tls) as peer:
+        attempt = run(deliver_once(peer.route(), require_tls=lambda domain: True))
+        assert attempt.replies["user@example.net"].code == 250
+        assert peer.handler.messages[0].tls
+
+
+def test_require_tls_without_starttls_fails_over(
+    sinks: Callable[..., Sink], server_tls: ssl.SSLContext
+) -> None:
+    sink = sinks(MX1)  # smtp-sink offers no STARTTLS
+    with Peer(server_tls) as peer:
+        target = route(
+            ("mx1.example.test", sink.host, sink.port), ("peer.example.test", PEER, peer.port)
+        )
+        wanted = {"example.net"}.__contains__
+        attempt = run(deliver_once(target, require_tls=wanted))
+        assert attempt.relay == f"peer.example.test[{PEER}]:{peer.port}"
+        assert peer.handler.messages[0].tls
+        # Another domain on the same route may go in plaintext to mx1.
+        plain = run(
+            deliver_once(route(*target_hosts(target), domain="other.test"), require_tls=wanted)
+        )
+        assert plain.relay.startswith("mx1.example.test")
+    alone = run(deliver_once(sink_route(sink), require_tls=wanted))
+    reply = alone.replies["user@example.net"]
+    assert reply.code == 451 and reply.status == "4.7.4"
+    assert "TLS is required, but was not offered" in reply.text
+    assert sink.wait_for_messages(1)[0].recipients == ("user@example.net",)
+
+
+def target_hosts(target: Route) -> list[tuple[str, str, int]]:
+    return [(h.name, h.addresses[0], h.port) for h in target.hosts]
+
+
+def test_tls_handshake_failure(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broken.load_cert_chain(cert, key)
+    broken.set_ciphers("aNULL")  # nothing a client would accept
+    broken.maximum_version = ssl.TLSVersion.TLSv1_2
+    with Peer(broken) as peer:
+        # Opportunistic: the same server again, in plaintext.
+        attempt = run(deliver_once(peer.route()))
+        assert attempt.replies["user@example.net"].code == 250
+        assert not peer.handler.messages[0].tls
+        # Required: a temporary failure.
+        required = run(deliver_once(peer.route(), require_tls=lambda domain: True))
+    reply = required.replies["user@example.net"]
+    assert reply.code == 451 and reply.status == "4.7.5"
+
+
+# --- pure helpers (here, not in tests/unit/test_client.py: two test modules
+# with one basename and no __init__.py make pytest refuse to collect) ---
+
+
+def test_relay_is_postfix_style() -> None:
+    assert format_relay("mx1.example.test", "192.0.2.1", 25) == "mx1.example.test[192.0.2.1]:25"
+
+
+def test_temporary_reply() -> None:
+    reply = temporary("4.4.1", "connect to mx[192.0.2.1]:25: Connection refused")
+    assert str(reply) == "451 4.4.1 connect to mx[192.0.2.1]:25: Connection refused"
+    assert reply.status == "4.4.1"
+
+
+def test_refusal_to_talk_is_made_temporary_keeping_the_detail() -> None:
+    reply = refused("mx[192.0.2.1]:25", Reply(554, "5.7.1 go away"), "the greeting")
+    assert reply.code == 451
+    assert reply.status == "4.7.1"
+    assert (
+        reply.text
+        == "4.7.1 host mx[192.0.2.1]:25 said: 554 5.7.1 go away (in reply to the greeting)"
+    )
+
+
+def test_refusal_without_enhanced_code() -> None:
+    reply = refused("mx[192.0.2.1]:25", Reply(421, "closing"), "MAIL FROM")
+    assert reply.status == "4.0.0"
+    assert "said: 421 closing (in reply to MAIL FROM)" in reply.text
+
+
+def test_mail_parameters() -> None:
+    seven, eight = b"a\r\n", "é\r\n".encode()
+    assert mail_parameters({}, eight, smtputf8=False) == []
+    assert mail_parameters({"size": "1000"}, seven, smtputf8=False) == [b"SIZE=3"]
+    assert mail_parameters({"8bitmime": ""}, seven, smtputf8=False) == []
+    assert mail_parameters({"size": "", "8bitmime": ""}, eight, smtputf8=True) == [
+        b"SIZE=4",
+        b"BODY=8BITMIME",
+        b"SMTPUTF8",
+    ]
+
+
+def test_address_problems() -> None:
+    relay = "mx[192.0.2.1]:25"
+    assert address_problem("user@example.net", smtputf8_offered=False, relay=relay) is None
+    assert address_problem("", smtputf8_offered=False, relay=relay) is None  # null sender
+    assert address_problem("jürgen@example.net", smtputf8_offered=True, relay=relay) is None
+    utf8 = address_problem("jürgen@example.net", smtputf8_offered=False, relay=relay)
+    assert utf8 is not None and utf8.status == "5.6.7"
+    injected = address_problem("a@b\r\nRCPT TO:<c@d>", smtputf8_offered=True, relay=relay)
+    assert injected is not None and injected.code == 553 and "\r" not in injected.text
