@@ -142,6 +142,7 @@ def run_check_config(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     keys = daemon.load_keys(settings)
     daemon.tls_context(settings.server)
+    daemon.resolver(settings)
     if settings.server.users_file:
         read_users(settings.server.users_file)
     print(f"{args.config}: ok ({len(keys)} DKIM key(s))")

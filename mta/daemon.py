@@ -65,6 +65,7 @@ async def _serve(config: Config) -> int:
     server_config = config.server
     keys = load_keys(config)
     context = tls_context(server_config)
+    routes = resolver(config)
     authenticator = (
         Authenticator(read_users(server_config.users_file)) if server_config.users_file else None
     )
@@ -84,7 +85,7 @@ async def _serve(config: Config) -> int:
     attempter = Attempter(
         spool=spool,
         committer=committer,
-        resolver=resolver(config),
+        resolver=routes,
         deliverer=deliverer,
         signer=signer,
         sign_pool=sign_pool,
@@ -151,12 +152,15 @@ async def _wait_for_stop_signal() -> None:
 
 def resolver(config: Config) -> Resolver:
     delivery = config.delivery
-    return Resolver(
-        nameservers=[(ns.host, ns.port) for ns in delivery.nameservers] or None,
-        smtp_port=delivery.smtp_port,
-        allow_private=delivery.allow_private_mx,
-        routes={domain: (hop.host, hop.port) for domain, hop in delivery.routes.items()},
-    )
+    try:
+        return Resolver(
+            nameservers=[(ns.host, ns.port) for ns in delivery.nameservers] or None,
+            smtp_port=delivery.smtp_port,
+            allow_private=delivery.allow_private_mx,
+            routes={domain: (hop.host, hop.port) for domain, hop in delivery.routes.items()},
+        )
+    except ValueError as error:  # no system resolver, or a route host that is no host
+        raise ConfigError(f"[delivery] {error}") from None
 
 
 def client_settings(config: Config) -> ClientSettings:

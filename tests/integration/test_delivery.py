@@ -12,6 +12,8 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -291,3 +293,24 @@ def test_connections_are_reused_across_messages(delivering: Mta, world: World) -
     sink.wait_for_counters(lambda now: now.messages >= before.messages + 5)
     sink.wait_for_counters(lambda now: now.sessions > before.sessions, timeout=10)
     assert sink.counters().sessions - before.sessions < 5
+
+
+def test_a_delivery_in_flight_at_kill_9_is_retried_after_restart(mta: Mta, world: World) -> None:
+    """The job was leased to a server that never answered; SIGKILL; after the
+    restart the lease is gone and the message is delivered."""
+    world.configure(mta)
+    with socket.create_server((PEER, 0)) as black_hole:
+        mta.routes = {"lease.test": f"{PEER}:{black_hole.getsockname()[1]}"}
+        mta.start()
+        subject = unique()
+        queue_id = send(mta, message(subject), ["l@lease.test"])
+        black_hole.settimeout(10)
+        connection, _ = black_hole.accept()  # the attempt is in flight now
+        assert mta.stop(signal.SIGKILL) == -signal.SIGKILL
+        connection.close()
+    mta.routes = {"lease.test": f"{MX1}:{world.port}"}
+    mta.start()
+    wait_for(world.sinks[MX1], subject)
+    mta.wait_for_empty_spool()
+    assert mta.stop() == 0
+    assert f"id={queue_id} to=<l@lease.test>" in mta.log()
