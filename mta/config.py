@@ -20,7 +20,7 @@ import ipaddress
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -213,21 +213,19 @@ class DkimConfig:
 
 @dataclass(frozen=True)
 class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    spool: SpoolConfig = field(default_factory=SpoolConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    dkim: tuple[DkimConfig, ...] = ()
+    server: ServerConfig = setting(ServerConfig, ServerConfig())
+    spool: SpoolConfig = setting(SpoolConfig, SpoolConfig())
+    metrics: MetricsConfig = setting(MetricsConfig, MetricsConfig())
+    log: LogConfig = setting(LogConfig, LogConfig())
+    delivery: DeliveryConfig = setting(DeliveryConfig, DeliveryConfig())
+    dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
-
-_SECTIONS: dict[str, type] = {
-    "server": ServerConfig,
-    "spool": SpoolConfig,
-    "metrics": MetricsConfig,
-    "log": LogConfig,
-    "delivery": DeliveryConfig,
-}
+    def __post_init__(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for key in self.dkim:
+            if (key.domain, key.selector) in seen:
+                raise ValueError(f"[[dkim]]: {key.domain} selector {key.selector} is listed twice")
+            seen.add((key.domain, key.selector))
 
 
 # --- loading ---
@@ -254,38 +252,25 @@ def load(path: str | Path) -> Config:
 
 def parse(document: dict[str, Any]) -> Config:
     """Validate an already decoded TOML document."""
-    _reject_unknown(document, [*_SECTIONS, "dkim"], "")
-    sections = {
-        name: _build(cls, document[name], f"[{name}]")
-        for name, cls in _SECTIONS.items()
-        if name in document
-    }
-    dkim = document.get("dkim", [])
-    if not isinstance(dkim, list):
-        raise ConfigError("dkim: write each key as a [[dkim]] table")
-    keys = tuple(_build(DkimConfig, entry, f"[[dkim]] #{n}") for n, entry in enumerate(dkim, 1))
-    seen: set[tuple[str, str]] = set()
-    for key in keys:
-        if (key.domain, key.selector) in seen:
-            raise ConfigError(f"[[dkim]]: {key.domain} selector {key.selector} is listed twice")
-        seen.add((key.domain, key.selector))
-    return Config(dkim=keys, **sections)
+    config: Config = _build(Config, document, "")
+    return config
 
 
 def _build(cls: type, table: Any, where: str) -> Any:
+    """An instance of the dataclass ``cls`` from a TOML table found at ``where``."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table of keys")
     _reject_unknown(table, [f.name for f in fields(cls)], where)
     values = {}
     for spec in fields(cls):
         if spec.name in table:
-            values[spec.name] = _convert(spec.metadata, table[spec.name], f"{where} {spec.name}")
+            values[spec.name] = _convert(spec.metadata, table[spec.name], where, spec.name)
         elif spec.default is MISSING and spec.default_factory is MISSING:
             raise ConfigError(f"{where}: required key {spec.name} is missing")
     try:
         return cls(**values)
     except ValueError as error:
-        raise ConfigError(f"{where} {error}") from None
+        raise ConfigError(f"{where} {error}" if where else str(error)) from None
 
 
 def _reject_unknown(table: dict[str, Any], known: list[str], where: str) -> None:
@@ -297,25 +282,39 @@ def _reject_unknown(table: dict[str, Any], known: list[str], where: str) -> None
             raise ConfigError(f"{place}unknown key {key}{hint}")
 
 
-def _convert(meta: Any, raw: Any, where: str) -> Any:
+def _convert(meta: Any, raw: Any, where: str, name: str) -> Any:
+    """The value of key ``name`` of the table at ``where``."""
+    kind = meta["kind"]
+    nested = is_dataclass(kind)
+    path = f"{where[1:-1]}.{name}" if where.startswith("[") and where.endswith("]") else name
     if meta["table"]:
         if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: expected a table of name = {_TYPE_NAMES[meta['kind']]}")
+            what = "tables" if nested else _TYPE_NAMES[kind]
+            raise ConfigError(f"{where} {name}: expected a table of name = {what}")
         return MappingProxyType(
             {
-                name.lower(): _convert_one(meta, value, f"{where}.{name}")
-                for name, value in raw.items()
+                key.lower(): _convert_one(
+                    meta, value, f"[{path}.{key}]" if nested else f"{where} {name}.{key}"
+                )
+                for key, value in raw.items()
             }
         )
     if meta["many"]:
         if not isinstance(raw, list):
-            raise ConfigError(f"{where}: expected a list of {_PLURAL_NAMES[meta['kind']]}")
-        return tuple(_convert_one(meta, item, where) for item in raw)
-    return _convert_one(meta, raw, where)
+            if nested:
+                raise ConfigError(f"{path}: write each entry as a [[{path}]] table")
+            raise ConfigError(f"{where} {name}: expected a list of {_PLURAL_NAMES[kind]}")
+        return tuple(
+            _convert_one(meta, item, f"[[{path}]] #{number}" if nested else f"{where} {name}")
+            for number, item in enumerate(raw, 1)
+        )
+    return _convert_one(meta, raw, f"[{path}]" if nested else f"{where} {name}".strip())
 
 
 def _convert_one(meta: Any, raw: Any, where: str) -> Any:
     kind = meta["kind"]
+    if isinstance(kind, type) and is_dataclass(kind):
+        return _build(kind, raw, where)
     # TOML integers are valid floats; booleans are never numbers.
     accepted = (int, float) if kind is float else (kind,)
     if isinstance(raw, bool) != (kind is bool) or not isinstance(raw, accepted):

@@ -298,7 +298,7 @@ def test_same_dkim_domain_with_another_selector_is_fine() -> None:
     [
         ("server = 5\n", "[server]: expected a table of keys"),
         ('log = "debug"\n', "[log]: expected a table of keys"),
-        ('[dkim]\ndomain = "example.com"\n', "dkim: write each key as a [[dkim]] table"),
+        ('[dkim]\ndomain = "example.com"\n', "dkim: write each entry as a [[dkim]] table"),
         ('dkim = ["example.com"]\n', "[[dkim]] #1: expected a table of keys"),
     ],
 )
