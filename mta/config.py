@@ -15,8 +15,10 @@ project directory).
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -204,6 +206,137 @@ class DeliveryConfig:
             raise ValueError("retry_max must be at least retry_first")
 
 
+def parse_date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f'expected a date such as "2026-11-25", got "{text}"') from None
+
+
+def parse_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f'"{text}" is not an IP address') from None
+
+
+def label_name(text: str) -> str:
+    """A name that is also a Prometheus label value and a log token."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", text):
+        raise ValueError(f'"{text}": use lower-case letters, digits, "-", "_" or "." (63 at most)')
+    return text
+
+
+def parse_rate_setting(text: str) -> float:
+    from mta.policy.rate import parse_rate  # policy imports nothing from config
+
+    return parse_rate(text)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    start: datetime.date = setting(str, parse=parse_date)
+    first_day: int = setting(int, 500, parse=positive)
+    factor: float = setting(float, 2.0, parse=positive)
+    cap: int | None = setting(int, None, parse=positive)
+    until: int = setting(int, 1_000_000, parse=positive)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str = setting(str, parse=label_name)
+    address: str = setting(str, parse=parse_ip)
+    ehlo: str | None = setting(str, None, parse=non_empty)
+    warmup: WarmupConfig | None = setting(WarmupConfig, None)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str = setting(str, parse=label_name)
+    sources: tuple[str, ...] = setting(str, [], parse=label_name, many=True)
+    weights: tuple[int, ...] = setting(int, [], parse=positive, many=True)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError(f"{self.name}: sources: give at least one source")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ValueError(f"{self.name}: weights: give one weight per source, or none")
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    source: tuple[SourceConfig, ...] = setting(SourceConfig, [], many=True)
+    pool: tuple[PoolConfig, ...] = setting(PoolConfig, [], many=True)
+    pool_header: str = setting(str, "X-MTA-Pool", parse=non_empty)
+    default_pool: str = setting(str, "default", parse=label_name)
+    sender_pools: Mapping[str, str] = setting(str, {}, parse=label_name, table=True)
+
+    def __post_init__(self) -> None:
+        sources = [source.name for source in self.source]
+        pools = [pool.name for pool in self.pool]
+        for kind, names in (("source", sources), ("pool", pools)):
+            for name in names:
+                if names.count(name) > 1:
+                    raise ValueError(f"{kind} {name} is defined twice")
+        for pool in self.pool:
+            for name in pool.sources:
+                if name not in sources:
+                    raise ValueError(f"pool {pool.name}: no [[egress.source]] named {name}")
+        for name in {self.default_pool, *self.sender_pools.values()}:
+            if self.pool and name not in pools:
+                raise ValueError(f"no [[egress.pool]] named {name}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_connections: int | None = setting(int, None, parse=positive)
+    max_messages_per_connection: int | None = setting(int, None, parse=positive)
+    max_rate: float | None = setting(str, None, parse=parse_rate_setting)  # "10/s", "600/min"
+    max_recipients: int | None = setting(int, None, parse=positive)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderConfig(LimitsConfig):
+    name: str = setting(str, parse=label_name)
+    mx_suffixes: tuple[str, ...] = setting(str, [], parse=lowercase_domain, many=True)
+
+    def __post_init__(self) -> None:
+        if not self.mx_suffixes:
+            raise ValueError(f'{self.name}: mx_suffixes: give at least one, e.g. ".google.com"')
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    name: str = setting(str, parse=label_name)
+    pattern: str = setting(str, parse=non_empty)
+    classification: str = setting(str, parse=non_empty)
+    action: str = setting(str, "none", parse=one_of("none", "suspend", "throttle"))
+    duration: float = setting(float, 0.0, parse=not_negative)
+    factor: float = setting(float, 0.5, parse=positive)
+
+    def __post_init__(self) -> None:
+        from mta.policy.rules import compile_rule
+
+        compile_rule(
+            self.name, self.pattern, self.classification, self.action, self.duration, self.factor
+        )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    default: LimitsConfig = setting(LimitsConfig, LimitsConfig())
+    provider: tuple[ProviderConfig, ...] = setting(ProviderConfig, [], many=True)
+    domain: Mapping[str, LimitsConfig] = setting(LimitsConfig, {}, table=True)
+    rule: tuple[RuleConfig, ...] = setting(RuleConfig, [], many=True)  # before the defaults
+    default_rules: bool = setting(bool, True)  # the shipped rules for major providers
+
+    def __post_init__(self) -> None:
+        names = [provider.name for provider in self.provider]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"provider {name} is defined twice")
+
+
 @dataclass(frozen=True)
 class DkimConfig:
     domain: str = setting(str, parse=lowercase_domain)
@@ -218,6 +351,8 @@ class Config:
     metrics: MetricsConfig = setting(MetricsConfig, MetricsConfig())
     log: LogConfig = setting(LogConfig, LogConfig())
     delivery: DeliveryConfig = setting(DeliveryConfig, DeliveryConfig())
+    egress: EgressConfig = setting(EgressConfig, EgressConfig())
+    policy: PolicyConfig = setting(PolicyConfig, PolicyConfig())
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
     def __post_init__(self) -> None:
@@ -285,8 +420,7 @@ def _reject_unknown(table: dict[str, Any], known: list[str], where: str) -> None
 def _convert(meta: Any, raw: Any, where: str, name: str) -> Any:
     """The value of key ``name`` of the table at ``where``."""
     kind = meta["kind"]
-    nested = is_dataclass(kind)
-    path = f"{where[1:-1]}.{name}" if where.startswith("[") and where.endswith("]") else name
+    nested = isinstance(kind, type) and is_dataclass(kind)
     if meta["table"]:
         if not isinstance(raw, dict):
             what = "tables" if nested else _TYPE_NAMES[kind]
@@ -294,7 +428,9 @@ def _convert(meta: Any, raw: Any, where: str, name: str) -> Any:
         return MappingProxyType(
             {
                 key.lower(): _convert_one(
-                    meta, value, f"[{path}.{key}]" if nested else f"{where} {name}.{key}"
+                    meta,
+                    value,
+                    _child(where, f"{name}.{key}") if nested else f"{where} {name}.{key}",
                 )
                 for key, value in raw.items()
             }
@@ -302,13 +438,25 @@ def _convert(meta: Any, raw: Any, where: str, name: str) -> Any:
     if meta["many"]:
         if not isinstance(raw, list):
             if nested:
+                path = _child(where, name)[1:-1]
                 raise ConfigError(f"{path}: write each entry as a [[{path}]] table")
             raise ConfigError(f"{where} {name}: expected a list of {_PLURAL_NAMES[kind]}")
         return tuple(
-            _convert_one(meta, item, f"[[{path}]] #{number}" if nested else f"{where} {name}")
+            _convert_one(
+                meta, item, f"[{_child(where, name)}] #{number}" if nested else f"{where} {name}"
+            )
             for number, item in enumerate(raw, 1)
         )
-    return _convert_one(meta, raw, f"[{path}]" if nested else f"{where} {name}".strip())
+    return _convert_one(meta, raw, _child(where, name) if nested else f"{where} {name}".strip())
+
+
+def _child(where: str, name: str) -> str:
+    """Where a nested table is, as its TOML header says it: [server], [policy.default]."""
+    if not where:
+        return f"[{name}]"
+    if where.startswith("[["):  # inside an entry of a list of tables
+        return f"{where} {name}"
+    return f"[{where[1:-1]}.{name}]"
 
 
 def _convert_one(meta: Any, raw: Any, where: str) -> Any:

@@ -94,7 +94,9 @@ async def _serve(config: Config) -> int:
         hostname=server_config.hostname,
         on_queued=scheduler.wake,
     )
-    handler = Handler(server_config, spool, committer, signer, sign_pool, new_id, scheduler.wake)
+    handler = Handler(
+        server_config, config.egress, spool, committer, signer, sign_pool, new_id, scheduler.wake
+    )
     sessions = Sessions(server_config.max_connections, server_config.max_connections_per_ip)
 
     def new_session() -> Session:

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
 from mta import metrics
-from mta.config import ServerConfig
+from mta.config import EgressConfig, ServerConfig
 from mta.inbound import replies
 from mta.inbound.access import address_is_valid, may_relay
 from mta.inbound.message import Rejected, prepare, received_field
@@ -41,6 +41,7 @@ class Handler:
     def __init__(
         self,
         config: ServerConfig,
+        egress: EgressConfig,
         spool: Spool,
         committer: GroupCommitter,
         signer: Signer,
@@ -49,6 +50,7 @@ class Handler:
         on_queued: Callable[[], None],
     ) -> None:
         self.config = config
+        self.egress = egress
         self.spool = spool
         self.committer = committer
         self.signer = signer
@@ -125,7 +127,9 @@ class Handler:
                 queue_id=queue_id,
                 hostname=self.config.hostname,
                 now=now,
+                instruction=self.egress.pool_header,
             )
+            pool = self._pool(prepared.instructed, envelope.mail_from or "")
         except Rejected as rejected:
             return str(rejected)
         loop = asyncio.get_running_loop()
@@ -139,6 +143,7 @@ class Handler:
             size=len(signed.message),
             client=f"{helo} ([{server.ip}])",
             message_id=prepared.message_id,
+            pool=pool,
         )
         try:
             await self.committer.add(message, signed.message)
@@ -158,6 +163,19 @@ class Handler:
             _dkim_summary(signed),
         )
         return replies.queued(queue_id)
+
+    def _pool(self, instructed: str | None, sender: str) -> str:
+        """The egress pool: the pool header's, else the sender domain's, else the default."""
+        if not self.egress.pool:
+            return ""  # no pools configured: the host's own address
+        if instructed is not None:
+            name = instructed.strip()
+            if name not in {pool.name for pool in self.egress.pool}:
+                header = self.egress.pool_header
+                raise Rejected(f"550 5.7.0 Error: {header} names no configured pool: {name[:64]}")
+            return name
+        domain = sender.rpartition("@")[2].lower()
+        return self.egress.sender_pools.get(domain, self.egress.default_pool)
 
     def _sign(self, data: bytes) -> SignResult:
         started = time.perf_counter()

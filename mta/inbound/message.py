@@ -36,6 +36,7 @@ class Rejected(Exception):
 class Prepared:
     data: bytes  # the message as it will be signed and stored
     message_id: str  # its Message-ID field's value
+    instructed: str | None = None  # the value of the instruction field, which was removed
 
 
 def has_bare_line_ending(data: bytes) -> bool:
@@ -114,9 +115,19 @@ def received_field(
 
 
 def prepare(
-    data: bytes, *, received: bytes, queue_id: str, hostname: str, now: float | None = None
+    data: bytes,
+    *,
+    received: bytes,
+    queue_id: str,
+    hostname: str,
+    now: float | None = None,
+    instruction: str | None = None,
 ) -> Prepared:
-    """The message to sign and store, or Rejected with the SMTP reply."""
+    """The message to sign and store, or Rejected with the SMTP reply.
+
+    ``instruction`` names a header field that instructs us rather than the
+    recipient (the egress pool header): it is removed, and its value returned.
+    """
     if has_bare_line_ending(data):
         raise Rejected(BARE_LINE_ENDING)
     lines, body = split_header(data)
@@ -124,6 +135,10 @@ def prepare(
     if len(senders) != 1:
         problem = "has no From header" if not senders else "has more than one From header"
         raise Rejected(f"550 5.6.0 Error: message {problem} (RFC 5322 3.6)")
+    instructed = None
+    if instruction is not None:
+        lines, values = remove_field(lines, instruction.lower().encode())
+        instructed = values[-1].decode("ascii", "replace") if values else None
     added = []
     message_ids = field_values(lines, b"message-id")
     if message_ids:
@@ -134,4 +149,21 @@ def prepare(
     if not field_values(lines, b"date"):
         stamp = time.time() if now is None else now
         added.append(f"Date: {rfc5322_date(stamp)}\r\n".encode())
-    return Prepared(received + b"".join(lines) + b"".join(added) + CRLF + body, message_id)
+    data = received + b"".join(lines) + b"".join(added) + CRLF + body
+    return Prepared(data, message_id, instructed)
+
+
+def remove_field(lines: list[bytes], name: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The header lines without any field called ``name``, and that field's values."""
+    values = field_values(lines, name)
+    kept: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = field_name(line) == name
+        if not dropping:
+            kept.append(line)
+    return kept, values

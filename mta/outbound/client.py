@@ -65,6 +65,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -244,9 +245,18 @@ class Deliverer:
         self._closed = False
 
     async def deliver(
-        self, route: Route, sender: str, recipients: Sequence[str], data: bytes
+        self,
+        route: Route,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        max_messages: int | None = None,
     ) -> Attempt:
-        """Send ``data`` from ``sender`` to ``recipients`` over ``route``; one reply each."""
+        """Send ``data`` from ``sender`` to ``recipients`` over ``route``; one reply each.
+
+        ``max_messages``: the destination's own limit of messages per
+        connection, when lower than ``ClientSettings.max_messages_per_connection``.
+        """
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             return Attempt(NO_RELAY, {})
@@ -260,7 +270,9 @@ class Deliverer:
         failure = _Unavailable(temporary("4.4.4", f"no MX host for {route.domain}"), NO_RELAY)
         for target in targets:
             try:
-                return await self._deliver_via(target, tls_required, sender, rcpts, data)
+                return await self._deliver_via(
+                    target, tls_required, sender, rcpts, data, max_messages
+                )
             except _Unavailable as unavailable:
                 log.debug("%s unavailable: %s", target.relay, unavailable.reply)
                 failure = unavailable
@@ -279,16 +291,24 @@ class Deliverer:
     # --- one address ---
 
     async def _deliver_via(
-        self, target: _Target, tls_required: bool, sender: str, rcpts: list[str], data: bytes
+        self,
+        target: _Target,
+        tls_required: bool,
+        sender: str,
+        rcpts: list[str],
+        data: bytes,
+        max_messages: int | None,
     ) -> Attempt:
         connection = self._checkout(target.key, tls_required)
         if connection is not None:
             try:
-                return await self._transaction(connection, target, sender, rcpts, data)
+                return await self._transaction(
+                    connection, target, sender, rcpts, data, max_messages
+                )
             except _Stale:
                 pass  # the server closed it while it sat in the pool: not a failure
         connection = await self._open(target, tls_required)
-        return await self._transaction(connection, target, sender, rcpts, data)
+        return await self._transaction(connection, target, sender, rcpts, data, max_messages)
 
     async def _open(
         self, target: _Target, tls_required: bool, plaintext: bool = False
@@ -429,7 +449,13 @@ class Deliverer:
     # --- one transaction ---
 
     async def _transaction(
-        self, connection: _Connection, target: _Target, sender: str, rcpts: list[str], data: bytes
+        self,
+        connection: _Connection,
+        target: _Target,
+        sender: str,
+        rcpts: list[str],
+        data: bytes,
+        max_messages: int | None,
     ) -> Attempt:
         """MAIL, RCPT..., DATA on ``connection``; hands it back to the pool or closes it."""
         relay = target.relay
@@ -448,7 +474,7 @@ class Deliverer:
             smtp.close()
             self._log_close(connection, "failed")
             raise
-        self._checkin(connection)
+        self._checkin(connection, max_messages)
         return Attempt(relay, replies)
 
     async def _mail_rcpt_data(
@@ -563,8 +589,9 @@ class Deliverer:
                 return connection
         return None
 
-    def _checkin(self, connection: _Connection) -> None:
+    def _checkin(self, connection: _Connection, max_messages: int | None = None) -> None:
         settings = self.settings
+        limit = min(settings.max_messages_per_connection, max_messages or sys.maxsize)
         connection.untested = False
         if not connection.smtp.is_connected:
             self._log_close(connection, "closed by server")
@@ -572,7 +599,7 @@ class Deliverer:
         if self._closed:
             self._retire(connection, "deliverer closed")
             return
-        if connection.transactions >= settings.max_messages_per_connection:
+        if connection.transactions >= limit:
             self._retire(connection, "message limit")
             return
         idle = self._idle.setdefault(connection.key, [])

@@ -33,6 +33,7 @@ class Message:
     size: int  # bytes of the signed message
     client: str = ""  # "helo (host[ip])" for the Received line and the logs
     message_id: str = ""  # the Message-ID header, for operators and events
+    pool: str = ""  # the egress pool (source IPs) to send it from; "" for the default
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -7,6 +7,8 @@ Named databases inside the environment:
     jobs      queue ID NUL domain -> Job as JSON
     due       ms of next attempt + job key -> b"" (ready jobs only, in time order)
     meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian)
+    policy    traffic-policy state that must survive restarts: warmup counters
+              (8-byte integers) and suspensions (JSON), by name
 
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
@@ -87,6 +89,7 @@ class Spool:
         self._jobs = self.env.open_db(b"jobs")
         self._due = self.env.open_db(b"due")
         self._meta = self.env.open_db(b"meta")
+        self._policy = self.env.open_db(b"policy")
 
     def close(self) -> None:
         self.env.close()
@@ -172,6 +175,22 @@ class Spool:
         if message is not None:
             self._add_bytes(txn, -message.size)
         return True
+
+    # --- traffic-policy state ---
+
+    def counter(self, txn: lmdb.Transaction, name: str) -> int:
+        raw = txn.get(name.encode(), db=self._policy)
+        return struct.unpack(">q", raw)[0] if raw else 0
+
+    def add_to_counter(self, txn: lmdb.Transaction, name: str, delta: int) -> None:
+        txn.put(name.encode(), struct.pack(">q", self.counter(txn, name) + delta), db=self._policy)
+
+    def state(self, txn: lmdb.Transaction, name: str) -> bytes | None:
+        raw = txn.get(name.encode(), db=self._policy)
+        return bytes(raw) if raw is not None else None
+
+    def set_state(self, txn: lmdb.Transaction, name: str, value: bytes) -> None:
+        txn.put(name.encode(), value, db=self._policy)
 
     # --- reading ---
 
