@@ -23,7 +23,7 @@ from mta.inbound.auth import Authenticator, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
 from mta.outbound.attempt import Attempter
-from mta.outbound.client import ClientSettings, Deliverer
+from mta.outbound.egress import Egress
 from mta.outbound.resolver import Resolver
 from mta.outbound.scheduler import Scheduler
 from mta.policy.retry import RetrySchedule
@@ -73,9 +73,7 @@ async def _serve(config: Config) -> int:
     committer = GroupCommitter(spool)
     sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
     signer, new_id = signing.Signer(keys), IdGenerator()
-    deliverer = Deliverer(
-        client_settings(config), require_tls=frozenset(config.delivery.require_tls).__contains__
-    )
+    egress = Egress(config, spool)
     scheduler = Scheduler(
         spool,
         lambda key: attempter(key),
@@ -86,7 +84,7 @@ async def _serve(config: Config) -> int:
         spool=spool,
         committer=committer,
         resolver=routes,
-        deliverer=deliverer,
+        egress=egress,
         signer=signer,
         sign_pool=sign_pool,
         new_id=new_id,
@@ -136,7 +134,7 @@ async def _serve(config: Config) -> int:
         await scheduler.stop(server_config.shutdown_timeout)
         await delivering
     finally:
-        await deliverer.close()
+        await egress.close()
         committer.close()
         sign_pool.shutdown()
         spool.close()
@@ -163,17 +161,6 @@ def resolver(config: Config) -> Resolver:
         )
     except ValueError as error:  # no system resolver, or a route host that is no host
         raise ConfigError(f"[delivery] {error}") from None
-
-
-def client_settings(config: Config) -> ClientSettings:
-    delivery = config.delivery
-    return ClientSettings(
-        helo=config.server.hostname,
-        connect_timeout=delivery.connect_timeout,
-        command_timeout=delivery.command_timeout,
-        max_messages_per_connection=delivery.max_messages_per_connection,
-        idle_timeout=delivery.connection_idle_timeout,
-    )
 
 
 def retry_schedule(config: Config) -> RetrySchedule:

@@ -69,6 +69,25 @@ DELIVERY_DELAY_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 300, 3600, 86400),
 )
 
+EGRESS_CONNECTIONS = Gauge(
+    "mta_egress_connections",
+    "Deliveries under way per source and site (a configured provider, or other).",
+    ["source", "site"],
+)
+WARMUP_REMAINING = Gauge(
+    "mta_warmup_remaining",
+    "Messages a warming-up source may still send today, per provider.",
+    ["source", "provider"],
+)
+SUSPENSIONS_ACTIVE = Gauge(
+    "mta_suspensions_active", "Paths (source, site) suspended now, by a rule or an operator."
+)
+THROTTLE_EVENTS = Counter(
+    "mta_throttle_events_total",
+    "Times a response rule suspended or throttled a path, by rule.",
+    ["rule"],
+)
+
 
 class SpoolCollector(Collector):
     """Reads the spool's size at scrape time, so the figures include what

@@ -4,8 +4,11 @@ The steps, each in the module that owns it:
 
 1. read the job, its message and body (a read transaction; a job that was
    deleted or held since it fell due is left alone);
-2. find the route (mta.outbound.resolver) and talk SMTP (mta.outbound.client),
-   which give one reply per recipient;
+2. find the route (mta.outbound.resolver), lease a path from the message's
+   egress pool to the site (mta.outbound.egress: limits, warmup,
+   suspensions) and talk SMTP from that source (mta.outbound.client), which
+   gives one reply per recipient; the site's replies may suspend or
+   throttle the path (response rules);
 3. decide per recipient: delivered, bounced, or deferred until when
    (mta.policy.disposition, pure);
 4. for bounces, build and sign the DSN (mta.outbound.dsn) before touching the
@@ -27,12 +30,13 @@ from dataclasses import dataclass, replace
 import lmdb
 
 from mta import metrics
-from mta.outbound.client import Deliverer
 from mta.outbound.dsn import Failure, build_dsn
+from mta.outbound.egress import Egress, Lease, Wait
 from mta.outbound.resolver import ResolveError, Resolver
 from mta.policy.disposition import Decision, decide
 from mta.policy.replies import Reply
 from mta.policy.retry import RetrySchedule
+from mta.policy.rules import Rule, classify
 from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
 from mta.queue.records import Job, JobState, Message
@@ -42,6 +46,17 @@ from mta.signing import Signer
 log = logging.getLogger("mta.delivery")
 
 NO_RELAY = "none"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt found out, before the decision."""
+
+    relay: str
+    replies: dict[str, Reply]
+    lease: Lease | None = None  # the path used, when SMTP was tried
+    rules: tuple[Rule, ...] = ()  # response rules that suspended or throttled the path
+    wait_until: float | None = None  # no path may send yet: not an attempt, only a later time
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ class Attempter:
         spool: Spool,
         committer: GroupCommitter,
         resolver: Resolver,
-        deliverer: Deliverer,
+        egress: Egress,
         signer: Signer,
         sign_pool: Executor,
         new_id: IdGenerator,
@@ -72,7 +87,7 @@ class Attempter:
         self.spool = spool
         self.committer = committer
         self.resolver = resolver
-        self.deliverer = deliverer
+        self.egress = egress
         self.signer = signer
         self.sign_pool = sign_pool
         self.new_id = new_id
@@ -87,11 +102,15 @@ class Attempter:
         if loaded is None:
             return
         job, message, body = loaded
-        relay, replies = await self._deliver(job, message, body)
-        decision = decide(job, replies, message.arrived, self.clock(), self.schedule, self.rng)
-        bounce = await self._bounce(message, body, decision, relay)
+        outcome = await self._deliver(job, message, body)
+        decision = decide(
+            job, outcome.replies, message.arrived, self.clock(), self.schedule, self.rng
+        )
+        if outcome.wait_until is not None and decision.next_attempt is not None:
+            decision = replace(decision, next_attempt=outcome.wait_until)
+        bounce = await self._bounce(message, body, decision, outcome.relay)
         still_there = await self.committer.run(
-            lambda txn: self._record(txn, key, decision, replies, bounce)
+            lambda txn: self._record(txn, key, decision, outcome, bounce)
         )
         if not still_there:
             log.info(
@@ -99,7 +118,7 @@ class Attempter:
                 job.message_id,
                 job.domain,
             )
-        self._report(job, message, relay, replies, decision, bounce)
+        self._report(job, message, outcome, decision, bounce)
         if bounce is not None:
             self.on_queued()
 
@@ -115,17 +134,37 @@ class Attempter:
             return None
         return job, message, body
 
-    async def _deliver(
-        self, job: Job, message: Message, body: bytes
-    ) -> tuple[str, dict[str, Reply]]:
-        """The relay that answered, and each recipient's reply."""
+    async def _deliver(self, job: Job, message: Message, body: bytes) -> Outcome:
+        """Route, lease a path, talk SMTP: each recipient's reply."""
         try:
             route = await self.resolver.route(job.domain)
         except ResolveError as failure:
             reply = Reply(550 if failure.permanent else 451, f"{failure.status} {failure.text}")
-            return NO_RELAY, dict.fromkeys(job.recipients, reply)
-        attempt = await self.deliverer.deliver(route, message.sender, job.recipients, body)
-        return attempt.relay, dict(attempt.replies)
+            return Outcome(NO_RELAY, dict.fromkeys(job.recipients, reply))
+        site = self.egress.site(job.domain, route)
+        lease = await self.egress.lease(message.pool, site, job.domain)
+        if isinstance(lease, Wait):
+            reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
+            return Outcome(NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until)
+        replies: dict[str, Reply] = {}
+        relay = NO_RELAY
+        try:
+            # A site may take only so many recipients per transaction.
+            size = lease.limits.max_recipients or len(job.recipients)
+            for start in range(0, len(job.recipients), size):
+                attempt = await lease.source.deliverer.deliver(
+                    route,
+                    message.sender,
+                    job.recipients[start : start + size],
+                    body,
+                    lease.limits.max_messages_per_connection,
+                )
+                replies.update(attempt.replies)
+                relay = attempt.relay
+        finally:
+            self.egress.release(lease)
+        rules = tuple(self.egress.react(lease, replies))
+        return Outcome(relay, replies, lease, rules)
 
     async def _bounce(
         self, message: Message, body: bytes, decision: Decision, relay: str
@@ -168,10 +207,13 @@ class Attempter:
         txn: lmdb.Transaction,
         key: bytes,
         decision: Decision,
-        replies: dict[str, Reply],
+        outcome: Outcome,
         bounce: Bounce | None,
     ) -> bool:
         """Write the attempt's outcome; False if the job is gone (deleted meanwhile)."""
+        if outcome.lease is not None:
+            self.egress.count_sent(txn, outcome.lease, len(decision.delivered))
+            self.egress.persist(txn, outcome.rules, outcome.lease)
         current = self.spool.job(txn, key)
         if current is None:
             return False
@@ -181,9 +223,9 @@ class Attempter:
             updated = replace(
                 current,
                 recipients=waiting,
-                attempts=current.attempts + 1,
+                attempts=current.attempts + (0 if outcome.wait_until is not None else 1),
                 next_attempt=decision.next_attempt,
-                last_reply=str(replies[waiting[0]]),
+                last_reply=str(outcome.replies[waiting[0]]),
             )
             self.spool.put_job(txn, updated, old=current)
         else:
@@ -196,34 +238,37 @@ class Attempter:
         self,
         job: Job,
         message: Message,
-        relay: str,
-        replies: dict[str, Reply],
+        outcome: Outcome,
         decision: Decision,
         bounce: Bounce | None,
     ) -> None:
-        now = self.clock()
-        delay = now - message.arrived
-        attempts = job.attempts + 1
+        delay = self.clock() - message.arrived
+        attempts = job.attempts + (0 if outcome.wait_until is not None else 1)
         bounced = dict(decision.bounced)
+        source = f" source={outcome.lease.source.name}" if outcome.lease else ""
         for recipient in job.recipients:
+            reply = bounced.get(recipient) or outcome.replies[recipient]
             if recipient in decision.delivered:
-                status, reply = "sent", replies[recipient]
+                status, kind = "sent", ""
                 metrics.MESSAGES_DELIVERED.inc()
                 metrics.DELIVERY_DELAY_SECONDS.observe(delay)
-            elif recipient in bounced:
-                status, reply = "bounced", bounced[recipient]
-                metrics.MESSAGES_BOUNCED.inc()
             else:
-                status, reply = "deferred", replies[recipient]
-                metrics.MESSAGES_DEFERRED.inc()
+                status = "bounced" if recipient in bounced else "deferred"
+                kind = f" class={classify(self.egress.rules, reply)}"
+                counter = (
+                    metrics.MESSAGES_BOUNCED if status == "bounced" else metrics.MESSAGES_DEFERRED
+                )
+                counter.inc()
             log.info(
-                "id=%s to=<%s> relay=%s delay=%.2f attempts=%d dsn=%s status=%s (%s)",
+                "id=%s to=<%s> relay=%s%s delay=%.2f attempts=%d dsn=%s%s status=%s (%s)",
                 job.message_id,
                 recipient,
-                relay,
+                outcome.relay,
+                source,
                 delay,
                 attempts,
                 reply.status,
+                kind,
                 status,
                 reply,
             )

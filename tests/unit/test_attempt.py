@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mta import config
 from mta.outbound.attempt import Attempter
 from mta.outbound.client import Attempt
+from mta.outbound.egress import Egress
 from mta.outbound.resolver import MxHost, ResolveError, Route
 from mta.policy.replies import Reply
 from mta.policy.retry import RetrySchedule
@@ -53,7 +55,12 @@ class FakeDeliverer:
         self.meanwhile = meanwhile
 
     async def deliver(
-        self, route: Route, sender: str, recipients: Sequence[str], data: bytes
+        self,
+        route: Route,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        max_messages: int | None = None,
     ) -> Attempt:
         self.meanwhile()
         replies = {r: self.ANSWERS[r.split("@")[0]] for r in recipients}
@@ -75,12 +82,15 @@ def run_attempt(
 
     async def main() -> None:
         committer = GroupCommitter(spool)
+        egress = Egress(config.parse({}), spool, clock=lambda: NOW)
+        [source] = egress.sources  # no [egress] configured: the host's own address
+        source.deliverer = FakeDeliverer(lambda: meanwhile(spool, queue_id))  # type: ignore[assignment]
         with ThreadPoolExecutor(1) as pool:
             attempter = Attempter(
                 spool=spool,
                 committer=committer,
                 resolver=resolver or FakeResolver(),  # type: ignore[arg-type]
-                deliverer=FakeDeliverer(lambda: meanwhile(spool, queue_id)),  # type: ignore[arg-type]
+                egress=egress,
                 signer=Signer([]),
                 sign_pool=pool,
                 new_id=new_id,

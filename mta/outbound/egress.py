@@ -1,0 +1,368 @@
+"""Egress: which source address sends a job to a site, and when.
+
+A *site* is where mail goes as the receiving provider sees it: all domains
+whose MX hosts belong to one provider share one site ("gmail"), any other
+domain is its own site. A *path* is a (source, site) pair, and the traffic
+policy applies per path:
+
+- connections: at most ``max_connections`` deliveries at once on a path;
+- rate: messages leave a path no faster than ``max_rate``, evenly spaced;
+- warmup: a source on a warmup plan sends each provider at most that day's
+  cap; past it, the pool's other sources carry the traffic;
+- suspension and throttling: a response rule (mta.policy.rules) or an
+  operator can suspend a path, or scale its limits down, for a while.
+
+``lease`` picks a source of the message's pool for the site: one that is not
+suspended or capped, preferring one with a free connection slot and rate
+budget (by the pool's weights). When every usable path is busy it waits in
+memory (the "ready queue"); when no source may send at all it answers
+``Wait`` with the time the job should come back, and the job is deferred
+without counting an attempt.
+
+Suspensions live in the spool's policy database, so they survive restarts and
+``mta policy suspend|resume`` can change them from another process: the
+daemon re-reads them at most ``REFRESH`` seconds apart. Warmup counters live
+there too, incremented in the same commit that records the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import lmdb
+
+from mta import metrics
+from mta.config import Config, LimitsConfig
+from mta.outbound.client import ClientSettings, Deliverer
+from mta.outbound.resolver import Route
+from mta.policy.limits import Limits, Site, effective, site_for
+from mta.policy.rate import RateLimiter
+from mta.policy.replies import Reply
+from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
+from mta.policy.throttle import Throttles
+from mta.policy.warmup import WarmupPlan, day_of, remaining
+from mta.queue.store import Spool
+
+log = logging.getLogger("mta.egress")
+
+REFRESH = 1.0  # seconds between reads of suspensions changed by the admin tool
+THROTTLES = "throttles"  # the spool policy-state name of the suspensions
+OTHER = "other"  # the metric label of sites that are no configured provider
+
+
+def warmup_counter(source: str, provider: str, day: datetime.date) -> str:
+    return f"warmup\0{source}\0{provider}\0{day.isoformat()}"
+
+
+def load_throttles(spool: Spool, txn: lmdb.Transaction) -> Throttles:
+    raw = spool.state(txn, THROTTLES)
+    return Throttles.from_json(raw.decode()) if raw else Throttles()
+
+
+def save_throttles(spool: Spool, txn: lmdb.Transaction, throttles: Throttles) -> None:
+    spool.set_state(txn, THROTTLES, throttles.to_json().encode())
+
+
+@dataclass
+class Source:
+    name: str
+    address: str | None  # None: let the kernel choose (no [[egress.source]] configured)
+    warmup: WarmupPlan | None
+    deliverer: Deliverer
+
+
+@dataclass
+class Path:
+    """One (source, site) in memory: deliveries under way and the rate budget."""
+
+    label: str  # the site's provider, or "other": the metric label
+    in_use: int = 0
+    limiter: RateLimiter | None = None
+
+    def has_slot(self, limits: Limits) -> bool:
+        return limits.max_connections is None or self.in_use < limits.max_connections
+
+    def rate_wait(self, limits: Limits, now: float) -> float:
+        if limits.max_rate is None:
+            return 0.0
+        if self.limiter is None:
+            self.limiter = RateLimiter(limits.max_rate)
+        elif self.limiter.per_second != limits.max_rate:
+            self.limiter.set_rate(limits.max_rate, now)  # throttled, or back to normal
+        return self.limiter.wait(now)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to deliver one job on one path now; give it back with ``release``."""
+
+    source: Source
+    site: Site
+    limits: Limits
+    path: Path = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No source of the pool may send to the site before ``until``."""
+
+    until: float
+    reason: str
+
+
+class Egress:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.spool = spool
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.sources = _sources(config)
+        self.pools = _pools(config, self.sources)
+        policy = config.policy
+        self.providers = {p.name: p.mx_suffixes for p in policy.provider}
+        self.default_limits = _limits(policy.default)
+        self.provider_limits = {p.name: _limits(p) for p in policy.provider}
+        self.domain_limits = {d: _limits(limits) for d, limits in policy.domain.items()}
+        configured = [
+            compile_rule(r.name, r.pattern, r.classification, r.action, r.duration, r.factor)
+            for r in policy.rule
+        ]
+        self.rules: tuple[Rule, ...] = (
+            *configured,
+            *(DEFAULT_RULES if policy.default_rules else ()),
+        )
+        self.paths: dict[tuple[str, str], Path] = {}
+        self.throttles = Throttles()
+        self._read_at = float("-inf")
+        self._released = asyncio.Event()
+
+    # --- where and how fast ---
+
+    def site(self, domain: str, route: Route) -> Site:
+        return site_for(domain, [host.name for host in route.hosts], self.providers)
+
+    def limits(self, site: Site, domain: str) -> Limits:
+        return effective(
+            self.default_limits, self.provider_limits, self.domain_limits, site, domain
+        )
+
+    async def lease(self, pool: str, site: Site, domain: str) -> Lease | Wait:
+        """A path to send on now (waiting for a slot or the rate), or when to come back."""
+        while True:
+            now = self.clock()
+            self._refresh(now)
+            usable, waits = self._usable(pool, site, domain, now)
+            if not usable:
+                until, reason = min(waits)
+                return Wait(until, reason)
+            ready = [u for u in usable if u[2].has_slot(u[3]) and u[2].rate_wait(u[3], now) == 0]
+            if ready:
+                source, _, path, limits = self._pick(ready)
+                return self._take(source, site, path, limits, now)
+            pause = min(
+                (u[2].rate_wait(u[3], now) for u in usable if u[2].has_slot(u[3])),
+                default=REFRESH,
+            )
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), min(pause, REFRESH))
+
+    def release(self, lease: Lease) -> None:
+        lease.path.in_use -= 1
+        self._gauge(lease)
+        self._released.set()
+
+    def _usable(
+        self, pool: str, site: Site, domain: str, now: float
+    ) -> tuple[list[tuple[Source, int, Path, Limits]], list[tuple[float, str]]]:
+        usable: list[tuple[Source, int, Path, Limits]] = []
+        waits: list[tuple[float, str]] = []
+        base = self.limits(site, domain)
+        for source, weight in self.pools.get(pool) or self.pools[""]:
+            key = (source.name, site.name)
+            restriction = self.throttles.state(key, now)
+            if restriction.suspended_until > now:
+                reason = f"{source.name} to {site.name} suspended ({restriction.reason})"
+                waits.append((restriction.suspended_until, reason))
+                continue
+            left = self._warmup_left(source, site, now)
+            if left is not None and left <= 0:
+                tomorrow = datetime.datetime.combine(
+                    day_of(now) + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+                ).timestamp()
+                waits.append((tomorrow, f"{source.name} reached its warmup cap for {site.name}"))
+                continue
+            limits = base.scaled(restriction.factor) if restriction.factor < 1 else base
+            path = self.paths.setdefault(key, Path(site.provider or OTHER))
+            usable.append((source, weight, path, limits))
+        return usable, waits
+
+    def _pick(
+        self, ready: Sequence[tuple[Source, int, Path, Limits]]
+    ) -> tuple[Source, int, Path, Limits]:
+        return self.rng.choices(list(ready), weights=[weight for _, weight, _, _ in ready])[0]
+
+    def _take(self, source: Source, site: Site, path: Path, limits: Limits, now: float) -> Lease:
+        path.in_use += 1
+        if path.limiter is not None:
+            path.limiter.take(now)
+        lease = Lease(source, site, limits, path)
+        self._gauge(lease)
+        return lease
+
+    def _gauge(self, lease: Lease) -> None:
+        label = lease.path.label
+        in_use = sum(
+            path.in_use
+            for (source, _), path in self.paths.items()
+            if source == lease.source.name and path.label == label
+        )
+        metrics.EGRESS_CONNECTIONS.labels(lease.source.name, label).set(in_use)
+
+    # --- warmup ---
+
+    def _warmup_left(self, source: Source, site: Site, now: float) -> int | None:
+        if source.warmup is None:
+            return None
+        provider = site.provider or OTHER
+        day = day_of(now)
+        with self.spool.read() as txn:
+            sent = self.spool.counter(txn, warmup_counter(source.name, provider, day))
+        in_flight = sum(
+            path.in_use
+            for (name, site_name), path in self.paths.items()
+            if name == source.name and site_name == site.name
+        )
+        left = remaining(source.warmup, day, sent + in_flight)
+        if left is not None:
+            metrics.WARMUP_REMAINING.labels(source.name, provider).set(left)
+        return left
+
+    def count_sent(self, txn: lmdb.Transaction, lease: Lease, delivered: int) -> None:
+        """In the delivery's commit: add to the source's warmup count for the provider."""
+        if lease.source.warmup is not None and delivered:
+            name = warmup_counter(
+                lease.source.name, lease.site.provider or OTHER, day_of(self.clock())
+            )
+            self.spool.add_to_counter(txn, name, delivered)
+
+    # --- reacting to replies ---
+
+    def react(self, lease: Lease, replies: Mapping[str, Reply]) -> list[Rule]:
+        """Apply the response rules to what the site answered; the rules that acted."""
+        acted: dict[str, Rule] = {}
+        now = self.clock()
+        for reply in {str(reply): reply for reply in replies.values()}.values():
+            rule = match(self.rules, reply)
+            if rule is None or rule.action is Action.NONE or rule.name in acted:
+                continue
+            acted[rule.name] = rule
+            key = (lease.source.name, lease.site.name)
+            if rule.action is Action.SUSPEND:
+                self.throttles.suspend(key, now + rule.duration, rule.name)
+            else:
+                self.throttles.throttle(key, rule.factor, now + rule.duration, rule.name)
+            metrics.THROTTLE_EVENTS.labels(rule.name).inc()
+            log.warning(
+                "%s %s to %s for %.0fs after %s: %s",
+                rule.action.value,
+                lease.source.name,
+                lease.site.name,
+                rule.duration,
+                rule.name,
+                reply,
+            )
+        return list(acted.values())
+
+    def persist(self, txn: lmdb.Transaction, rules: Sequence[Rule], lease: Lease) -> None:
+        """Merge what ``react`` decided into the stored suspensions (in the delivery's commit)."""
+        if not rules:
+            return
+        stored = load_throttles(self.spool, txn)
+        key = (lease.source.name, lease.site.name)
+        state = self.throttles.state(key, self.clock())
+        if state.suspended_until:
+            stored.suspend(key, state.suspended_until, state.reason)
+        if state.throttled_until:
+            stored.throttle(key, state.factor, state.throttled_until, state.reason)
+        save_throttles(self.spool, txn, stored)
+
+    def _refresh(self, now: float) -> None:
+        """Pick up suspensions the admin tool changed, at most every REFRESH seconds."""
+        if now - self._read_at < REFRESH:
+            return
+        self._read_at = now
+        with self.spool.read() as txn:
+            self.throttles = load_throttles(self.spool, txn)
+        metrics.SUSPENSIONS_ACTIVE.set(
+            sum(1 for r in self.throttles.active(now).values() if r.suspended_until > now)
+        )
+
+    async def close(self) -> None:
+        for source in self.sources:
+            await source.deliverer.close()
+
+
+def _limits(config: LimitsConfig) -> Limits:
+    return Limits(
+        max_connections=config.max_connections,
+        max_messages_per_connection=config.max_messages_per_connection,
+        max_rate=config.max_rate,
+        max_recipients=config.max_recipients,
+    )
+
+
+def client_settings(config: Config, source_address: str | None, helo: str) -> ClientSettings:
+    delivery = config.delivery
+    return ClientSettings(
+        helo=helo,
+        connect_timeout=delivery.connect_timeout,
+        command_timeout=delivery.command_timeout,
+        max_messages_per_connection=delivery.max_messages_per_connection,
+        idle_timeout=delivery.connection_idle_timeout,
+        source_address=source_address,
+    )
+
+
+def _sources(config: Config) -> list[Source]:
+    """One Deliverer per source, so that connections are pooled per source address."""
+    require_tls = frozenset(config.delivery.require_tls).__contains__
+    configured = config.egress.source
+    if not configured:
+        settings = client_settings(config, None, config.server.hostname)
+        return [Source("default", None, None, Deliverer(settings, require_tls))]
+    sources = []
+    for source in configured:
+        plan = None
+        if source.warmup is not None:
+            w = source.warmup
+            plan = WarmupPlan(w.start, w.first_day, w.factor, w.cap, w.until)
+        settings = client_settings(config, source.address, source.ehlo or config.server.hostname)
+        sources.append(Source(source.name, source.address, plan, Deliverer(settings, require_tls)))
+    return sources
+
+
+def _pools(config: Config, sources: list[Source]) -> dict[str, list[tuple[Source, int]]]:
+    """Pool name -> (source, weight); "" is the pool of mail that names none."""
+    by_name = {source.name: source for source in sources}
+    pools = {
+        pool.name: [
+            (by_name[name], pool.weights[n] if pool.weights else 1)
+            for n, name in enumerate(pool.sources)
+        ]
+        for pool in config.egress.pool
+    }
+    pools[""] = pools.get(config.egress.default_pool) or [(source, 1) for source in sources]
+    return pools
