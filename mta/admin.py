@@ -136,11 +136,12 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
     return 0
 
 
-def stats(spool: Spool, as_json: bool, out: TextIO) -> int:
+def stats(spool: Spool, paths: list[dict[str, Any]], as_json: bool, out: TextIO) -> int:
+    """Totals and counts by domain, and ``paths`` (suspended or throttled)."""
     with spool.read() as txn:
         figures = spool.stats(txn)
     if as_json:
-        json.dump(asdict(figures), out, indent=2)
+        json.dump(asdict(figures) | {"restrictions": paths}, out, indent=2)
         out.write("\n")
         return 0
     states = ", ".join(f"{state} {count}" for state, count in sorted(figures.by_state.items()))
@@ -155,6 +156,10 @@ def stats(spool: Spool, as_json: bool, out: TextIO) -> int:
             ready = domain.by_state.get(JobState.READY, 0)
             held = domain.by_state.get(JobState.HELD, 0)
             out.write(f"{name:<40} {domain.jobs:>7} {domain.recipients:>7} {ready:>7} {held:>7}\n")
+    for path in paths:
+        until = path.get("suspended_until") or path.get("throttled_until")
+        what = "suspended" if "suspended_until" in path else f"throttled to {path['factor']:g}x"
+        out.write(f"{path['source']} -> {path['site']}: {what} until {until} ({path['reason']})\n")
     return 0
 
 

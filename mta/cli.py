@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import lmdb
 
-from mta import admin, config, signing
+from mta import admin, config, policyctl, signing
 from mta.inbound.auth import UsersFileError, add_user
 from mta.queue.records import JobState
 from mta.queue.store import Spool, SpoolMissing
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=run_check_config)
 
     _add_queue_commands(commands, common)
+    _add_policy_commands(commands, common)
 
     dkim = commands.add_parser("dkim", help="DKIM keys").add_subparsers(
         dest="dkim_command", required=True, metavar="COMMAND"
@@ -120,6 +121,27 @@ def _add_queue_commands(
         sub.set_defaults(run=run_queue_change, action=action)
 
 
+def _add_policy_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    policy = commands.add_parser("policy", help="traffic policy").add_subparsers(
+        dest="policy_command", required=True, metavar="COMMAND"
+    )
+    show = policy.add_parser(
+        "show", parents=[common], help="limits, warmup state, suspensions in force"
+    )
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(run=run_policy_show)
+    for action, text in (("suspend", "stop sending to a site"), ("resume", "lift a suspension")):
+        sub = policy.add_parser(action, parents=[common], help=text)
+        sub.add_argument("--site", required=True, help="a provider name or a domain")
+        sub.add_argument("--source", help="one source (default: every source)")
+        if action == "suspend":
+            sub.add_argument("--for", dest="duration", default="1h", help="default: %(default)s")
+        sub.set_defaults(run=run_policy_change, action=action)
+
+
 # --- commands ---
 
 
@@ -166,11 +188,27 @@ def run_queue_show(args: argparse.Namespace) -> int:
 
 
 def run_queue_stats(args: argparse.Namespace) -> int:
-    return admin.stats(_open_spool(args), args.json, sys.stdout)
+    spool = _open_spool(args)
+    paths = policyctl.restrictions(spool, time.time())
+    return admin.stats(spool, paths, args.json, sys.stdout)
 
 
 def run_queue_change(args: argparse.Namespace) -> int:
     return admin.change(_open_spool(args), args.action, args.ids, args.domain, sys.stdout)
+
+
+def run_policy_show(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    return policyctl.show(_open_spool(args), settings, args.json, sys.stdout)
+
+
+def run_policy_change(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    spool = _open_spool(args)
+    if args.action == "resume":
+        return policyctl.resume(spool, settings, args.site, args.source, sys.stdout)
+    seconds = policyctl.parse_duration(args.duration)
+    return policyctl.suspend(spool, settings, args.site, args.source, seconds, sys.stdout)
 
 
 def run_keygen(args: argparse.Namespace) -> int:

@@ -27,6 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mta.policy.rate import parse_rate
+from mta.policy.rules import compile_rule
+from mta.policy.warmup import WarmupPlan
+
 DEFAULT_PATH = "etc/mta.toml"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -228,8 +232,6 @@ def label_name(text: str) -> str:
 
 
 def parse_rate_setting(text: str) -> float:
-    from mta.policy.rate import parse_rate  # policy imports nothing from config
-
     return parse_rate(text)
 
 
@@ -240,6 +242,12 @@ class WarmupConfig:
     factor: float = setting(float, 2.0, parse=positive)
     cap: int | None = setting(int, None, parse=positive)
     until: int = setting(int, 1_000_000, parse=positive)
+
+    def plan(self) -> WarmupPlan:
+        return WarmupPlan(self.start, self.first_day, self.factor, self.cap, self.until)
+
+    def __post_init__(self) -> None:
+        self.plan()  # its own checks (factor >= 1, cap >= first_day, ...), at load time
 
 
 @dataclass(frozen=True)
@@ -315,8 +323,6 @@ class RuleConfig:
     factor: float = setting(float, 0.5, parse=positive)
 
     def __post_init__(self) -> None:
-        from mta.policy.rules import compile_rule
-
         compile_rule(
             self.name, self.pattern, self.classification, self.action, self.duration, self.factor
         )

@@ -36,7 +36,7 @@ from mta.outbound.resolver import ResolveError, Resolver
 from mta.policy.disposition import Decision, decide
 from mta.policy.replies import Reply
 from mta.policy.retry import RetrySchedule
-from mta.policy.rules import Rule, classify
+from mta.policy.rules import Action, Rule, classify, match
 from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
 from mta.queue.records import Job, JobState, Message
@@ -164,7 +164,7 @@ class Attempter:
         finally:
             self.egress.release(lease)
         rules = tuple(self.egress.react(lease, replies))
-        return Outcome(relay, replies, lease, rules)
+        return Outcome(relay, _blocks_defer(replies, rules), lease, rules)
 
     async def _bounce(
         self, message: Message, body: bytes, decision: Decision, relay: str
@@ -277,6 +277,20 @@ class Attempter:
             log.info(
                 "id=%s sender non-delivery notification: %s", job.message_id, bounce.message.id
             )
+
+
+def _blocks_defer(replies: dict[str, Reply], rules: tuple[Rule, ...]) -> dict[str, Reply]:
+    """A permanent refusal that suspended the path blocks our address, not the
+    recipient: it waits for the suspension to end (or expires), never bounces."""
+    suspending = [rule for rule in rules if rule.action is Action.SUSPEND]
+    return {
+        recipient: (
+            Reply(451, f"4.7.0 {reply} (blocked by rule {rule.name}; retrying later)")
+            if reply.code >= 500 and (rule := match(suspending, reply))
+            else reply
+        )
+        for recipient, reply in replies.items()
+    }
 
 
 def _attempt_result(decision: Decision) -> str:

@@ -132,9 +132,9 @@ class Egress:
         self.pools = _pools(config, self.sources)
         policy = config.policy
         self.providers = {p.name: p.mx_suffixes for p in policy.provider}
-        self.default_limits = _limits(policy.default)
-        self.provider_limits = {p.name: _limits(p) for p in policy.provider}
-        self.domain_limits = {d: _limits(limits) for d, limits in policy.domain.items()}
+        self.default_limits = limits_from_config(policy.default)
+        self.provider_limits = {p.name: limits_from_config(p) for p in policy.provider}
+        self.domain_limits = {d: limits_from_config(lim) for d, lim in policy.domain.items()}
         configured = [
             compile_rule(r.name, r.pattern, r.classification, r.action, r.duration, r.factor)
             for r in policy.rule
@@ -315,7 +315,7 @@ class Egress:
             await source.deliverer.close()
 
 
-def _limits(config: LimitsConfig) -> Limits:
+def limits_from_config(config: LimitsConfig) -> Limits:
     return Limits(
         max_connections=config.max_connections,
         max_messages_per_connection=config.max_messages_per_connection,
@@ -345,10 +345,7 @@ def _sources(config: Config) -> list[Source]:
         return [Source("default", None, None, Deliverer(settings, require_tls))]
     sources = []
     for source in configured:
-        plan = None
-        if source.warmup is not None:
-            w = source.warmup
-            plan = WarmupPlan(w.start, w.first_day, w.factor, w.cap, w.until)
+        plan = source.warmup.plan() if source.warmup is not None else None
         settings = client_settings(config, source.address, source.ehlo or config.server.hostname)
         sources.append(Source(source.name, source.address, plan, Deliverer(settings, require_tls)))
     return sources

@@ -86,8 +86,8 @@ class RateLimiter:
         self._burst = burst
         # The theoretical arrival time (TAT) of the next message at an even
         # pace is _base + _debt: _base is when the path last went from idle
-        # to busy, _debt the seconds of messages taken since, less time
-        # paid off. Kept apart because at wall-clock magnitudes (1.7e9) a
+        # to busy (or its rate changed), _debt the intervals of the messages
+        # taken since. Kept apart because at wall-clock magnitudes (1.7e9) a
         # float resolves only 2.4e-7 s, and adding intervals to such a number
         # drifts; small sums of intervals stay exact enough. None: nothing
         # sent yet, so the first `burst` messages may go at once.
@@ -127,6 +127,8 @@ class RateLimiter:
         lets more than `burst` go at once: the change itself grants no credit.
         """
         interval = 1.0 / _check_rate(per_second)
+        if interval == self._interval:
+            return
         if self._base is not None:
             owed = (self._base - now) + self._debt  # TAT - now
             if owed > 0:

@@ -49,6 +49,9 @@ class FakeDeliverer:
         "ok": Reply(250, "2.0.0 Ok"),
         "busy": Reply(451, "4.3.0 try later"),
         "gone": Reply(550, "5.1.1 no such user"),
+        "blocked": Reply(
+            554, "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"
+        ),
     }
 
     def __init__(self, meanwhile: Callable[[], None] = lambda: None) -> None:
@@ -181,3 +184,12 @@ def test_a_job_held_during_delivery_stays_held(tmp_path: Path) -> None:
         [job] = spool.jobs_of(txn, queue_id)
         assert list(spool.due(txn)) == []
     assert job.state is JobState.HELD and job.recipients == ("busy@example.net",)
+
+
+def test_a_refusal_that_blocks_our_address_waits_instead_of_bouncing(tmp_path: Path) -> None:
+    spool, queue_id = run_attempt(tmp_path, ("blocked@example.net",))
+    assert bounces(spool, queue_id) == []
+    with spool.read() as txn:
+        [job] = spool.jobs_of(txn, queue_id)
+    assert job.recipients == ("blocked@example.net",) and job.attempts == 1
+    assert job.last_reply.startswith("451 4.7.0 554 5.7.1") and "dnsbl-listed" in job.last_reply

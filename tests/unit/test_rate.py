@@ -107,7 +107,7 @@ def test_a_long_idle_earns_no_more_than_the_burst() -> None:
     assert sent == 3
 
 
-def test_sleeping_exactly_the_wait_is_enough() -> None:
+def test_advancing_the_clock_by_exactly_the_wait_is_enough() -> None:
     # Float rounding at wall-clock magnitudes must not leave a 1e-7 s wait.
     limiter = RateLimiter(3)
     now = T0

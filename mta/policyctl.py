@@ -1,0 +1,184 @@
+"""`mta policy ...`: see the traffic policy in force, suspend and resume paths.
+
+Works on the spool like `mta queue`, daemon running or not: suspensions are
+stored in the spool's policy database, which the daemon re-reads every
+second, so `suspend` and `resume` take effect on a running daemon at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from mta.admin import AdminError, iso
+from mta.config import Config
+from mta.outbound.egress import (
+    OTHER,
+    limits_from_config,
+    load_throttles,
+    save_throttles,
+    warmup_counter,
+)
+from mta.policy.warmup import daily_cap, day_of
+from mta.queue.store import Spool
+
+OPERATOR = "operator"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """ "90s", "30m", "2h", "1d" (or plain seconds) -> seconds."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise AdminError(f'--for: expected a duration such as "30m", "2h" or "1d", got "{text}"')
+    return float(match.group(1)) * _SECONDS[match.group(2) or "s"]
+
+
+def _sources(config: Config, source: str | None) -> list[str]:
+    names = [s.name for s in config.egress.source] or ["default"]
+    if source is None:
+        return names
+    if source not in names:
+        raise AdminError(f"no source named {source}; configured: {', '.join(names)}")
+    return [source]
+
+
+def suspend(
+    spool: Spool, config: Config, site: str, source: str | None, seconds: float, out: TextIO
+) -> int:
+    now = time.time()
+    names = _sources(config, source)
+    with spool.write() as txn:
+        throttles = load_throttles(spool, txn)
+        for name in names:
+            throttles.suspend((name, site.lower()), now + seconds, OPERATOR)
+        save_throttles(spool, txn, throttles)
+    out.write(f"suspended {', '.join(names)} to {site} until {iso(now + seconds)}\n")
+    return 0
+
+
+def resume(spool: Spool, config: Config, site: str, source: str | None, out: TextIO) -> int:
+    names = _sources(config, source)
+    with spool.write() as txn:
+        throttles = load_throttles(spool, txn)
+        for name in names:
+            throttles.resume((name, site.lower()))
+        save_throttles(spool, txn, throttles)
+    out.write(f"resumed {', '.join(names)} to {site}\n")
+    return 0
+
+
+def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:
+    """Every suspension and throttle in force, for `policy show` and `queue stats`."""
+    with spool.read() as txn:
+        active = load_throttles(spool, txn).active(now)
+    rows = []
+    for (source, site), restriction in sorted(active.items()):
+        row: dict[str, Any] = {"source": source, "site": site, "reason": restriction.reason}
+        if restriction.suspended_until > now:
+            row["suspended_until"] = iso(restriction.suspended_until)
+        if restriction.throttled_until > now:
+            row["throttled_until"] = iso(restriction.throttled_until)
+            row["factor"] = restriction.factor
+        rows.append(row)
+    return rows
+
+
+def _warmup(spool: Spool, config: Config, now: float) -> list[dict[str, Any]]:
+    day = day_of(now)
+    providers = [p.name for p in config.policy.provider] + [OTHER]
+    rows: list[dict[str, Any]] = []
+    with spool.read() as txn:
+        for source in config.egress.source:
+            if source.warmup is None:
+                rows.append({"source": source.name, "address": source.address, "warmup": None})
+                continue
+            w = source.warmup
+            cap = daily_cap(w.plan(), day)
+            sent = {p: spool.counter(txn, warmup_counter(source.name, p, day)) for p in providers}
+            rows.append(
+                {
+                    "source": source.name,
+                    "address": source.address,
+                    "warmup": {"start": w.start.isoformat(), "cap_today": cap, "sent_today": sent},
+                }
+            )
+    return rows
+
+
+def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
+    now = time.time()
+    policy = config.policy
+    document = {
+        "sources": _warmup(spool, config, now),
+        "pools": {p.name: list(p.sources) for p in config.egress.pool},
+        "limits": {
+            "default": asdict(limits_from_config(policy.default)),
+            "providers": {
+                p.name: {"mx_suffixes": list(p.mx_suffixes), **asdict(limits_from_config(p))}
+                for p in policy.provider
+            },
+            "domains": {
+                domain: asdict(limits_from_config(limits))
+                for domain, limits in policy.domain.items()
+            },
+        },
+        "restrictions": restrictions(spool, now),
+    }
+    if as_json:
+        json.dump(document, out, indent=2)
+        out.write("\n")
+        return 0
+    _print(document, out, now)
+    return 0
+
+
+def _limit_text(limits: dict[str, Any]) -> str:
+    names = {
+        "max_connections": "connections",
+        "max_messages_per_connection": "messages/connection",
+        "max_rate": "rate/s",
+        "max_recipients": "recipients/transaction",
+    }
+    parts = [f"{label} {limits[key]:g}" for key, label in names.items() if limits.get(key)]
+    return ", ".join(parts) or "no limits"
+
+
+def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
+    today = datetime.fromtimestamp(now, UTC).date().isoformat()
+    out.write("sources:\n")
+    for row in document["sources"] or [{"source": "default", "address": None, "warmup": None}]:
+        address = row["address"] or "(the host's own address)"
+        warmup = row["warmup"]
+        if warmup is None:
+            state = "no warmup"
+        elif warmup["cap_today"] is None:
+            state = f"warmed up (plan from {warmup['start']})"
+        else:
+            sent = ", ".join(f"{p} {n}" for p, n in warmup["sent_today"].items())
+            state = f"warming up: {warmup['cap_today']} per provider on {today}; sent {sent}"
+        out.write(f"  {row['source']:<12} {address:<16} {state}\n")
+    if document["pools"]:
+        out.write("pools:\n")
+        for name, sources in document["pools"].items():
+            out.write(f"  {name:<12} {', '.join(sources)}\n")
+    limits = document["limits"]
+    out.write(f"limits:\n  {'default':<24} {_limit_text(limits['default'])}\n")
+    for name, provider in limits["providers"].items():
+        suffixes = " ".join(provider["mx_suffixes"])
+        out.write(f"  {'provider ' + name:<24} {_limit_text(provider)} (MX {suffixes})\n")
+    for domain, domain_limits in limits["domains"].items():
+        out.write(f"  {'domain ' + domain:<24} {_limit_text(domain_limits)}\n")
+    rows = document["restrictions"]
+    out.write("suspended or throttled now:" + ("\n" if rows else " none\n"))
+    for row in rows:
+        if "suspended_until" in row:
+            what = f"suspended until {row['suspended_until']}"
+        else:
+            what = f"throttled to {row['factor']:g}x until {row['throttled_until']}"
+        out.write(f"  {row['source']} -> {row['site']}: {what} ({row['reason']})\n")

@@ -1,0 +1,127 @@
+"""A receiving SMTP server that records what traffic policy is about.
+
+For each connection: the client's address; for each message: when its MAIL
+command came. It also tracks how many connections are open at once, and
+can answer the first N RCPT commands with a chosen reply (a provider's
+throttling reply, say). It speaks just enough SMTP for our client, in its own
+thread and event loop, on a loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Seen:
+    open_now: int = 0
+    most_open: int = 0
+    clients: list[str] = field(default_factory=list)  # one per message: the client address
+    mail_times: list[float] = field(default_factory=list)  # monotonic time of each MAIL
+    refused: int = 0
+
+
+class CountingPeer:
+    def __init__(
+        self, host: str, data_delay: float = 0.0, refuse: str = "", refuse_count: int = 0
+    ) -> None:
+        self.host = host
+        self.port = 0
+        self.data_delay = data_delay  # seconds before answering the end of data
+        self.refuse = refuse  # a reply for RCPT, e.g. "421 4.7.0 [TSS04] ..."
+        self.refuse_count = refuse_count
+        self.seen = Seen()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def __enter__(self) -> CountingPeer:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._session, self.host, 0), self._loop
+        )
+        self._server = started.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+
+    def snapshot(self) -> Seen:
+        with self._lock:
+            return Seen(
+                self.seen.open_now,
+                self.seen.most_open,
+                list(self.seen.clients),
+                list(self.seen.mail_times),
+                self.seen.refused,
+            )
+
+    def _count_open(self, delta: int) -> None:
+        with self._lock:
+            self.seen.open_now += delta
+            self.seen.most_open = max(self.seen.most_open, self.seen.open_now)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._count_open(+1)
+        client = writer.get_extra_info("peername")[0]
+        try:
+            writer.write(b"220 peer.test ESMTP\r\n")
+            while line := await reader.readline():
+                command = line.decode("ascii", "replace").strip()
+                if command.upper() == "DATA":
+                    writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    await writer.drain()
+                    reply = await self._data(reader, client)
+                else:
+                    reply = self._answer(command)
+                writer.write(reply.encode() + b"\r\n")
+                await writer.drain()
+                if reply.startswith(("221", "421")):
+                    break
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._count_open(-1)
+            writer.close()
+
+    async def _data(self, reader: asyncio.StreamReader, client: str) -> str:
+        while (await reader.readline()) not in (b".\r\n", b""):
+            pass
+        await asyncio.sleep(self.data_delay)
+        with self._lock:
+            self.seen.clients.append(client)
+        return "250 2.0.0 Ok: queued"
+
+    def _answer(self, command: str) -> str:
+        verb = command[:4].upper()
+        if verb == "EHLO":
+            return "250-peer.test\r\n250 8BITMIME"
+        if verb == "MAIL":
+            with self._lock:
+                self.seen.mail_times.append(time.monotonic())
+            return "250 2.1.0 Ok"
+        if verb == "RCPT":
+            with self._lock:
+                if self.seen.refused < self.refuse_count:
+                    self.seen.refused += 1
+                    return self.refuse
+            return "250 2.1.5 Ok"
+        if verb == "QUIT":
+            return "221 2.0.0 Bye"
+        return "250 2.0.0 Ok"  # RSET, NOOP

@@ -1,0 +1,194 @@
+"""Traffic policy against real sockets: connection limits, rates, warmup
+spill-over to another source address, and a throttling reply suspending a
+site until it resumes by itself.
+
+The receiving server is tests/integration/counting_peer.py (it sees the
+client's address and counts open connections); mail reaches it through a
+static route, so the site is the recipient domain. Sources are loopback
+addresses 127.0.0.2 and 127.0.0.3, as the issue suggests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+
+import pytest
+
+from tests.integration.conftest import Mta
+from tests.integration.counting_peer import CountingPeer
+from tests.integration.test_accept import send
+from tests.integration.test_delivery import message, unique
+
+pytestmark = pytest.mark.integration
+
+PEER = "127.0.0.20"
+TODAY = datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
+def route_to(mta: Mta, peer: CountingPeer, domain: str) -> None:
+    mta.park_mail = False
+    mta.routes = {domain: f"{PEER}:{peer.port}"}
+    mta.delivery |= {"retry_first": 1, "retry_max": 1}
+
+
+def add_policy(mta: Mta, text: str) -> None:
+    """Append TOML the fixture does not write itself ([egress], [policy])."""
+    original = mta.write_config
+
+    def write_config() -> None:
+        original()
+        with mta.config_path.open("a") as config:
+            config.write(text)
+
+    mta.write_config = write_config  # type: ignore[method-assign]
+
+
+def wait_for_messages(peer: CountingPeer, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(peer.snapshot().clients) < count:
+        assert time.monotonic() < deadline, f"peer saw {peer.snapshot()}"
+        time.sleep(0.05)
+
+
+def test_a_site_never_gets_more_connections_than_its_limit(mta: Mta) -> None:
+    with CountingPeer(PEER, data_delay=0.3) as peer:
+        route_to(mta, peer, "limited.test")
+        add_policy(mta, '[policy.domain."limited.test"]\nmax_connections = 2\n')
+        mta.start()
+        for number in range(10):
+            send(mta, message(f"limit {number}"), [f"u{number}@limited.test"])
+        wait_for_messages(peer, 10)
+        mta.wait_for_empty_spool()
+        # Ten jobs were due at once; without the limit the peer sees up to ten.
+        assert peer.snapshot().most_open == 2
+    assert mta.stop() == 0
+
+
+def test_a_rate_limit_spaces_messages_evenly(mta: Mta) -> None:
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, "slow.test")
+        add_policy(mta, '[policy.domain."slow.test"]\nmax_rate = "5/s"\n')
+        mta.start()
+        for number in range(8):
+            send(mta, message(f"rate {number}"), [f"u{number}@slow.test"])
+        wait_for_messages(peer, 8)
+        times = peer.snapshot().mail_times
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    # 5/s is one message every 0.2 s, smooth: no burst of back-to-back sends.
+    assert min(gaps) >= 0.15, gaps
+    assert times[-1] - times[0] >= 7 * 0.2 * 0.9
+    assert mta.stop() == 0
+
+
+EGRESS = f"""
+[[egress.source]]
+name = "new-ip"
+address = "127.0.0.2"
+warmup = {{ start = "{TODAY}", first_day = 2 }}
+[[egress.source]]
+name = "old-ip"
+address = "127.0.0.3"
+[[egress.pool]]
+name = "default"
+sources = ["new-ip", "old-ip"]
+weights = [1000, 1]
+"""
+
+
+def test_warmup_cap_spills_traffic_to_the_pools_other_source(mta: Mta) -> None:
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, "warm.test")
+        add_policy(mta, EGRESS)
+        mta.start()
+        for number in range(6):
+            send(mta, message(f"warm {number}"), [f"u{number}@warm.test"])
+        wait_for_messages(peer, 6)
+        clients = peer.snapshot().clients
+    # The new address is preferred 1000:1, but may send only 2 today.
+    assert clients.count("127.0.0.2") == 2, clients
+    assert clients.count("127.0.0.3") == 4, clients
+    mta.wait_for_empty_spool()
+    assert mta.stop() == 0
+    mta.start()  # the day's count survives a restart
+    shown = json.loads(mta.cli("policy", "show", "--json").stdout)
+    [new_ip] = [row for row in shown["sources"] if row["source"] == "new-ip"]
+    assert new_ip["warmup"]["cap_today"] == 2
+    assert new_ip["warmup"]["sent_today"]["other"] == 2
+
+
+def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) -> None:
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, "warm.test")
+        add_policy(mta, EGRESS.replace('"new-ip", "old-ip"', '"new-ip"').replace(
+            "weights = [1000, 1]", ""
+        ))
+        mta.start()
+        for number in range(3):
+            send(mta, message(f"capped {number}"), [f"c{number}@warm.test"])
+        wait_for_messages(peer, 2)
+        deadline = time.monotonic() + 10
+        while "reached its warmup cap" not in mta.log():
+            assert time.monotonic() < deadline, mta.log()
+            time.sleep(0.1)
+        [waiting] = mta.queue_list()
+    assert waiting["attempts"] == 0 and "warmup cap" in waiting["last_reply"]
+    assert len(peer.snapshot().clients) == 2
+    assert "status=bounced" not in mta.log()
+    assert mta.stop() == 0
+
+
+def test_a_throttling_reply_suspends_the_site_until_it_resumes_by_itself(mta: Mta) -> None:
+    tss04 = "421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to user complaints"
+    with CountingPeer(PEER, refuse=tss04, refuse_count=1) as peer:
+        route_to(mta, peer, "yahoo.test")
+        add_policy(
+            mta,
+            '[[policy.rule]]\nname = "test-tss04"\npattern = "\\\\[TSS04\\\\]"\n'
+            'classification = "rate_limited"\naction = "suspend"\nduration = 3\n',
+        )
+        mta.start()
+        first = send(mta, message(unique()), ["a@yahoo.test"])
+        deadline = time.monotonic() + 10
+        while "after test-tss04" not in mta.log():
+            assert time.monotonic() < deadline, mta.log()
+            time.sleep(0.05)
+        suspended_at = time.monotonic()
+        shown = json.loads(mta.cli("policy", "show", "--json").stdout)
+        assert [(r["site"], r["reason"]) for r in shown["restrictions"]] == [
+            ("yahoo.test", "test-tss04")
+        ]
+        assert "suspended" in mta.cli("queue", "stats").stdout
+        second = send(mta, message(unique()), ["b@yahoo.test"])
+        wait_for_messages(peer, 2, timeout=20)
+        times = peer.snapshot().mail_times
+        # Nothing went to the site while it was suspended (3 s), then both went.
+        assert times[-1] - suspended_at >= 2.0, times
+        mta.wait_for_empty_spool()
+        assert 'mta_throttle_events_total{rule="test-tss04"} 1.0' in mta.metrics()
+    log = mta.log()
+    assert re.search(rf"id={first} to=<a@yahoo\.test> .*class=rate_limited status=deferred", log)
+    assert re.search(rf"id={second} to=<b@yahoo\.test> .*status=sent", log)
+    assert mta.stop() == 0
+
+
+def test_operator_suspends_and_resumes_a_site(mta: Mta) -> None:
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, "ops.test")
+        mta.start()
+        suspended = mta.cli("policy", "suspend", "--site", "ops.test", "--for", "1h")
+        assert suspended.returncode == 0, suspended.stderr
+        time.sleep(1.1)  # the daemon re-reads suspensions every second
+        queue_id = send(mta, message(unique()), ["o@ops.test"])
+        deadline = time.monotonic() + 10
+        while not any("suspended (operator)" in row["last_reply"] for row in mta.queue_list()):
+            assert time.monotonic() < deadline, mta.queue_list()
+            time.sleep(0.1)
+        assert peer.snapshot().clients == []
+        assert mta.cli("policy", "resume", "--site", "ops.test").returncode == 0
+        assert mta.cli("queue", "flush", queue_id).returncode == 0
+        wait_for_messages(peer, 1)
+        mta.wait_for_empty_spool()
+    assert mta.stop() == 0
