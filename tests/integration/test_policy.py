@@ -122,9 +122,9 @@ def test_warmup_cap_spills_traffic_to_the_pools_other_source(mta: Mta) -> None:
 def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) -> None:
     with CountingPeer(PEER) as peer:
         route_to(mta, peer, "warm.test")
-        add_policy(mta, EGRESS.replace('"new-ip", "old-ip"', '"new-ip"').replace(
-            "weights = [1000, 1]", ""
-        ))
+        add_policy(
+            mta, EGRESS.replace('"new-ip", "old-ip"', '"new-ip"').replace("weights = [1000, 1]", "")
+        )
         mta.start()
         for number in range(3):
             send(mta, message(f"capped {number}"), [f"c{number}@warm.test"])
