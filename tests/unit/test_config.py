@@ -374,3 +374,13 @@ def test_example_config_shows_the_defaults_where_it_says_so() -> None:
                 continue
             shown = getattr(getattr(example, section), spec.name)
             assert shown == getattr(getattr(default, section), spec.name), (section, spec.name)
+
+
+def test_the_multi_ip_example_in_the_readme_is_a_valid_config() -> None:
+    root = Path(__file__).resolve().parents[2]
+    example = root / "etc" / "examples" / "multi-ip.toml"
+    parsed = load(example)
+    assert len(parsed.egress.source) == 8
+    assert [s.name for s in parsed.egress.source if s.warmup] == ["ip7", "ip8"]
+    assert {p.name for p in parsed.policy.provider} == {"gmail", "outlook", "yahoo"}
+    assert example.read_text() in (root / "README.md").read_text()  # shown verbatim
