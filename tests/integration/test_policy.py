@@ -19,6 +19,7 @@ import pytest
 
 from tests.integration.conftest import Mta
 from tests.integration.counting_peer import CountingPeer
+from tests.integration.dns_server import DnsServer
 from tests.integration.test_accept import send
 from tests.integration.test_delivery import message, unique
 
@@ -191,4 +192,46 @@ def test_operator_suspends_and_resumes_a_site(mta: Mta) -> None:
         assert mta.cli("queue", "flush", queue_id).returncode == 0
         wait_for_messages(peer, 1)
         mta.wait_for_empty_spool()
+    assert mta.stop() == 0
+
+
+def test_domains_on_one_providers_mx_share_its_limits(mta: Mta) -> None:
+    """MX rollup: two domains hosted on the same provider are one site."""
+    with CountingPeer(PEER, data_delay=0.3) as peer:
+        dns = DnsServer(
+            mx={"one.test": [(10, "mx.bigmail.test")], "two.test": [(10, "mx.bigmail.test")]},
+            a={"mx.bigmail.test": PEER},
+        ).start()
+        try:
+            mta.park_mail = False
+            mta.delivery |= {
+                "nameservers": [f"127.0.0.1:{dns.port}"],
+                "smtp_port": peer.port,
+                "allow_private_mx": True,
+            }
+            add_policy(
+                mta,
+                '[[policy.provider]]\nname = "bigmail"\nmx_suffixes = [".bigmail.test"]\n'
+                "max_connections = 1\n",
+            )
+            mta.start()
+            for number in range(3):
+                send(mta, message(f"one {number}"), [f"u{number}@one.test"])
+                send(mta, message(f"two {number}"), [f"u{number}@two.test"])
+            wait_for_messages(peer, 6)
+            assert peer.snapshot().most_open == 1  # not one per domain
+        finally:
+            dns.stop()
+    assert mta.stop() == 0
+
+
+def test_a_recipient_limit_splits_a_job_into_transactions(mta: Mta) -> None:
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, "few.test")
+        add_policy(mta, '[policy.domain."few.test"]\nmax_recipients = 2\n')
+        mta.start()
+        send(mta, message(unique()), [f"r{n}@few.test" for n in range(5)])
+        wait_for_messages(peer, 3)
+        mta.wait_for_empty_spool()
+        assert len(peer.snapshot().clients) == 3  # 2 + 2 + 1 recipients
     assert mta.stop() == 0
