@@ -1,6 +1,7 @@
 # make run   start the MTA on etc/mta.toml (creates .venv and dev keys on first use)
 # make test  install what the tests need (Python and Debian packages), run them
 # make lint  ruff and mypy
+# make reliability-report [SOAK=1]  run tests/reliability, write docs/reliability.md
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # swaks, and nsd (the authoritative DNS server the delivery tests run).
 DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks /usr/sbin/nsd:nsd
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint reliability-report clean
 
 $(BIN)/mta: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,9 @@ debian-tools:
 
 test: $(BIN)/pytest debian-tools
 	$(BIN)/python -m pytest -q
+
+reliability-report: $(BIN)/pytest debian-tools
+	$(BIN)/python tools/reliability_report.py $(if $(SOAK),--soak)
 
 lint: $(BIN)/pytest
 	$(BIN)/ruff check mta tests tools

@@ -114,17 +114,21 @@ def _warmup(spool: Spool, config: Config, now: float) -> list[dict[str, Any]]:
 def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
     now = time.time()
     policy = config.policy
+    default = limits_from_config(policy.default)
     document = {
         "sources": _warmup(spool, config, now),
         "pools": {p.name: list(p.sources) for p in config.egress.pool},
-        "limits": {
-            "default": asdict(limits_from_config(policy.default)),
+        "limits": {  # effective: a provider's over the default, a domain's over the default
+            "default": asdict(default),
             "providers": {
-                p.name: {"mx_suffixes": list(p.mx_suffixes), **asdict(limits_from_config(p))}
+                p.name: {
+                    "mx_suffixes": list(p.mx_suffixes),
+                    **asdict(limits_from_config(p).merged_over(default)),
+                }
                 for p in policy.provider
             },
             "domains": {
-                domain: asdict(limits_from_config(limits))
+                domain: asdict(limits_from_config(limits).merged_over(default))
                 for domain, limits in policy.domain.items()
             },
         },
@@ -168,12 +172,12 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
         for name, sources in document["pools"].items():
             out.write(f"  {name:<12} {', '.join(sources)}\n")
     limits = document["limits"]
-    out.write(f"limits:\n  {'default':<24} {_limit_text(limits['default'])}\n")
+    out.write(f"limits:\n  {'default':<30} {_limit_text(limits['default'])}\n")
     for name, provider in limits["providers"].items():
         suffixes = " ".join(provider["mx_suffixes"])
-        out.write(f"  {'provider ' + name:<24} {_limit_text(provider)} (MX {suffixes})\n")
+        out.write(f"  {'provider ' + name:<30} {_limit_text(provider)} (MX {suffixes})\n")
     for domain, domain_limits in limits["domains"].items():
-        out.write(f"  {'domain ' + domain:<24} {_limit_text(domain_limits)}\n")
+        out.write(f"  {'domain ' + domain:<30} {_limit_text(domain_limits)}\n")
     rows = document["restrictions"]
     out.write("suspended or throttled now:" + ("\n" if rows else " none\n"))
     for row in rows:
