@@ -135,14 +135,7 @@ class Egress:
         self.default_limits = limits_from_config(policy.default)
         self.provider_limits = {p.name: limits_from_config(p) for p in policy.provider}
         self.domain_limits = {d: limits_from_config(lim) for d, lim in policy.domain.items()}
-        configured = [
-            compile_rule(r.name, r.pattern, r.classification, r.action, r.duration, r.factor)
-            for r in policy.rule
-        ]
-        self.rules: tuple[Rule, ...] = (
-            *configured,
-            *(DEFAULT_RULES if policy.default_rules else ()),
-        )
+        self.rules = response_rules(config)
         self.paths: dict[tuple[str, str], Path] = {}
         self.throttles = Throttles()
         self._read_at = float("-inf")
@@ -313,6 +306,15 @@ class Egress:
     async def close(self) -> None:
         for source in self.sources:
             await source.deliverer.close()
+
+
+def response_rules(config: Config) -> tuple[Rule, ...]:
+    """The configured rules, then the shipped ones (unless turned off)."""
+    configured = [
+        compile_rule(r.name, r.pattern, r.classification, r.action, r.duration, r.factor)
+        for r in config.policy.rule
+    ]
+    return (*configured, *(DEFAULT_RULES if config.policy.default_rules else ()))
 
 
 def limits_from_config(config: LimitsConfig) -> Limits:

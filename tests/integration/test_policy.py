@@ -161,7 +161,8 @@ def test_a_throttling_reply_suspends_the_site_until_it_resumes_by_itself(mta: Mt
         assert [(r["site"], r["reason"]) for r in shown["restrictions"]] == [
             ("yahoo.test", "test-tss04")
         ]
-        assert "suspended" in mta.cli("queue", "stats").stdout
+        stats = mta.cli("queue", "stats").stdout
+        assert "yahoo.test: suspended" in stats and "rate_limited 1" in stats
         second = send(mta, message(unique()), ["b@yahoo.test"])
         wait_for_messages(peer, 2, timeout=20)
         times = peer.snapshot().mail_times
