@@ -23,6 +23,10 @@ INTERNAL_ERROR = "451 4.3.0 Error: queue file write error"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
 TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Error: too many connections from {ip}"
+AUTH_TOO_MANY_FAILURES = "421 4.7.0 {host} Error: too many authentication failures"
+AUTH_BLOCKED = (
+    "421 4.7.0 {host} Error: too many authentication failures from {ip}, try again later"
+)
 SERVER_BUSY = "421 4.7.0 {host} Error: too many connections, try again later"
 BARE_LINE_ENDING = (
     "550 5.5.2 Error: bare <CR> or <LF> in message data; "
@@ -76,6 +80,7 @@ _REASONS = (
     ("452", "4.3.1", "spool_full"),
     ("452", "too many recipients", "too_many_recipients"),
     ("421", "too many connections", "too_many_connections"),
+    ("421", "too many authentication failures", "auth_rate_limited"),
     ("501", "address syntax", "bad_address"),
     ("451", "", "internal_error"),
 )

@@ -7,12 +7,17 @@ listener needs around it:
 - enhanced status codes on aiosmtpd's stock replies (mta.inbound.replies),
   and one place that counts and logs every refusal;
 - a 421 before closing an idle session, instead of a silent close;
+- limits on failed AUTH: ``SESSION_MAX_FAILURES`` per session, then 421 and
+  close; per client address through ``mta.inbound.auth_limits``, whose
+  blocked addresses get 421 to AUTH for a while. The refusal log line names
+  the client and the reply, never the user name or the password;
 - graceful shutdown: ``Sessions.drain`` closes idle sessions at once and lets
   sessions inside a transaction finish (their 250 means the message is on
   disk), up to a deadline.
 
-It overrides two private aiosmtpd hooks (``_timeout_cb``, and the EHLO lines
-passing through ``push``); aiosmtpd is pinned to 1.4.x for that reason.
+It overrides two private aiosmtpd hooks (``_timeout_cb``, and the EHLO and
+AUTH replies passing through ``push``); aiosmtpd is pinned to 1.4.x for that
+reason.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from aiosmtpd.smtp import SMTP
 
 from mta import metrics
 from mta.inbound import replies
+from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures
 
 log = logging.getLogger("mta.smtpd")
 
@@ -33,9 +39,12 @@ log = logging.getLogger("mta.smtpd")
 class Sessions:
     """Open SMTP sessions, for connection limits and for draining at shutdown."""
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    def __init__(
+        self, max_total: int, max_per_ip: int, auth_failures: AuthFailures | None = None
+    ) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
         self.open: set[Session] = set()
         self._per_ip: Counter[str] = Counter()
 
@@ -80,6 +89,8 @@ class Session(SMTP):
         self.ip = ""
         self._admitted = False
         self._in_ehlo = False
+        self._in_auth = False
+        self._auth_failures = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -134,12 +145,42 @@ class Session(SMTP):
         finally:
             self._in_ehlo = False
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.sessions.auth_failures.blocked(self.ip):
+            await self.push(replies.AUTH_BLOCKED.replace("{ip}", self.ip))
+            self._close()
+            return
+        self._in_auth = True
+        try:
+            await super().smtp_AUTH(arg)
+        finally:
+            self._in_auth = False
+
     async def push(self, status: Any) -> None:
+        close = False
+        if self._in_auth and isinstance(status, str) and status.startswith("535"):
+            status, close = self._auth_failed(status)
         if isinstance(status, str) and self._is_command_reply(status):
-            status = replies.enhance(status)
+            status = replies.enhance(status.replace("{host}", self.hostname))
             if status[0] in "45":
                 self._count_refusal(status)
         await super().push(status)
+        if close:
+            self._close()
+
+    def _auth_failed(self, status: str) -> tuple[str, bool]:
+        """Count a failed AUTH; the reply to send, and whether to close after it."""
+        self._auth_failures += 1
+        if self.sessions.auth_failures.failed(self.ip):
+            log.warning("AUTH blocked for a while: client=[%s] too many failures", self.ip)
+            return replies.AUTH_BLOCKED.replace("{ip}", self.ip), True
+        if self._auth_failures >= SESSION_MAX_FAILURES:
+            return replies.AUTH_TOO_MANY_FAILURES, True
+        return status, False
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     def _is_command_reply(self, status: str) -> bool:
         if self._in_ehlo or status[:3] in ("334", "354"):
