@@ -7,8 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian programs the integration tests drive: smtp-source/smtp-sink (postfix),
-# swaks, and nsd (the authoritative DNS server the delivery tests run).
-DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks /usr/sbin/nsd:nsd
+# swaks, nsd (the authoritative DNS server the delivery tests run) and prometheus
+# (promtool, and a real server that scrapes the daemon).
+DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks /usr/sbin/nsd:nsd /usr/bin/promtool:prometheus
 
 .PHONY: run test lint reliability-report clean
 

@@ -112,8 +112,16 @@ async def _serve(config: Config) -> int:
 
     try:
         listeners = await _listen(new_session, server_config)
+        stopping = asyncio.Event()
+
+        def not_ready() -> str | None:
+            if stopping.is_set():
+                return "stopping"
+            with spool.read() as txn:
+                return spool.room_problem(txn)
+
         try:
-            metrics.serve(config.metrics.listen, spool)
+            metrics.serve(config.metrics.listen, spool, not_ready)
         except OSError as error:
             raise StartupError(
                 f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
@@ -127,6 +135,7 @@ async def _serve(config: Config) -> int:
             len(keys),
         )
         await _wait_for_stop_signal()
+        stopping.set()
         log.info("stopping: no new connections; finishing open transactions and deliveries")
         for listener in listeners:
             listener.close()

@@ -7,9 +7,13 @@ reasons, signing results), never from what a client sends.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -102,9 +106,58 @@ class SpoolCollector(Collector):
             size = self.spool.stored_bytes(txn)
         yield GaugeMetricFamily("mta_spool_messages", "Messages in the spool.", value=count)
         yield GaugeMetricFamily("mta_spool_bytes", "Bytes of messages in the spool.", value=size)
+        yield GaugeMetricFamily(
+            "mta_spool_limit_bytes",
+            "The spool's size limit ([spool] max_size).",
+            value=self.spool.max_size,
+        )
+        yield GaugeMetricFamily(
+            "mta_spool_disk_free_bytes",
+            "Free bytes on the spool's filesystem; new mail is refused below min_free_disk.",
+            value=self.spool.free_disk(),
+        )
 
 
-def serve(listen: HostPort, spool: Spool) -> None:
-    """Export the metrics over HTTP on ``listen`` (a background thread)."""
+Readiness = Callable[[], str | None]  # why the daemon should not get traffic now, or None
+
+
+def serve(listen: HostPort, spool: Spool, not_ready: Readiness) -> None:
+    """/metrics, /healthz and /readyz over HTTP on ``listen``, in a background thread.
+
+    /healthz answers 200 while the process can answer at all (a liveness
+    probe); /readyz answers 200 only while the daemon accepts mail it can
+    keep (listening, spool below its limits), else 503 with the reason, so a
+    load balancer sends new mail elsewhere.
+    """
     REGISTRY.register(SpoolCollector(spool))
-    start_http_server(listen.port, addr=listen.host)
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _plain(start_response, "200 OK", "ok")
+        if path == "/readyz":
+            reason = not_ready()
+            if reason is None:
+                return _plain(start_response, "200 OK", "ready")
+            return _plain(start_response, "503 Service Unavailable", reason)
+        return metrics_app(environ, start_response)
+
+    server = make_server(
+        listen.host, listen.port, app, ThreadingWSGIServer, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+def _plain(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [text.encode() + b"\n"]
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # scrapes every few seconds are not events

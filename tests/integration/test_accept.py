@@ -7,6 +7,7 @@ import re
 import smtplib
 import ssl
 import subprocess
+import urllib.request
 
 import dkim
 import pytest
@@ -239,3 +240,6 @@ def test_metrics_count_what_happened(running_mta: Mta) -> None:
     assert 'mta_dkim_messages_total{result="signed"} 1.0' in text
     assert re.search(r"mta_spool_commit_seconds_count [1-9]", text)
     assert re.search(r"mta_dkim_sign_seconds_count 1\.0", text)
+    ready = f"http://127.0.0.1:{running_mta.metrics_port}/readyz"
+    with urllib.request.urlopen(ready, timeout=5) as response:
+        assert response.status == 200 and response.read() == b"ready\n"

@@ -6,6 +6,8 @@ import signal
 import smtplib
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import lmdb
 import pytest
@@ -94,6 +96,13 @@ def test_nearly_full_disk_answers_452_at_mail(mta: Mta) -> None:
     )
     client.close()
     assert 'mta_messages_rejected_total{reason="spool_full"} 1.0' in mta.metrics()
+    # A load balancer asking /readyz sends new mail elsewhere; /healthz: still alive.
+    base = f"http://127.0.0.1:{mta.metrics_port}"
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"{base}/readyz", timeout=5)
+    assert not_ready.value.code == 503 and not_ready.value.read() == b"disk nearly full\n"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as healthy:
+        assert healthy.status == 200
     assert mta.stop() == 0
 
 

@@ -1,0 +1,98 @@
+"""Prometheus: the alert rules pass promtool, /metrics passes promtool, and a
+real Prometheus server scrapes a running MTA and reads a counter back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Mta, free_port
+from tests.integration.test_accept import send
+
+pytestmark = pytest.mark.integration
+
+RULES = Path(__file__).resolve().parents[2] / "etc" / "prometheus"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; make test installs the prometheus package")
+        pytest.skip(f"{name} is not installed (Debian package prometheus)")
+    return path
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("promtool"), *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_alert_rules_and_config_pass_promtool() -> None:
+    for args in (
+        ("check", "rules", str(RULES / "mta-alerts.yml")),
+        ("test", "rules", str(RULES / "mta-alerts-test.yml")),
+        ("check", "config", str(RULES / "prometheus.yml")),
+    ):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_pass_promtool_and_prometheus_scrapes_them(
+    running_mta: Mta, tmp_path: Path
+) -> None:
+    send(running_mta)
+    exposition = running_mta.metrics()
+    checked = promtool("check", "metrics", stdin=exposition)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: mta\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{running_mta.metrics_port}']}}]\n"
+    )
+    server = subprocess.Popen(
+        [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    try:
+        value = query_until(port, "mta_messages_received_total", timeout=30)
+        assert value == 1.0
+        assert query_until(port, 'up{job="mta"}', timeout=10) == 1.0
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def query_until(port: int, expression: str, timeout: float) -> float:
+    """The value of ``expression`` once Prometheus has scraped it."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expression)}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                result = json.load(response)["data"]["result"]
+            if result:
+                return float(result[0]["value"][1])
+        except OSError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, f"Prometheus never had {expression}"
+        time.sleep(0.5)
