@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import lmdb
 
-from mta import admin, config, policyctl, signing
+from mta import admin, config, logs, policyctl, signing
 from mta.inbound.auth import UsersFileError, add_user
 from mta.outbound.egress import response_rules
 from mta.policy.replies import parse_reply
@@ -152,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from mta import daemon  # imports uvloop and the listener only when serving
 
     settings = config.load(args.config)
-    _setup_logging(settings.log.level)
+    logs.setup(settings.log.level, settings.log.format)
     try:
         return daemon.serve(settings)
     except daemon.StartupError as error:
@@ -244,19 +244,6 @@ def run_user_add(args: argparse.Namespace) -> int:
     add_user(path, args.name, password)
     print(f"user {args.name} saved in {path}")
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter(
-        "%(asctime)s.%(msecs)03dZ %(name)s[%(process)d]: %(levelname)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    # aiosmtpd logs every command at INFO; our own lines say what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = setting(str, "info", parse=one_of("debug", "info", "warning", "error"))
+    format: str = setting(str, "text", parse=one_of("text", "json"))
 
 
 @dataclass(frozen=True)
