@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -96,3 +97,20 @@ def query_until(port: int, expression: str, timeout: float) -> float:
             pass  # not listening yet
         assert time.monotonic() < deadline, f"Prometheus never had {expression}"
         time.sleep(0.5)
+
+
+def test_dashboard_queries_only_metrics_the_daemon_exports(running_mta: Mta) -> None:
+    dashboard = json.loads((RULES.parent / "grafana" / "mta-dashboard.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", running_mta.metrics(), re.M))
+    names = {name for name, _ in exported}
+    names |= {f"{name}_bucket" for name, kind in exported if kind == "histogram"}
+    names |= {f"{name}_total" for name, kind in exported if kind == "counter"}
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bmta_\w+", target["expr"])
+    }
+    assert used and used <= names, used - names
+    alerts = (RULES / "mta-alerts.yml").read_text()
+    assert set(re.findall(r"\bmta_\w+", alerts)) <= names
