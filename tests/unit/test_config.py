@@ -384,3 +384,31 @@ def test_the_multi_ip_example_in_the_readme_is_a_valid_config() -> None:
     assert [s.name for s in parsed.egress.source if s.warmup] == ["ip7", "ip8"]
     assert {p.name for p in parsed.policy.provider} == {"gmail", "outlook", "yahoo"}
     assert example.read_text() in (root / "README.md").read_text()  # shown verbatim
+
+
+def test_the_operations_guide_documents_every_key() -> None:
+    root = Path(__file__).resolve().parents[2]
+    guide = (root / "docs" / "operations.md").read_text()
+
+    def keys(cls: type, prefix: str) -> list[str]:
+        found = []
+        for spec in dataclasses.fields(cls):
+            kind = spec.metadata.get("kind")
+            path = f"{prefix}.{spec.name}" if prefix else spec.name
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+                found += keys(kind, path)
+            else:
+                found.append(path)
+        return found
+
+    missing = [key for key in keys(Config, "") if f"`{key}`" not in guide]
+    assert not missing, f"docs/operations.md does not document: {missing}"
+
+
+def test_every_alert_has_a_runbook() -> None:
+    root = Path(__file__).resolve().parents[2]
+    guide = (root / "docs" / "operations.md").read_text()
+    alerts = (root / "etc" / "prometheus" / "mta-alerts.yml").read_text()
+    for name in re.findall(r"alert: (\w+)", alerts):
+        assert f"### {name}\n" in guide, name
+        assert f"docs/operations.md#{name.lower()}" in alerts, name
