@@ -154,7 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     logs.setup(settings.log.level, settings.log.format)
     try:
-        return daemon.serve(settings)
+        return daemon.serve(settings, args.config)
     except daemon.StartupError as error:
         logging.getLogger("mta").error("%s", error)
         return 1

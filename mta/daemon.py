@@ -11,15 +11,16 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
 from mta import metrics, signing
-from mta.config import Config, ConfigError, ServerConfig
-from mta.inbound.auth import Authenticator, read_users
+from mta.config import Config, ConfigError, ServerConfig, load
+from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
 from mta.outbound.attempt import Attempter
@@ -38,8 +39,13 @@ class StartupError(Exception):
     """The daemon cannot start; str() says why in one sentence."""
 
 
-def serve(config: Config) -> int:
-    return uvloop.run(_serve(config))
+def serve(config: Config, path: str) -> int:
+    """Run the daemon with ``config``, read from ``path`` (read again on SIGHUP)."""
+
+    async def main() -> int:
+        return await Daemon(config, path).run()
+
+    return uvloop.run(main())
 
 
 def load_keys(config: Config) -> list[signing.DkimKey]:
@@ -61,101 +67,178 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def _serve(config: Config) -> int:
-    server_config = config.server
-    keys = load_keys(config)
-    context = tls_context(server_config)
-    routes = resolver(config)
-    authenticator = (
-        Authenticator(read_users(server_config.users_file)) if server_config.users_file else None
-    )
-    spool = Spool(config.spool.path, config.spool.max_size, config.spool.min_free_disk)
-    committer = GroupCommitter(spool)
-    sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-    signer, new_id = signing.Signer(keys), IdGenerator()
-    egress = Egress(config, spool)
-    scheduler = Scheduler(
-        spool,
-        lambda key: attempter(key),
-        config.delivery.max_concurrent,
-        config.delivery.max_concurrent_per_domain,
-    )
-    attempter = Attempter(
-        spool=spool,
-        committer=committer,
-        resolver=routes,
-        egress=egress,
-        signer=signer,
-        sign_pool=sign_pool,
-        new_id=new_id,
-        schedule=retry_schedule(config),
-        hostname=server_config.hostname,
-        on_queued=scheduler.wake,
-    )
-    handler = Handler(
-        server_config, config.egress, spool, committer, signer, sign_pool, new_id, scheduler.wake
-    )
-    sessions = Sessions(server_config.max_connections, server_config.max_connections_per_ip)
+class Daemon:
+    """The running MTA: its parts, built from one configuration, reloaded on SIGHUP."""
 
-    def new_session() -> Session:
+    def __init__(self, config: Config, path: str) -> None:
+        self.config, self.path = config, path
+        keys = load_keys(config)
+        self.tls = tls_context(config.server)
+        self.authenticator = (
+            Authenticator(read_users(config.server.users_file))
+            if config.server.users_file
+            else None
+        )
+        self.spool = Spool(config.spool.path, config.spool.max_size, config.spool.min_free_disk)
+        self.committer = GroupCommitter(self.spool)
+        self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
+        signer, new_id = signing.Signer(keys), IdGenerator()
+        self.egress = Egress(config, self.spool)
+        self.scheduler = Scheduler(
+            self.spool,
+            lambda key: self.attempter(key),
+            config.delivery.max_concurrent,
+            config.delivery.max_concurrent_per_domain,
+        )
+        self.attempter = Attempter(
+            spool=self.spool,
+            committer=self.committer,
+            resolver=resolver(config),
+            egress=self.egress,
+            signer=signer,
+            sign_pool=self.sign_pool,
+            new_id=new_id,
+            schedule=retry_schedule(config),
+            hostname=config.server.hostname,
+            on_queued=self.scheduler.wake,
+        )
+        self.handler = Handler(
+            config.server,
+            config.egress,
+            self.spool,
+            self.committer,
+            signer,
+            self.sign_pool,
+            new_id,
+            self.scheduler.wake,
+        )
+        self.sessions = Sessions(
+            config.server.max_connections, config.server.max_connections_per_ip
+        )
+        self.stopping = asyncio.Event()
+        self.key_count = len(keys)
+
+    def new_session(self) -> Session:
+        server = self.config.server  # read per connection, so a reload applies to new sessions
         return Session(
-            handler,
-            sessions,
-            hostname=server_config.hostname,
+            self.handler,
+            self.sessions,
+            hostname=server.hostname,
             ident="ESMTP",
-            data_size_limit=server_config.max_message_size,
-            tls_context=context,
-            authenticator=authenticator,
+            data_size_limit=server.max_message_size,
+            tls_context=self.tls,
+            authenticator=self.authenticator,
             auth_require_tls=True,
-            timeout=server_config.idle_timeout,
+            timeout=server.idle_timeout,
         )
 
-    try:
-        listeners = await _listen(new_session, server_config)
-        stopping = asyncio.Event()
+    def not_ready(self) -> str | None:
+        if self.stopping.is_set():
+            return "stopping"
+        with self.spool.read() as txn:
+            return self.spool.room_problem(txn)
 
-        def not_ready() -> str | None:
-            if stopping.is_set():
-                return "stopping"
-            with spool.read() as txn:
-                return spool.room_problem(txn)
-
+    async def run(self) -> int:
+        config = self.config
         try:
-            metrics.serve(config.metrics.listen, spool, not_ready)
-        except OSError as error:
-            raise StartupError(
-                f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
-            ) from None
-        delivering = asyncio.get_running_loop().create_task(scheduler.run())
-        log.info(
-            "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
-            " ".join(str(address) for address in server_config.listen),
-            config.metrics.listen,
-            Path(config.spool.path).resolve(),
-            len(keys),
+            listeners = await _listen(self.new_session, config.server)
+            try:
+                metrics.serve(config.metrics.listen, self.spool, self.not_ready)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
+                ) from None
+            delivering = asyncio.get_running_loop().create_task(self.scheduler.run())
+            log.info(
+                "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
+                " ".join(str(address) for address in config.server.listen),
+                config.metrics.listen,
+                Path(config.spool.path).resolve(),
+                self.key_count,
+            )
+            await _wait_for_stop_signal(on_reload=self.reload)
+            self.stopping.set()
+            log.info("stopping: no new connections; finishing open transactions and deliveries")
+            for listener in listeners:
+                listener.close()
+            timeout = self.config.server.shutdown_timeout
+            await self.sessions.drain(timeout)
+            await self.scheduler.stop(timeout)
+            await delivering
+        finally:
+            await self.egress.close()
+            self.committer.close()
+            self.sign_pool.shutdown()
+            self.spool.close()
+        log.info("mta stopped")
+        return 0
+
+    async def reload(self) -> None:
+        """SIGHUP: read the config file again and apply it without dropping a session.
+
+        Everything is built first; a config, key or users-file error leaves the
+        running configuration untouched. Listening addresses, the spool and the
+        metrics listener need a restart.
+        """
+        try:
+            new = load(self.path)
+            keys = load_keys(new)
+            tls = tls_context(new.server)
+            users = read_users(new.server.users_file) if new.server.users_file else None
+            routes = resolver(new)
+            schedule = retry_schedule(new)
+        except (ConfigError, signing.SigningError, UsersFileError) as error:
+            log.error("reload failed, the running configuration stays: %s", error)
+            return
+        old = self.config
+        for what, before, after in (
+            ("[server] listen", old.server.listen, new.server.listen),
+            ("[spool]", old.spool, new.spool),
+            ("[metrics] listen", old.metrics.listen, new.metrics.listen),
+            (
+                "AUTH on or off ([server] users_file)",
+                bool(self.authenticator),
+                bool(users is not None),
+            ),
+        ):
+            if before != after:
+                log.warning("reload: %s changed; it takes effect at the next restart", what)
+        signer = signing.Signer(keys)
+        self.config = new
+        self.tls = tls
+        if self.authenticator is not None and users is not None:
+            self.authenticator.replace_users(users)
+        self.handler.config, self.handler.egress, self.handler.signer = (
+            new.server,
+            new.egress,
+            signer,
         )
-        await _wait_for_stop_signal()
-        stopping.set()
-        log.info("stopping: no new connections; finishing open transactions and deliveries")
-        for listener in listeners:
-            listener.close()
-        await sessions.drain(server_config.shutdown_timeout)
-        await scheduler.stop(server_config.shutdown_timeout)
-        await delivering
-    finally:
-        await egress.close()
-        committer.close()
-        sign_pool.shutdown()
-        spool.close()
-    log.info("mta stopped")
-    return 0
+        self.sessions.max_total = new.server.max_connections
+        self.sessions.max_per_ip = new.server.max_connections_per_ip
+        self.attempter.signer, self.attempter.resolver = signer, routes
+        self.attempter.schedule, self.attempter.hostname = schedule, new.server.hostname
+        self.scheduler.max_concurrent = new.delivery.max_concurrent
+        self.scheduler.max_per_domain = new.delivery.max_concurrent_per_domain
+        for retired in self.egress.configure(new):
+            await retired.close()
+        self.key_count = len(keys)
+        log.info("reloaded %s: %d DKIM key(s)", self.path, len(keys))
 
 
-async def _wait_for_stop_signal() -> None:
+async def _wait_for_stop_signal(on_reload: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Until SIGTERM or SIGINT; each SIGHUP runs ``on_reload`` meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(on_reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
 
 

@@ -112,6 +112,15 @@ class Authenticator:
             return AuthResult(success=True, auth_data=name)
         return AuthResult(success=False, handled=False)
 
+    def replace_users(self, users: dict[str, str]) -> None:
+        """Use a new users table (a reload); logins of changed or removed users are forgotten."""
+        self._remembered = {
+            name: token
+            for name, token in self._remembered.items()
+            if name in users and users[name] == self._users.get(name)
+        }
+        self._users = users
+
     def verify(self, name: str, password: str) -> bool:
         stored = self._users.get(name)
         if stored is None:

@@ -140,10 +140,11 @@ def prepare(
         lines, values = remove_field(lines, instruction.lower().encode())
         instructed = values[-1].decode("ascii", "replace") if values else None
     added = []
-    message_ids = field_values(lines, b"message-id")
+    message_ids = [value for value in field_values(lines, b"message-id") if value]
     if message_ids:
         message_id = message_ids[0].decode("ascii", "replace")
     else:
+        lines, _ = remove_field(lines, b"message-id")  # an empty field is no Message-ID
         message_id = f"<{queue_id}@{hostname}>"
         added.append(f"Message-ID: {message_id}\r\n".encode())
     if not field_values(lines, b"date"):

@@ -24,10 +24,12 @@ SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission ch
 TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Error: too many connections from {ip}"
 AUTH_TOO_MANY_FAILURES = "421 4.7.0 {host} Error: too many authentication failures"
-AUTH_BLOCKED = (
-    "421 4.7.0 {host} Error: too many authentication failures from {ip}, try again later"
-)
+AUTH_BLOCKED = "421 4.7.0 {host} Error: too many authentication failures from {ip}, try again later"
 SERVER_BUSY = "421 4.7.0 {host} Error: too many connections, try again later"
+BARE_LINE_FEED = (
+    "521 5.5.2 {host} Error: bare <LF> received; lines must end with <CR><LF> (RFC 5321 2.3.8)"
+)
+CONTROL_CHARACTER = "500 5.5.2 Error: control character in command line"
 BARE_LINE_ENDING = (
     "550 5.5.2 Error: bare <CR> or <LF> in message data; "
     "lines must end with <CR><LF> (RFC 5321 2.3.8)"
@@ -76,6 +78,7 @@ _REASONS = (
     ("535", "", "auth_failed"),
     ("554", "Relay access denied", "relay_denied"),
     ("550", "bare <CR> or <LF>", "bare_line_ending"),
+    ("521", "bare <LF>", "bare_line_ending"),
     ("550", "From header", "bad_header"),
     ("452", "4.3.1", "spool_full"),
     ("452", "too many recipients", "too_many_recipients"),

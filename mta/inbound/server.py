@@ -7,6 +7,13 @@ listener needs around it:
 - enhanced status codes on aiosmtpd's stock replies (mta.inbound.replies),
   and one place that counts and logs every refusal;
 - a 421 before closing an idle session, instead of a silent close;
+- command lines hold no control characters (500 5.5.2) and end in CRLF:
+  aiosmtpd splits commands at a bare LF, so ``MAIL FROM:<a@b>\nRCPT
+  TO:<c@d>\r\n`` would run as two commands; a bare LF gets 521 and the
+  session is closed instead (Postfix's ``smtpd_forbid_bare_newline =
+  strict``), so nothing after it runs;
+- text lines of at most 1000 octets with their CRLF (RFC 5321 4.5.3.1.6;
+  aiosmtpd's own limit is 1001);
 - limits on failed AUTH: ``SESSION_MAX_FAILURES`` per session, then 421 and
   close; per client address through ``mta.inbound.auth_limits``, whose
   blocked addresses get 421 to AUTH for a while. The refusal log line names
@@ -15,19 +22,20 @@ listener needs around it:
   sessions inside a transaction finish (their 250 means the message is on
   disk), up to a deadline.
 
-It overrides two private aiosmtpd hooks (``_timeout_cb``, and the EHLO and
-AUTH replies passing through ``push``); aiosmtpd is pinned to 1.4.x for that
-reason.
+It overrides private aiosmtpd hooks (``_timeout_cb``, ``_cb_client_connected``
+to give the stream reader our line check, and the EHLO and AUTH replies
+passing through ``push``); aiosmtpd is pinned to 1.4.x for that reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 
 from mta import metrics
 from mta.inbound import replies
@@ -80,8 +88,50 @@ class Sessions:
             session.close_with(replies.SHUTTING_DOWN)
 
 
+# C0 controls and DEL, except HT; a command line holds none of them.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _LineReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, checking the line endings and bytes of commands.
+
+    aiosmtpd reads commands (and AUTH answers) with ``readuntil()``, whose
+    separator is LF, and DATA lines with ``readuntil(b"\\r\\n")``. A command
+    line that ends in a bare LF, or holds a control character (a CR or NUL
+    inside an address or parameter), comes back empty, so aiosmtpd refuses
+    it, and ``problem`` tells the session which refusal to send instead:
+    aiosmtpd would otherwise split at the LF, and parse ``<a@exa\\rmple.net>``
+    as ``a@example.net``. (A line too long for the buffer is skipped with
+    ``read()``, which can stop between its CR and LF; that LF is not bare.)
+    """
+
+    problem: str | None = None
+    _after_cr = False
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._after_cr = data.endswith(b"\r")
+        return data
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        after_cr, self._after_cr = self._after_cr, False
+        if separator != b"\n" or (line == b"\n" and after_cr):
+            return line
+        if not line.endswith(b"\r\n"):
+            self.problem = "bare_line_feed"
+        elif _CONTROL.search(line, 0, len(line) - 2):
+            self.problem = "control_character"
+        else:
+            return line
+        return b"\r\n"
+
+
 class Session(SMTP):
     """One SMTP connection."""
+
+    # RFC 5321 4.5.3.1.6: 1000 octets with the CRLF (aiosmtpd allows 1001).
+    line_length_limit = 1000
 
     def __init__(self, handler: Any, sessions: Sessions, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -106,6 +156,12 @@ class Session(SMTP):
                 return
             self._admitted = True
         super().connection_made(transport)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        reader.__class__ = _LineReader  # same object and state, plus the bare LF check
+        super()._cb_client_connected(reader, writer)
 
     def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
         reply = replies.enhance(template.replace("{host}", self.hostname))
@@ -138,6 +194,7 @@ class Session(SMTP):
         log.info("timeout after %.0fs idle from [%s]", self._timeout_duration, self.ip)
         self.close_with(replies.TIMEOUT)
 
+    @syntax("EHLO hostname")  # as aiosmtpd's, so HELP still lists it
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
         try:
@@ -145,9 +202,10 @@ class Session(SMTP):
         finally:
             self._in_ehlo = False
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         if self.sessions.auth_failures.blocked(self.ip):
-            await self.push(replies.AUTH_BLOCKED.replace("{ip}", self.ip))
+            await self.push(self._auth_blocked())
             self._close()
             return
         self._in_auth = True
@@ -158,10 +216,21 @@ class Session(SMTP):
 
     async def push(self, status: Any) -> None:
         close = False
-        if self._in_auth and isinstance(status, str) and status.startswith("535"):
+        reader = getattr(self, "_reader", None)
+        if isinstance(reader, _LineReader) and reader.problem is not None:
+            # The reply to the bad line. After a bare LF nothing more is read;
+            # nor after a bad AUTH answer, where aiosmtpd would ask for more.
+            challenge = not isinstance(status, str) or status.startswith("334")
+            if reader.problem == "bare_line_feed":
+                status = replies.BARE_LINE_FEED.replace("{host}", self.hostname)
+            else:
+                status = replies.CONTROL_CHARACTER
+            close = reader.problem == "bare_line_feed" or challenge
+            reader.problem = None
+        elif self._in_auth and isinstance(status, str) and status.startswith("535"):
             status, close = self._auth_failed(status)
         if isinstance(status, str) and self._is_command_reply(status):
-            status = replies.enhance(status.replace("{host}", self.hostname))
+            status = replies.enhance(status)
             if status[0] in "45":
                 self._count_refusal(status)
         await super().push(status)
@@ -173,10 +242,13 @@ class Session(SMTP):
         self._auth_failures += 1
         if self.sessions.auth_failures.failed(self.ip):
             log.warning("AUTH blocked for a while: client=[%s] too many failures", self.ip)
-            return replies.AUTH_BLOCKED.replace("{ip}", self.ip), True
+            return self._auth_blocked(), True
         if self._auth_failures >= SESSION_MAX_FAILURES:
-            return replies.AUTH_TOO_MANY_FAILURES, True
+            return replies.AUTH_TOO_MANY_FAILURES.replace("{host}", self.hostname), True
         return status, False
+
+    def _auth_blocked(self) -> str:
+        return replies.AUTH_BLOCKED.replace("{host}", self.hostname).replace("{ip}", self.ip)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

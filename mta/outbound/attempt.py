@@ -109,9 +109,13 @@ class Attempter:
         if outcome.wait_until is not None and decision.next_attempt is not None:
             decision = replace(decision, next_attempt=outcome.wait_until)
         bounce = await self._bounce(message, body, decision, outcome.relay)
-        still_there = await self.committer.run(
-            lambda txn: self._record(txn, key, decision, outcome, bounce)
-        )
+        try:
+            still_there = await self.committer.run(
+                lambda txn: self._record(txn, key, decision, outcome, bounce)
+            )
+        finally:
+            if outcome.lease is not None:
+                self.egress.settle(outcome.lease)
         if not still_there:
             log.info(
                 "id=%s domain=%s: deleted by an operator during delivery",

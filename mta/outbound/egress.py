@@ -33,6 +33,7 @@ import datetime
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class Source:
     address: str | None  # None: let the kernel choose (no [[egress.source]] configured)
     warmup: WarmupPlan | None
     deliverer: Deliverer
+    tls_domains: frozenset[str] = frozenset()  # [delivery] require_tls, as its client has it
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Lease:
     site: Site
     limits: Limits
     path: Path = field(repr=False)
+    warmup_counter: str | None = None  # the day's count this delivery is reserved against
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,26 @@ class Egress:
         self.spool = spool
         self.clock = clock
         self.rng = rng or random.Random()
-        self.sources = _sources(config)
+        self.sources: list[Source] = []
+        self._deliverers: list[Deliverer] = []
+        self.configure(config)
+        self.paths: dict[tuple[str, str], Path] = {}
+        # Warmup reservations: leased but not yet counted in the spool, so that
+        # deliveries under way cannot overshoot the day's cap.
+        self._reserved: Counter[str] = Counter()
+        self.throttles = Throttles()
+        self._read_at = float("-inf")
+        self._released = asyncio.Event()
+
+    def configure(self, config: Config) -> list[Deliverer]:
+        """Take (new) sources, pools, limits and rules; the retired SMTP clients.
+
+        A source whose address, EHLO name and TLS requirements are unchanged
+        keeps its client and its pooled connections; deliveries under way
+        finish on whatever they leased.
+        """
+        self.sources = _sources(config, {source.name: source for source in self.sources})
+        kept = {id(source.deliverer) for source in self.sources}
         self.pools = _pools(config, self.sources)
         policy = config.policy
         self.providers = {p.name: p.mx_suffixes for p in policy.provider}
@@ -136,10 +158,9 @@ class Egress:
         self.provider_limits = {p.name: limits_from_config(p) for p in policy.provider}
         self.domain_limits = {d: limits_from_config(lim) for d, lim in policy.domain.items()}
         self.rules = response_rules(config)
-        self.paths: dict[tuple[str, str], Path] = {}
-        self.throttles = Throttles()
-        self._read_at = float("-inf")
-        self._released = asyncio.Event()
+        retired = [d for d in self._deliverers if id(d) not in kept]
+        self._deliverers = [source.deliverer for source in self.sources]
+        return retired
 
     # --- where and how fast ---
 
@@ -211,7 +232,11 @@ class Egress:
         path.in_use += 1
         if path.limiter is not None:
             path.limiter.take(now)
-        lease = Lease(source, site, limits, path)
+        counter = None
+        if source.warmup is not None:
+            counter = warmup_counter(source.name, site.provider or OTHER, day_of(now))
+            self._reserved[counter] += 1
+        lease = Lease(source, site, limits, path, counter)
         self._gauge(lease)
         return lease
 
@@ -231,25 +256,25 @@ class Egress:
             return None
         provider = site.provider or OTHER
         day = day_of(now)
+        counter = warmup_counter(source.name, provider, day)
         with self.spool.read() as txn:
-            sent = self.spool.counter(txn, warmup_counter(source.name, provider, day))
-        in_flight = sum(
-            path.in_use
-            for (name, site_name), path in self.paths.items()
-            if name == source.name and site_name == site.name
-        )
-        left = remaining(source.warmup, day, sent + in_flight)
+            sent = self.spool.counter(txn, counter)
+        left = remaining(source.warmup, day, sent + self._reserved[counter])
         if left is not None:
             metrics.WARMUP_REMAINING.labels(source.name, provider).set(left)
         return left
 
     def count_sent(self, txn: lmdb.Transaction, lease: Lease, delivered: int) -> None:
         """In the delivery's commit: add to the source's warmup count for the provider."""
-        if lease.source.warmup is not None and delivered:
-            name = warmup_counter(
-                lease.source.name, lease.site.provider or OTHER, day_of(self.clock())
-            )
-            self.spool.add_to_counter(txn, name, delivered)
+        if lease.warmup_counter is not None and delivered:
+            self.spool.add_to_counter(txn, lease.warmup_counter, delivered)
+
+    def settle(self, lease: Lease) -> None:
+        """After the delivery's commit: its warmup reservation is counted, or void."""
+        if lease.warmup_counter is not None:
+            self._reserved[lease.warmup_counter] -= 1
+            if self._reserved[lease.warmup_counter] <= 0:
+                del self._reserved[lease.warmup_counter]
 
     # --- reacting to replies ---
 
@@ -304,8 +329,8 @@ class Egress:
         )
 
     async def close(self) -> None:
-        for source in self.sources:
-            await source.deliverer.close()
+        for deliverer in self._deliverers:
+            await deliverer.close()
 
 
 def response_rules(config: Config) -> tuple[Rule, ...]:
@@ -338,18 +363,23 @@ def client_settings(config: Config, source_address: str | None, helo: str) -> Cl
     )
 
 
-def _sources(config: Config) -> list[Source]:
-    """One Deliverer per source, so that connections are pooled per source address."""
-    require_tls = frozenset(config.delivery.require_tls).__contains__
-    configured = config.egress.source
-    if not configured:
-        settings = client_settings(config, None, config.server.hostname)
-        return [Source("default", None, None, Deliverer(settings, require_tls))]
+def _sources(config: Config, current: Mapping[str, Source]) -> list[Source]:
+    """One Deliverer per source, so that connections are pooled per source address;
+    a source in ``current`` with the same settings keeps its Deliverer."""
+    tls_domains = frozenset(config.delivery.require_tls)
+    configured: list[tuple[str, str | None, WarmupPlan | None, str | None]] = [
+        (s.name, s.address, s.warmup.plan() if s.warmup else None, s.ehlo)
+        for s in config.egress.source
+    ] or [("default", None, None, None)]
     sources = []
-    for source in configured:
-        plan = source.warmup.plan() if source.warmup is not None else None
-        settings = client_settings(config, source.address, source.ehlo or config.server.hostname)
-        sources.append(Source(source.name, source.address, plan, Deliverer(settings, require_tls)))
+    for name, address, plan, ehlo in configured:
+        settings = client_settings(config, address, ehlo or config.server.hostname)
+        old = current.get(name)
+        if old and old.deliverer.settings == settings and old.tls_domains == tls_domains:
+            deliverer = old.deliverer
+        else:
+            deliverer = Deliverer(settings, tls_domains.__contains__)
+        sources.append(Source(name, address, plan, deliverer, tls_domains))
     return sources
 
 

@@ -12,7 +12,9 @@ shared. A future never resolves before its change is on disk (DESIGN
 invariant 1).
 
 Each change runs in a nested transaction, so one that raises is rolled back
-alone and reported to its caller, while the rest of the batch commits.
+alone and reported to its caller, while the rest of the batch commits. A
+commit that finds no room (LMDB's map, or the disk: ENOSPC) stores nothing
+and tells every caller SpoolFull, which a session answers with 452 4.3.1.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class GroupCommitter:
                 outcomes = [self._apply(txn, request) for request in batch]
         except lmdb.MapFullError:
             outcomes = [_Outcome(error=SpoolFull("spool database is full"))] * len(batch)
+        except lmdb.DiskError:  # ENOSPC: the disk filled up faster than room_problem saw
+            log.warning("spool commit failed: disk full; %d change(s) not stored", len(batch))
+            outcomes = [_Outcome(error=SpoolFull("disk full"))] * len(batch)
         except Exception as error:  # the whole commit failed: nothing in it happened
             log.exception("spool commit failed")
             outcomes = [_Outcome(error=error)] * len(batch)
@@ -123,7 +128,7 @@ class GroupCommitter:
         try:
             with self.spool.env.begin(write=True, parent=txn) as child:
                 return _Outcome(value=request.change(child))
-        except lmdb.MapFullError:
+        except (lmdb.MapFullError, lmdb.DiskError):
             raise  # the parent transaction cannot go on either
         except Exception as error:  # rolled back alone; the caller hears why
             return _Outcome(error=error)

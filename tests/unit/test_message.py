@@ -351,3 +351,15 @@ def test_header_safe_output_never_breaks_a_line(text: str) -> None:
     assert "\r" not in safe and "\n" not in safe
     assert all(" " <= char <= "~" for char in safe)
     assert len(safe) <= 200
+
+
+def test_an_empty_message_id_is_replaced() -> None:
+    prepared = prepare(
+        b"From: a@example.test\r\nMessage-ID:\r\n\r\nbody\r\n",
+        received=b"",
+        queue_id="06H13HS0N80M1W00",
+        hostname="mta.test",
+        now=0,
+    )
+    assert prepared.message_id == "<06H13HS0N80M1W00@mta.test>"
+    assert prepared.data.count(b"Message-ID:") == 1
