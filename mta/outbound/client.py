@@ -47,8 +47,9 @@ trip; connection reuse is what saves the most.
 Timeouts (RFC 5321 4.5.3.2 suggests 5 minutes for the greeting and most
 commands, 10 for the reply after the data): ``connect_timeout`` for the TCP
 connection, ``command_timeout`` for the greeting and every command, and
-``data_timeout`` for DATA as a whole, because aiosmtplib sends DATA, the
-message and the final dot in one call under one timeout.
+``data_timeout`` (by default twice ``command_timeout``) for the reply to DATA
+and the reply to the message, because aiosmtplib sends DATA, the message and
+the final dot in one call.
 
 ``data`` must have CRLF line endings, as stored messages do: aiosmtplib
 dot-stuffs it, but also turns any bare CR or LF into CRLF. MAIL carries SIZE
@@ -100,11 +101,21 @@ class ClientSettings:
     helo: str  # our host name, for EHLO
     connect_timeout: float = 30.0  # TCP connect
     command_timeout: float = 300.0  # greeting and each command (RFC 5321 4.5.3.2: 5 min)
-    data_timeout: float = 600.0  # DATA, the message and the final reply (RFC: 10 min for the end)
+    # DATA, the message and the final reply. None: twice command_timeout, as
+    # RFC 5321 4.5.3.2 has 5 minutes for commands and 10 for the end of data,
+    # so that an operator's shorter command_timeout bounds a silent server here too.
+    data_timeout: float | None = None
     max_messages_per_connection: int = 100
     idle_timeout: float = 5.0  # a pooled connection unused this long is closed (QUIT)
     max_idle_per_address: int = 10  # pooled idle connections kept per (address, port)
     source_address: str | None = None  # local IP to bind
+
+    @property
+    def end_of_data_timeout(self) -> float:
+        """The timeout for DATA, the message and the final reply."""
+        if self.data_timeout is not None:
+            return self.data_timeout
+        return 2 * self.command_timeout
 
 
 @dataclass(frozen=True)
@@ -548,7 +559,7 @@ class Deliverer:
         """DATA, the message (dot-stuffed by aiosmtplib) and the final reply."""
         smtp = connection.smtp
         try:
-            response = await smtp.data(data, timeout=self.settings.data_timeout)
+            response = await smtp.data(data, timeout=self.settings.end_of_data_timeout)
         except SMTPResponseException as error:
             # A refusal of DATA or of the message: the destination's answer.
             if error.code == SERVICE_UNAVAILABLE:

@@ -52,6 +52,7 @@ from typing import Generic, TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdataclass
@@ -226,12 +227,21 @@ def _nxdomain_ttl(error: dns.resolver.NXDOMAIN) -> float | None:
 
 def _server_errors(error: dns.resolver.NoNameservers) -> str:
     """'127.0.0.1@53 answered SERVFAIL' rather than dnspython's whole query dump."""
-    texts = [
-        # (server, tcp, port, exception or rcode text, response)
-        f"{str(failure[0]).removeprefix('Do53:')} answered {failure[3]}"
-        for failure in error.kwargs.get("errors", [])
-    ]
-    return "; ".join(texts) or "no name server answered"
+    return "; ".join(map(_server_error, error.kwargs.get("errors", []))) or (
+        "no name server answered"
+    )
+
+
+def _server_error(failure: tuple[object, ...]) -> str:
+    # (server, tcp, port, exception or rcode text, response)
+    server, tcp, problem = str(failure[0]).removeprefix("Do53:"), failure[1], failure[3]
+    if isinstance(problem, dns.message.Truncated):
+        return f"{server} answered truncated (TC) over UDP"
+    if isinstance(problem, EOFError):
+        return f"{server} closed the {'TCP ' if tcp else ''}connection without an answer"
+    if isinstance(problem, BaseException):
+        return f"{server}{' over TCP' if tcp else ''} failed: {problem or type(problem).__name__}"
+    return f"{server} answered {problem}"
 
 
 # --- the pure rules ---
