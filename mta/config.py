@@ -344,6 +344,29 @@ class PolicyConfig:
                 raise ValueError(f"provider {name} is defined twice")
 
 
+def http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+        raise ValueError(f'expected an http:// or https:// URL, got "{text}"')
+    return text
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    file: str | None = setting(str, None, parse=non_empty)  # JSON lines, rotated
+    max_file_bytes: int = setting(int, 100 * 2**20, parse=positive)
+    backups: int = setting(int, 5, parse=not_negative)
+    webhook_url: str | None = setting(str, None, parse=http_url)
+    webhook_batch: int = setting(int, 100, parse=positive)
+    webhook_timeout: float = setting(float, 10.0, parse=positive)
+    webhook_retry_max: float = setting(float, 300.0, parse=positive)
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    action: str = setting(str, "reject", parse=one_of("reject", "drop"))
+    add_hard_bounces: bool = setting(bool, True)  # invalid recipients join the list
+
+
 @dataclass(frozen=True)
 class DkimConfig:
     domain: str = setting(str, parse=lowercase_domain)
@@ -360,6 +383,8 @@ class Config:
     delivery: DeliveryConfig = setting(DeliveryConfig, DeliveryConfig())
     egress: EgressConfig = setting(EgressConfig, EgressConfig())
     policy: PolicyConfig = setting(PolicyConfig, PolicyConfig())
+    events: EventsConfig = setting(EventsConfig, EventsConfig())
+    suppression: SuppressionConfig = setting(SuppressionConfig, SuppressionConfig())
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,9 @@ Named databases inside the environment:
     meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian)
     policy    traffic-policy state that must survive restarts: warmup counters
               (8-byte integers) and suspensions (JSON), by name
+    events    sequence number (8 bytes, big-endian) -> an event (JSON) waiting
+              for the webhook; written in the commit that made the event happen
+    suppress  address or "@domain" (lower case) -> why it is suppressed (JSON)
 
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
@@ -90,6 +93,8 @@ class Spool:
         self._due = self.env.open_db(b"due")
         self._meta = self.env.open_db(b"meta")
         self._policy = self.env.open_db(b"policy")
+        self._events = self.env.open_db(b"events")
+        self._suppress = self.env.open_db(b"suppress")
 
     def close(self) -> None:
         self.env.close()
@@ -191,6 +196,50 @@ class Spool:
 
     def set_state(self, txn: lmdb.Transaction, name: str, value: bytes) -> None:
         txn.put(name.encode(), value, db=self._policy)
+
+    # --- events waiting for the webhook ---
+
+    def append_event(self, txn: lmdb.Transaction, event: bytes) -> None:
+        cursor = txn.cursor(db=self._events)
+        last = struct.unpack(">Q", cursor.key())[0] if cursor.last() else 0
+        txn.put(struct.pack(">Q", last + 1), event, db=self._events)
+
+    def events(self, txn: lmdb.Transaction, limit: int) -> list[tuple[bytes, bytes]]:
+        """The oldest ``limit`` waiting events, (key, event)."""
+        batch: list[tuple[bytes, bytes]] = []
+        for key, value in txn.cursor(db=self._events):
+            if len(batch) == limit:
+                break
+            batch.append((bytes(key), bytes(value)))
+        return batch
+
+    def delete_events(self, txn: lmdb.Transaction, keys: list[bytes]) -> None:
+        for key in keys:
+            txn.delete(key, db=self._events)
+
+    def event_count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self._events)["entries"])
+
+    # --- suppression list ---
+
+    def suppression(self, txn: lmdb.Transaction, address: str) -> bytes | None:
+        """Why ``address`` (or its whole domain) is suppressed, or None."""
+        address = address.lower()
+        for entry in (address, "@" + address.rpartition("@")[2]):
+            raw = txn.get(entry.encode(), db=self._suppress)
+            if raw is not None:
+                return bytes(raw)
+        return None
+
+    def suppress(self, txn: lmdb.Transaction, entry: str, why: bytes) -> None:
+        txn.put(entry.lower().encode(), why, db=self._suppress)
+
+    def unsuppress(self, txn: lmdb.Transaction, entry: str) -> bool:
+        return bool(txn.delete(entry.lower().encode(), db=self._suppress))
+
+    def suppressions(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes]]:
+        for key, value in txn.cursor(db=self._suppress):
+            yield bytes(key).decode(), bytes(value)
 
     # --- reading ---
 
