@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import lmdb
 
-from mta import admin, config, logs, policyctl, signing
+from mta import admin, config, logs, policyctl, signing, suppression
 from mta.inbound.auth import UsersFileError, add_user
 from mta.outbound.egress import response_rules
 from mta.policy.replies import parse_reply
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_queue_commands(commands, common)
     _add_policy_commands(commands, common)
+    _add_suppress_commands(commands, common)
 
     dkim = commands.add_parser("dkim", help="DKIM keys").add_subparsers(
         dest="dkim_command", required=True, metavar="COMMAND"
@@ -145,6 +148,25 @@ def _add_policy_commands(
         sub.set_defaults(run=run_policy_change, action=action)
 
 
+def _add_suppress_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    suppress = commands.add_parser("suppress", help="the suppression list").add_subparsers(
+        dest="suppress_command", required=True, metavar="COMMAND"
+    )
+    add = suppress.add_parser("add", parents=[common], help="never mail these addresses")
+    add.add_argument("entries", nargs="+", metavar="ADDRESS|@DOMAIN")
+    add.add_argument("--reason", default="added by an operator")
+    add.set_defaults(run=run_suppress_add)
+    remove = suppress.add_parser("remove", parents=[common], help="mail them again")
+    remove.add_argument("entries", nargs="+", metavar="ADDRESS|@DOMAIN")
+    remove.set_defaults(run=run_suppress_remove)
+    listing = suppress.add_parser("list", parents=[common], help="every entry, and why")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=run_suppress_list)
+
+
 # --- commands ---
 
 
@@ -218,6 +240,51 @@ def run_policy_change(args: argparse.Namespace) -> int:
         return policyctl.resume(spool, settings, args.site, args.source, sys.stdout)
     seconds = policyctl.parse_duration(args.duration)
     return policyctl.suspend(spool, settings, args.site, args.source, seconds, sys.stdout)
+
+
+def _entries(texts: list[str]) -> list[str]:
+    try:
+        return [suppression.entry(text) for text in texts]
+    except ValueError as error:
+        raise admin.AdminError(str(error)) from None
+
+
+def run_suppress_add(args: argparse.Namespace) -> int:
+    entries = _entries(args.entries)
+    spool = _open_spool(args)
+    why = suppression.new(suppression.OPERATOR, args.reason).encode()
+    with spool.write() as txn:
+        for entry in entries:
+            spool.suppress(txn, entry, why)
+    print(f"suppressed {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    return 0
+
+
+def run_suppress_remove(args: argparse.Namespace) -> int:
+    entries = _entries(args.entries)
+    spool = _open_spool(args)
+    with spool.write() as txn:
+        missing = [entry for entry in entries if not spool.unsuppress(txn, entry)]
+    print(f"removed {len(entries) - len(missing)}")
+    if missing:
+        raise admin.AdminError(f"not on the suppression list: {', '.join(missing)}")
+    return 0
+
+
+def run_suppress_list(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+    with spool.read() as txn:
+        rows = [
+            (entry, suppression.Suppression.decode(why)) for entry, why in spool.suppressions(txn)
+        ]
+    if args.json:
+        json.dump([{"entry": entry} | asdict(why) for entry, why in rows], sys.stdout, indent=2)
+        print()
+    elif not rows:
+        print("The suppression list is empty")
+    for entry, why in [] if args.json else rows:
+        print(f"{entry:<40} {why.added}  {why.source:<8} {why.reason}")
+    return 0
 
 
 def run_keygen(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -20,7 +21,7 @@ from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
 from mta import metrics
-from mta.config import EgressConfig, ServerConfig
+from mta.config import EgressConfig, ServerConfig, SuppressionConfig
 from mta.inbound import replies
 from mta.inbound.access import address_is_valid, may_relay
 from mta.inbound.message import Rejected, prepare, received_field
@@ -29,6 +30,7 @@ from mta.queue.ids import IdGenerator
 from mta.queue.records import Message
 from mta.queue.store import Spool, SpoolFull
 from mta.signing import Signer, SignResult
+from mta.suppression import Suppression
 
 log = logging.getLogger("mta.smtpd")
 
@@ -48,6 +50,7 @@ class Handler:
         sign_pool: Executor,
         new_id: IdGenerator,
         on_queued: Callable[[], None],
+        suppression: SuppressionConfig | None = None,
     ) -> None:
         self.config = config
         self.egress = egress
@@ -57,6 +60,9 @@ class Handler:
         self.sign_pool = sign_pool
         self.new_id = new_id
         self.on_queued = on_queued  # the scheduler tries new mail at once
+        self.suppression = suppression or SuppressionConfig()
+        # Per transaction: suppressed recipients accepted at RCPT, to leave out at DATA.
+        self._dropped: weakref.WeakKeyDictionary[Envelope, set[str]] = weakref.WeakKeyDictionary()
 
     async def handle_EHLO(
         self,
@@ -104,9 +110,19 @@ class Handler:
             return replies.relay_denied(address)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        listed = self._suppressed(address)
+        if listed is not None:
+            if self.suppression.action == "reject":
+                return replies.suppressed(address, listed.summary())
+            self._dropped.setdefault(envelope, set()).add(address)  # accepted, never sent
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return replies.RECIPIENT_OK
+
+    def _suppressed(self, address: str) -> Suppression | None:
+        with self.spool.read() as txn:
+            raw = self.spool.suppression(txn, address)
+        return Suppression.decode(raw) if raw is not None else None
 
     async def handle_DATA(self, server: Any, session: SmtpSession, envelope: Envelope) -> str:
         queue_id = self.new_id()
@@ -132,13 +148,16 @@ class Handler:
             pool = self._pool(prepared.instructed, envelope.mail_from or "")
         except Rejected as rejected:
             return str(rejected)
+        recipients = self._drop_suppressed(queue_id, envelope)
+        if not recipients:  # every recipient was suppressed: nothing to keep
+            return replies.queued(queue_id)
         loop = asyncio.get_running_loop()
         signed = await loop.run_in_executor(self.sign_pool, self._sign, prepared.data)
         sender = envelope.mail_from or ""
         message = Message(
             id=queue_id,
             sender="" if sender == "<>" else sender,
-            recipients=tuple(envelope.rcpt_tos),
+            recipients=recipients,
             arrived=now,
             size=len(signed.message),
             client=f"{helo} ([{server.ip}])",
@@ -163,6 +182,15 @@ class Handler:
             _dkim_summary(signed),
         )
         return replies.queued(queue_id)
+
+    def _drop_suppressed(self, queue_id: str, envelope: Envelope) -> tuple[str, ...]:
+        """The recipients to keep; those on the suppression list (action "drop") are logged."""
+        dropped = self._dropped.pop(envelope, set())
+        for recipient in dropped:
+            log.info(
+                "id=%s to=<%s> status=suppressed (on the suppression list)", queue_id, recipient
+            )
+        return tuple(r for r in envelope.rcpt_tos if r not in dropped)
 
     def _pool(self, instructed: str | None, sender: str) -> str:
         """The egress pool: the pool header's, else the sender domain's, else the default."""

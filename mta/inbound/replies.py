@@ -44,6 +44,10 @@ def bad_address(address: str, what: str) -> str:
     return f"501 5.1.3 <{address}>: Bad {what} address syntax"
 
 
+def suppressed(address: str, why: str) -> str:
+    return f"550 5.1.1 <{address}>: Recipient address rejected: on the suppression list ({why})"
+
+
 def queued(queue_id: str) -> str:
     return f"250 2.0.0 Ok: queued as {queue_id}"
 
@@ -80,6 +84,7 @@ _REASONS = (
     ("550", "bare <CR> or <LF>", "bare_line_ending"),
     ("521", "bare <LF>", "bare_line_ending"),
     ("550", "From header", "bad_header"),
+    ("550", "suppression list", "suppressed"),
     ("452", "4.3.1", "spool_full"),
     ("452", "too many recipients", "too_many_recipients"),
     ("421", "too many connections", "too_many_connections"),
