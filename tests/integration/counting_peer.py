@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.integration.threaded_server import ThreadedServer
+
 
 @dataclass
 class Seen:
@@ -24,43 +26,16 @@ class Seen:
     refused: int = 0
 
 
-class CountingPeer:
+class CountingPeer(ThreadedServer):
     def __init__(
         self, host: str, data_delay: float = 0.0, refuse: str = "", refuse_count: int = 0
     ) -> None:
-        self.host = host
-        self.port = 0
+        super().__init__(host)
         self.data_delay = data_delay  # seconds before answering the end of data
         self.refuse = refuse  # a reply for RCPT, e.g. "421 4.7.0 [TSS04] ..."
         self.refuse_count = refuse_count
         self.seen = Seen()
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-
-    def __enter__(self) -> CountingPeer:
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._session, self.host, 0), self._loop
-        )
-        self._server = started.result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in sessions:
-            task.cancel()
-        await asyncio.gather(*sessions, return_exceptions=True)
 
     def snapshot(self) -> Seen:
         with self._lock:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import re
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -37,6 +36,7 @@ import pytest
 from tests.integration.conftest import Mta, make_certificate
 from tests.integration.sink import wait_until
 from tests.integration.test_accept import send
+from tests.integration.threaded_server import ThreadedServer
 from tests.reliability.conftest import Scenario
 
 pytestmark = pytest.mark.integration
@@ -86,34 +86,15 @@ class Session:
     closed: float | None = None
 
 
-class Receiver:
+class Receiver(ThreadedServer):
     """A scripted SMTP server on ``host``; set ``script`` to change how new sessions go."""
 
     def __init__(self, host: str, tls_context: ssl.SSLContext | None = None) -> None:
-        self.host = host
-        self.port = 0
+        super().__init__(host)
         self.script = HEALTHY
         self.tls_context = tls_context
         self.kept: list[Kept] = []
         self.sessions: list[Session] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._session, self.host, 0), self._loop
-        )
-        self._server = started.result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     @property
     def hop(self) -> str:
@@ -141,14 +122,6 @@ class Receiver:
             return next((s for s in list(self.sessions) if s.closed is None), None)
 
         return wait_until(open_now, timeout, f"a session open at {self.host}")
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in sessions:
-            task.cancel()
-        await asyncio.gather(*sessions, return_exceptions=True)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(time.monotonic())
