@@ -1,8 +1,9 @@
 """`mta serve`: start the listener, the spool writer and /metrics; stop cleanly.
 
 SIGTERM or SIGINT: stop listening, close idle sessions, let sessions in a
-transaction finish (up to ``[server] shutdown_timeout``), commit what was
-handed to the spool writer, exit 0.
+transaction finish (up to ``[server] shutdown_timeout``), let the webhook
+finish the POST under way (events not yet posted stay in the spool for the
+next start), commit what was handed to the spool writer, exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uvloop
 
 from mta import metrics, signing
 from mta.config import Config, ConfigError, ServerConfig, load
+from mta.events import EventLog, Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
@@ -81,6 +83,14 @@ class Daemon:
         )
         self.spool = Spool(config.spool.path, config.spool.max_size, config.spool.min_free_disk)
         self.committer = GroupCommitter(self.spool)
+        self.events = event_log(config, self.spool)
+        self.webhook = (
+            Webhook(self.spool, self.committer, config.events)
+            if config.events.webhook_url
+            else None
+        )
+        if self.webhook is not None:
+            self.events.wake = self.webhook.wake
         self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
         signer, new_id = signing.Signer(keys), IdGenerator()
         self.egress = Egress(config, self.spool)
@@ -101,6 +111,8 @@ class Daemon:
             schedule=retry_schedule(config),
             hostname=config.server.hostname,
             on_queued=self.scheduler.wake,
+            suppression_config=config.suppression,
+            events=self.events,
         )
         self.handler = Handler(
             config.server,
@@ -111,6 +123,8 @@ class Daemon:
             self.sign_pool,
             new_id,
             self.scheduler.wake,
+            suppression=config.suppression,
+            events=self.events,
         )
         self.sessions = Sessions(
             config.server.max_connections, config.server.max_connections_per_ip
@@ -148,7 +162,10 @@ class Daemon:
                 raise StartupError(
                     f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
                 ) from None
-            delivering = asyncio.get_running_loop().create_task(self.scheduler.run())
+            loop = asyncio.get_running_loop()
+            delivering = loop.create_task(self.scheduler.run())
+            posting = loop.create_task(self.webhook.run()) if self.webhook else None
+            self._warn_orphan_events()
             log.info(
                 "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
                 " ".join(str(address) for address in config.server.listen),
@@ -159,15 +176,20 @@ class Daemon:
             await _wait_for_stop_signal(on_reload=self.reload)
             self.stopping.set()
             log.info("stopping: no new connections; finishing open transactions and deliveries")
+            if self.webhook is not None:
+                self.webhook.stop()  # after the POST under way; the rest waits in the spool
             for listener in listeners:
                 listener.close()
             timeout = self.config.server.shutdown_timeout
             await self.sessions.drain(timeout)
             await self.scheduler.stop(timeout)
             await delivering
+            if posting is not None:
+                await posting
         finally:
             await self.egress.close()
             self.committer.close()
+            self.events.close()
             self.sign_pool.shutdown()
             self.spool.close()
         log.info("mta stopped")
@@ -195,6 +217,7 @@ class Daemon:
             ("[server] listen", old.server.listen, new.server.listen),
             ("[spool]", old.spool, new.spool),
             ("[metrics] listen", old.metrics.listen, new.metrics.listen),
+            ("[events]", old.events, new.events),
             (
                 "AUTH on or off ([server] users_file)",
                 bool(self.authenticator),
@@ -213,6 +236,8 @@ class Daemon:
             new.egress,
             signer,
         )
+        self.handler.suppression = new.suppression
+        self.attempter.suppression = new.suppression
         self.sessions.max_total = new.server.max_connections
         self.sessions.max_per_ip = new.server.max_connections_per_ip
         self.attempter.signer, self.attempter.resolver = signer, routes
@@ -223,6 +248,18 @@ class Daemon:
             await retired.close()
         self.key_count = len(keys)
         log.info("reloaded %s: %d DKIM key(s)", self.path, len(keys))
+
+    def _warn_orphan_events(self) -> None:
+        if self.webhook is not None:
+            return
+        with self.spool.read() as txn:
+            waiting = self.spool.event_count(txn)
+        if waiting:
+            log.warning(
+                "%d delivery event(s) wait in the spool for a webhook; "
+                "none is configured ([events] webhook_url)",
+                waiting,
+            )
 
 
 async def _wait_for_stop_signal(on_reload: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -240,6 +277,15 @@ async def _wait_for_stop_signal(on_reload: Callable[[], Coroutine[Any, Any, None
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+
+
+def event_log(config: Config, spool: Spool) -> EventLog:
+    try:
+        return EventLog(config.events, spool)
+    except OSError as error:
+        raise StartupError(
+            f"cannot open the events file {config.events.file}: {error.strerror or error}"
+        ) from None
 
 
 def resolver(config: Config) -> Resolver:

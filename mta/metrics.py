@@ -92,6 +92,20 @@ THROTTLE_EVENTS = Counter(
     ["rule"],
 )
 
+EVENTS = Counter(
+    "mta_events_total",
+    "Delivery events recorded, by type (received, delivered, deferred, bounced, expired).",
+    ["type"],
+)
+WEBHOOK_POSTS = Counter(
+    "mta_webhook_posts_total",
+    "Batches of events POSTed to the webhook, by result (ok, http_error, connection_error).",
+    ["result"],
+)
+WEBHOOK_EVENTS = Counter(
+    "mta_webhook_events_total", "Events the webhook accepted (answered 2xx) and left the spool."
+)
+
 
 class SpoolCollector(Collector):
     """Reads the spool's size at scrape time, so the figures include what
@@ -104,6 +118,7 @@ class SpoolCollector(Collector):
         with self.spool.read() as txn:
             count = self.spool.message_count(txn)
             size = self.spool.stored_bytes(txn)
+            events = self.spool.event_count(txn)
         yield GaugeMetricFamily("mta_spool_messages", "Messages in the spool.", value=count)
         yield GaugeMetricFamily("mta_spool_bytes", "Bytes of messages in the spool.", value=size)
         yield GaugeMetricFamily(
@@ -115,6 +130,11 @@ class SpoolCollector(Collector):
             "mta_spool_disk_free_bytes",
             "Free bytes on the spool's filesystem; new mail is refused below min_free_disk.",
             value=self.spool.free_disk(),
+        )
+        yield GaugeMetricFamily(
+            "mta_events_pending",
+            "Delivery events in the spool waiting for the webhook to accept them.",
+            value=events,
         )
 
 

@@ -21,7 +21,8 @@ from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
 from mta import metrics
-from mta.config import EgressConfig, ServerConfig, SuppressionConfig
+from mta.config import EgressConfig, EventsConfig, ServerConfig, SuppressionConfig
+from mta.events import EventLog, received_events
 from mta.inbound import replies
 from mta.inbound.access import address_is_valid, may_relay
 from mta.inbound.message import Rejected, prepare, received_field
@@ -51,6 +52,7 @@ class Handler:
         new_id: IdGenerator,
         on_queued: Callable[[], None],
         suppression: SuppressionConfig | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.config = config
         self.egress = egress
@@ -61,6 +63,7 @@ class Handler:
         self.new_id = new_id
         self.on_queued = on_queued  # the scheduler tries new mail at once
         self.suppression = suppression or SuppressionConfig()
+        self.events = events or EventLog(EventsConfig())
         # Per transaction: suppressed recipients accepted at RCPT, to leave out at DATA.
         self._dropped: weakref.WeakKeyDictionary[Envelope, set[str]] = weakref.WeakKeyDictionary()
 
@@ -165,11 +168,17 @@ class Handler:
             pool=pool,
         )
         try:
-            await self.committer.add(message, signed.message)
+            events = received_events(message, now)
+            await self.committer.run(
+                self.events.storing(
+                    events, lambda txn: self.spool.add(txn, message, signed.message)
+                )
+            )
         except SpoolFull as full:
             log.warning("id=%s not queued: %s", queue_id, full)
             return replies.NO_ROOM
         metrics.MESSAGES_RECEIVED.inc()
+        self.events.publish(events)
         self.on_queued()
         log.info(
             "id=%s from=<%s> size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",

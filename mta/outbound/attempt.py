@@ -14,6 +14,8 @@ The steps, each in the module that owns it:
 4. for bounces, build and sign the DSN (mta.outbound.dsn) before touching the
    spool, then record everything in ONE group commit: the job shrinks, waits
    or goes, and the DSN is queued in the same transaction (DESIGN invariant 2);
+   The attempt's delivery events (mta.events) are stored in that same
+   commit when a webhook takes them, and published after it;
 5. one Postfix-style log line per recipient, and metrics.
 """
 
@@ -23,13 +25,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import lmdb
 
-from mta import metrics
+from mta import metrics, suppression
+from mta.config import EventsConfig, SuppressionConfig
+from mta.events import Event, EventLog, attempt_events
 from mta.outbound.dsn import Failure, build_dsn
 from mta.outbound.egress import Egress, Lease, Wait
 from mta.outbound.resolver import ResolveError, Resolver
@@ -83,6 +87,8 @@ class Attempter:
         on_queued: Callable[[], None],
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        events: EventLog | None = None,
+        suppression_config: SuppressionConfig | None = None,
     ) -> None:
         self.spool = spool
         self.committer = committer
@@ -96,6 +102,8 @@ class Attempter:
         self.on_queued = on_queued
         self.clock = clock
         self.rng = rng or random.Random()
+        self.events = events or EventLog(EventsConfig())  # none configured: counted only
+        self.suppression = suppression_config or SuppressionConfig()
 
     async def __call__(self, key: bytes) -> None:
         loaded = self._load(key)
@@ -109,9 +117,10 @@ class Attempter:
         if outcome.wait_until is not None and decision.next_attempt is not None:
             decision = replace(decision, next_attempt=outcome.wait_until)
         bounce = await self._bounce(message, body, decision, outcome.relay)
+        events = self._events(job, message, outcome, decision)
         try:
             still_there = await self.committer.run(
-                lambda txn: self._record(txn, key, decision, outcome, bounce)
+                lambda txn: self._record(txn, key, decision, outcome, bounce, events)
             )
         finally:
             if outcome.lease is not None:
@@ -122,6 +131,7 @@ class Attempter:
                 job.message_id,
                 job.domain,
             )
+        self.events.publish(events)
         self._report(job, message, outcome, decision, bounce)
         if bounce is not None:
             self.on_queued()
@@ -213,8 +223,13 @@ class Attempter:
         decision: Decision,
         outcome: Outcome,
         bounce: Bounce | None,
+        events: Sequence[Event] = (),
     ) -> bool:
-        """Write the attempt's outcome; False if the job is gone (deleted meanwhile)."""
+        """Write the attempt's outcome; False if the job is gone (deleted meanwhile).
+
+        The events are stored either way: the attempt happened.
+        """
+        self.events.store(txn, events)
         if outcome.lease is not None:
             self.egress.count_sent(txn, outcome.lease, len(decision.delivered))
             self.egress.persist(txn, outcome.rules, outcome.lease)
@@ -236,7 +251,38 @@ class Attempter:
             self.spool.delete_job(txn, current)
         if bounce is not None:
             self.spool.add(txn, bounce.message, bounce.body, within_limits=False)
+        self._suppress_invalid(txn, decision, outcome)
         return True
+
+    def _suppress_invalid(
+        self, txn: lmdb.Transaction, decision: Decision, outcome: Outcome
+    ) -> None:
+        """Put recipients a receiving server said do not exist on the suppression list."""
+        if not self.suppression.add_hard_bounces or outcome.relay == NO_RELAY:
+            return
+        for recipient, reply in decision.bounced:
+            if reply.code >= 500 and classify(self.egress.rules, reply) == "invalid_recipient":
+                listed = suppression.new(suppression.BOUNCE, str(reply), self.clock())
+                self.spool.suppress(txn, recipient, listed.encode())
+
+    def _events(
+        self, job: Job, message: Message, outcome: Outcome, decision: Decision
+    ) -> list[Event]:
+        tried = outcome.wait_until is None
+        lease = outcome.lease
+        return attempt_events(
+            message=message,
+            recipients=job.recipients,
+            replies=outcome.replies,
+            decision=decision,
+            attempt=job.attempts + (1 if tried else 0),
+            now=self.clock(),
+            classify=lambda reply: classify(self.egress.rules, reply),
+            mx=None if outcome.relay == NO_RELAY else outcome.relay,
+            source=lease.source.name if lease else None,
+            site=lease.site.name if lease else None,
+            tried=tried,
+        )
 
     def _report(
         self,

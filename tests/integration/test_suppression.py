@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from tests.integration.conftest import Mta, RawSmtp
 from tests.integration.test_accept import send
+from tests.integration.test_client import PEER, Peer
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +47,40 @@ def test_suppressed_addresses_and_domains_are_refused_at_rcpt(running_mta: Mta) 
     bad = running_mta.cli("suppress", "add", "not an address")
     assert bad.returncode == 1 and "neither an address" in bad.stderr
     send(running_mta, recipients=["gone@example.net"])  # mailable again
+
+
+def test_drop_mode_accepts_and_leaves_the_recipient_out(mta: Mta) -> None:
+    mta.write_config()
+    original = mta.write_config
+
+    def write_config() -> None:
+        original()
+        with mta.config_path.open("a") as config:
+            config.write('[suppression]\naction = "drop"\n')
+
+    mta.write_config = write_config  # type: ignore[method-assign]
+    mta.start()
+    assert mta.cli("suppress", "add", "gone@example.net").returncode == 0
+    queue_id = send(mta, recipients=["gone@example.net", "here@example.net"])
+    [row] = mta.queue_list()
+    assert row["id"] == queue_id and row["recipients"] == ["here@example.net"]
+    assert f"id={queue_id} to=<gone@example.net> status=suppressed" in mta.log()
+    send(mta, recipients=["gone@example.net"])  # all suppressed: 250, nothing kept
+    assert len(mta.queue_list()) == 1
+    assert mta.stop() == 0
+
+
+def test_a_recipient_that_does_not_exist_joins_the_list(mta: Mta) -> None:
+    with Peer() as peer:  # refuses local parts starting with "bad": 550 5.1.1
+        mta.routes = {"partial.test": f"{PEER}:{peer.port}"}
+        mta.start()
+        send(mta, recipients=["bad@partial.test", "good@partial.test"])
+        deadline = time.monotonic() + 10
+        while not mta.cli("suppress", "list", "--json").stdout.count("bad@partial.test"):
+            assert time.monotonic() < deadline, mta.log()
+            time.sleep(0.1)
+        [entry] = json.loads(mta.cli("suppress", "list", "--json").stdout)
+        assert entry["source"] == "bounce" and "550 5.1.1" in entry["reason"]
+        assert rcpt(mta, "bad@partial.test").startswith("550 5.1.1")
+        assert [m.recipients for m in peer.handler.messages] == [["good@partial.test"]]
+    assert mta.stop() == 0
