@@ -25,5 +25,5 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     text = unit.read_text()
-    for hardening in ("User=mta", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+    for hardening in ("User=mta", "NoNewPrivileges=yes", "ProtectSystem=strict", "-HUP"):
         assert hardening in text
