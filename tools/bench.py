@@ -1,0 +1,1183 @@
+"""End-to-end benchmark: our MTA against Postfix as a plain relay, same load, same run.
+
+Usage:
+  .venv/bin/python tools/bench.py                       # the default loads (below)
+  .venv/bin/python tools/bench.py --size 4k,100k --per-connection 0,1 --recipients 1,20
+  .venv/bin/python tools/bench.py --sessions-sweep 1,5,10,20,50 [--plot sweep.svg]
+  .venv/bin/python tools/bench.py --skip-postfix --py-spy /tmp/prof   # only ours, profiled
+
+What runs, for every load and for each MTA in turn (alternating which goes first):
+
+- a receiver: a small asyncio SMTP sink (this file, ``--role sink``, in its own
+  process, uvloop) on 127.0.0.1 that answers 250 to everything, advertises
+  PIPELINING, and at each end of DATA notes the wall-clock time (ns), the
+  message's ``X-Bench-Id`` header and its number of RCPTs.  Postfix's
+  smtp-sink was the first choice, but its per-transaction dump files only
+  carry the kernel's coarse file mtime (every file of a 20-message burst had
+  the same timestamp here), too coarse for a p50 of a few milliseconds.
+- the MTA under test, relaying everything to that sink:
+  ours: ``mta serve`` with a temporary config and spool, a fresh RSA-2048 DKIM
+  key from ``mta dkim keygen`` for example.test (every message is From
+  app@example.test, so every message is signed), ``[delivery.routes] "*" =
+  "127.0.0.1:SINKPORT"``, other settings at their defaults
+  (max_concurrent_per_domain 20, max_messages_per_connection 100);
+  ``--mta-option SECTION.KEY=VALUE`` adds settings (e.g. server.workers=2).
+  Postfix: a throwaway instance in a temporary directory (see bench_accept.py
+  for the pitfalls) with ``relayhost = [127.0.0.1]:SINKPORT``, no DKIM,
+  delivery at Postfix's defaults: default_destination_concurrency_limit 20
+  (starting at 5, slow start), smtp_connection_cache_on_demand yes,
+  default_destination_recipient_limit 50, in_flow_delay 1s; queue files
+  fsynced before the 250, as ours.
+- a client: an asyncio SMTP client (this file, ``--role client``, its own
+  process, uvloop) with S sessions, K messages per connection (0 = all of a
+  session's messages on one connection), R recipients per message
+  (u0..u{R-1}@example.net, so one transaction per message at the sink),
+  MAIL/RCPT/DATA pipelined when the server offers PIPELINING (both do), a
+  unique ``X-Bench-Id`` per message; it notes the wall-clock time (ns) at
+  which each message's 250 after DATA arrives: the accept timestamp.
+
+Figures, per run:
+- accepted/s: messages answered 250 / (last 250 - client start);
+- delivered/s: messages whose every recipient reached the sink /
+  (last delivery - client start);
+- CPU ms/msg: utime+stime of the server's process tree (for Postfix the master
+  and every child, reaped ones included) from client start until the last
+  delivery, divided by messages; client and sink CPU are printed apart;
+- latency p50/p99: sink end-of-DATA time minus the client's 250 time, per
+  message (both clocks are CLOCK_REALTIME of the same host);
+- peak RSS: the largest sum of VmRSS over the server's processes, sampled
+  every 0.2 s (PSS, which shares libraries fairly among Postfix's many
+  processes, alongside).
+
+Every wait is bounded, every process started here is stopped and every
+temporary directory removed on exit, error, Ctrl-C or SIGTERM.  Needs Linux,
+root (for Postfix) and the Debian postfix package.  It prints figures and
+asserts nothing about timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_accept import (  # noqa: E402  (tools/ is not a package)
+    MTA,
+    POSTFIX,
+    BenchError,
+    Postfix,
+    _process_tree,
+    free_port,
+    py_spy,
+    run_mta,
+    stop_process,
+    tail,
+    tree_cpu,
+    wait_for_banner,
+)
+
+SENDER = "app@example.test"  # our DKIM key's domain
+RCPT_DOMAIN = "example.net"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+ID_RE = re.compile(rb"\r\nX-Bench-Id: *([^\r\n]+)", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- sink role
+
+
+class _SinkProtocol(asyncio.Protocol):
+    """One SMTP session at the sink: 250 to everything, a record per end of DATA."""
+
+    def __init__(self, records: list[str]) -> None:
+        self.records = records
+        self.buf = bytearray()
+        self.data: bytearray | None = None
+        self.rcpts = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.write(b"220 sink.bench.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.data is not None:
+            self._data(data)
+        else:
+            self.buf += data
+            self._commands()
+
+    def _commands(self) -> None:
+        out: list[bytes] = []
+        while self.data is None:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                break
+            verb = bytes(self.buf[:4]).upper()
+            del self.buf[: end + 2]
+            if verb in (b"EHLO", b"HELO"):
+                out.append(b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n")
+            elif verb == b"MAIL":
+                self.rcpts = 0
+                out.append(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                self.rcpts += 1
+                out.append(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                self.data = bytearray(b"\r\n")
+            elif verb == b"QUIT":
+                out.append(b"221 2.0.0 Bye\r\n")
+                self._write(out)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            elif verb in (b"RSET", b"NOOP"):
+                out.append(b"250 2.0.0 Ok\r\n")
+            else:
+                out.append(b"502 5.5.2 Error: command not recognized\r\n")
+        self._write(out)
+        if self.data is not None and self.buf:
+            rest = bytes(self.buf)
+            self.buf.clear()
+            self._data(rest)
+
+    def _data(self, chunk: bytes) -> None:
+        assert self.data is not None
+        start = max(0, len(self.data) - 4)
+        self.data += chunk
+        end = self.data.find(b"\r\n.\r\n", start)
+        if end < 0:
+            return
+        now = time.time_ns()
+        message = self.data
+        self.data = None
+        head_end = message.find(b"\r\n\r\n", 0, end + 2)
+        found = ID_RE.search(message, 0, head_end if head_end >= 0 else end + 2)
+        bench_id = found.group(1).decode("ascii", "replace").strip() if found else "-"
+        self.records.append(f"{bench_id} {now} {self.rcpts}\n")
+        self._write([b"250 2.0.0 Ok: queued\r\n"])
+        leftover = message[end + 5 :]
+        if leftover:
+            self.buf += leftover
+            self._commands()
+
+    def _write(self, out: list[bytes]) -> None:
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
+async def _sink_main(out_path: str) -> None:
+    records: list[str] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _SinkProtocol(records), "127.0.0.1", 0, backlog=1024, reuse_address=True
+    )
+    port = server.sockets[0].getsockname()[1]
+    print(port, flush=True)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    with open(out_path, "a") as out:
+        while not stop.is_set():
+            if records:
+                out.write("".join(records))
+                records.clear()
+                out.flush()
+            with _suppress_timeout():
+                await asyncio.wait_for(stop.wait(), 0.1)
+        server.close()
+        out.write("".join(records))
+    usage = os.times()
+    print(json.dumps({"cpu": usage.user + usage.system}), flush=True)
+
+
+class _suppress_timeout:  # noqa: N801  (a tiny context manager)
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
+        return kind is not None and issubclass(kind, TimeoutError)
+
+
+# ---------------------------------------------------------------- client role
+
+
+@dataclass
+class _ClientState:
+    remaining: int
+    accepted: list[tuple[int, int]] = field(default_factory=list)
+    rejected: int = 0
+    errors: int = 0
+    last_error: str = ""
+    next_id: int = 0
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed by the server")
+        lines.append(line)
+        if line[3:4] != b"-":
+            return int(line[:3]), b"".join(lines)
+
+
+def _body(size: int) -> bytes:
+    line = b"x" * 76 + b"\r\n"
+    body_size = max(2, size - 260)  # ~260 bytes of headers below
+    return (line * (body_size // len(line) + 1))[: body_size - 2] + b"\r\n"
+
+
+async def _client_session(
+    state: _ClientState, port: int, per_connection: int, recipients: int, body: bytes
+) -> None:
+    date = email.utils.formatdate(localtime=False).encode()
+    envelope_rcpts = b"".join(
+        b"RCPT TO:<u%d@%s>\r\n" % (i, RCPT_DOMAIN.encode()) for i in range(recipients)
+    )
+    to_header = b"To: <u0@%s>\r\n" % RCPT_DOMAIN.encode()
+    while state.remaining > 0 and state.errors <= 50:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+            code, _ = await asyncio.wait_for(_reply(reader), 60)
+            if code != 220:
+                raise ConnectionError(f"banner {code}")
+            writer.write(b"EHLO client.bench.test\r\n")
+            code, ehlo = await asyncio.wait_for(_reply(reader), 60)
+            if code != 250:
+                raise ConnectionError(f"EHLO {code}")
+            pipelining = b"PIPELINING" in ehlo.upper()
+            sent = 0
+            while state.remaining > 0 and (per_connection == 0 or sent < per_connection):
+                state.remaining -= 1
+                sent += 1
+                bench_id = state.next_id
+                state.next_id += 1
+                commands = [b"MAIL FROM:<%s>\r\n" % SENDER.encode()]
+                if pipelining:
+                    commands.append(envelope_rcpts + b"DATA\r\n")
+                    writer.write(b"".join(commands))
+                    codes = [(await asyncio.wait_for(_reply(reader), 60))[0]]
+                    for _ in range(recipients + 1):
+                        codes.append((await asyncio.wait_for(_reply(reader), 60))[0])
+                else:
+                    codes = []
+                    for command in [commands[0], *envelope_rcpts.splitlines(True), b"DATA\r\n"]:
+                        writer.write(command)
+                        codes.append((await asyncio.wait_for(_reply(reader), 60))[0])
+                if codes[-1] != 354:
+                    state.rejected += 1
+                    writer.write(b"RSET\r\n")
+                    await asyncio.wait_for(_reply(reader), 60)
+                    continue
+                head = (
+                    b"From: <%s>\r\n%sSubject: bench %d\r\nDate: %s\r\n"
+                    b"Message-ID: <%d.%d@bench.example.test>\r\nX-Bench-Id: %d\r\n\r\n"
+                    % (SENDER.encode(), to_header, bench_id, date, bench_id, port, bench_id)
+                )
+                writer.write(head + body + b".\r\n")
+                code, _ = await asyncio.wait_for(_reply(reader), 120)
+                if code == 250:
+                    state.accepted.append((bench_id, time.time_ns()))
+                else:
+                    state.rejected += 1
+            writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(_reply(reader), 60)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as error:
+            state.errors += 1
+            state.last_error = f"{type(error).__name__}: {error}"
+            await asyncio.sleep(0.1)
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+async def _client_main(args: argparse.Namespace) -> None:
+    state = _ClientState(remaining=args.messages)
+    body = _body(args.size)
+    start = time.time_ns()
+    await asyncio.gather(
+        *(
+            _client_session(state, args.port, args.per_connection, args.recipients, body)
+            for _ in range(args.sessions)
+        )
+    )
+    end = time.time_ns()
+    with open(args.out, "w") as out:
+        out.write("".join(f"{i} {t}\n" for i, t in state.accepted))
+    usage = os.times()
+    summary = {
+        "start": start,
+        "end": end,
+        "accepted": len(state.accepted),
+        "rejected": state.rejected,
+        "errors": state.errors,
+        "last_error": state.last_error,
+        "cpu": usage.user + usage.system,
+    }
+    print(json.dumps(summary), flush=True)
+
+
+def _run_loop(main: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main)
+    except ImportError:
+        asyncio.run(main)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+@dataclass(frozen=True)
+class Load:
+    size: int
+    per_connection: int
+    recipients: int
+    sessions: int
+    messages: int
+
+    def label(self) -> str:
+        size = f"{self.size // 1024}KB" if self.size % 1024 == 0 else f"{self.size}B"
+        per = "all" if self.per_connection == 0 else str(self.per_connection)
+        return f"{size} {per}/conn {self.recipients}rcpt {self.sessions}s"
+
+
+@dataclass
+class Run:
+    mta: str
+    load: Load
+    accepted: int = 0
+    rejected: int = 0
+    client_errors: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    accept_seconds: float = 0.0
+    deliver_seconds: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    sink_cpu: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    peak_rss: int = 0
+    peak_pss: int = 0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accepted_rate(self) -> float:
+        return self.accepted / self.accept_seconds if self.accept_seconds else 0.0
+
+    @property
+    def delivered_rate(self) -> float:
+        return self.delivered / self.deliver_seconds if self.deliver_seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.server_cpu / self.accepted if self.accepted else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Children:
+    """Every helper process this run started, stopped on close()."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[Any]] = []
+
+    def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        process = subprocess.Popen(command, start_new_session=True, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes:
+            stop_process(process, 10)
+        self.processes.clear()
+
+
+class Sampler(threading.Thread):
+    """Peak summed RSS and PSS of a process tree, sampled every 0.2 s."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.halt = threading.Event()
+
+    def sample(self) -> None:
+        rss = pss = 0
+        for pid in _process_tree(self.root):
+            rss += _kb_field(f"/proc/{pid}/status", "VmRSS:")
+            pss += _kb_field(f"/proc/{pid}/smaps_rollup", "Pss:")
+        self.peak_rss = max(self.peak_rss, rss * 1024)
+        self.peak_pss = max(self.peak_pss, pss * 1024)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.sample()
+            self.halt.wait(0.2)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=5)
+
+
+def _kb_field(path: str, name: str) -> int:
+    try:
+        with open(path) as status:
+            for line in status:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def start_sink(children: Children, out: Path) -> tuple[subprocess.Popen[str], int]:
+    sink = children.start(
+        [sys.executable, __file__, "--role", "sink", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sink.stdout is not None
+    line = _readline_within(sink.stdout, START_TIMEOUT)
+    if not line.strip().isdigit():
+        raise BenchError(f"the sink did not start (said {line!r})")
+    return sink, int(line)
+
+
+def _readline_within(stream: IO[str], timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0] if result else ""
+
+
+def stop_sink(sink: subprocess.Popen[str]) -> float:
+    """SIGTERM the sink; its CPU seconds."""
+    sink.send_signal(signal.SIGTERM)
+    try:
+        out, _ = sink.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        sink.kill()
+        sink.communicate(timeout=10)
+        raise BenchError("the sink did not stop within 30s") from None
+    lines = out.strip().splitlines()
+    return float(json.loads(lines[-1])["cpu"]) if lines else 0.0
+
+
+class SinkLog:
+    """Reads the sink's records as they are written: id -> (last time ns, recipients)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = ""
+        self.seen: dict[str, list[int]] = {}  # id -> [last ns, rcpts, transactions]
+        self.rcpts = 0
+
+    def poll(self) -> None:
+        try:
+            with self.path.open() as log:
+                log.seek(self.offset)
+                text = log.read()
+                self.offset = log.tell()
+        except OSError:
+            return
+        text = self.partial + text
+        lines = text.split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            bench_id, ns, rcpts = line.split()
+            entry = self.seen.setdefault(bench_id, [0, 0, 0])
+            entry[0] = max(entry[0], int(ns))
+            entry[1] += int(rcpts)
+            entry[2] += 1
+            self.rcpts += int(rcpts)
+
+
+class Server:
+    """The MTA under test; start() returns the pid at the root of its processes."""
+
+    name = ""
+    root: Path
+
+    def start(self, sink_port: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def stop(self) -> list[str]:
+        raise NotImplementedError
+
+    def log_tail(self) -> str:
+        raise NotImplementedError
+
+
+class Ours(Server):
+    name = "ours"
+
+    def __init__(self, root: Path, key: Path, options: dict[str, dict[str, str]]) -> None:
+        self.root = root
+        self.key = key
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = root / "mta.log"
+
+    def config(self, port: int, metrics_port: int, sink_port: int) -> str:
+        sections: dict[str, dict[str, str]] = {
+            "server": {
+                "hostname": '"mta.bench.test"',
+                "listen": f'["127.0.0.1:{port}"]',
+                "relay_networks": '["127.0.0.0/8"]',
+                "max_connections": "2000",
+                "max_connections_per_ip": "1000",
+                "shutdown_timeout": "10",
+            },
+            "spool": {
+                "path": f'"{self.root / "spool"}"',
+                "max_size": str(64 * 2**30),
+                "min_free_disk": "0",
+            },
+            "metrics": {"listen": f'"127.0.0.1:{metrics_port}"'},
+            "log": {"level": '"info"'},
+            "delivery": {},
+            "delivery.routes": {'"*"': f'"127.0.0.1:{sink_port}"'},
+        }
+        for section, values in self.options.items():
+            sections.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {value}" for key, value in values.items())
+        lines += [
+            "[[dkim]]",
+            'domain = "example.test"',
+            'selector = "s1"',
+            f'private_key = "{self.key}"',
+            "",
+        ]
+        return "\n".join(lines)
+
+    def start(self, sink_port: int) -> tuple[int, int]:
+        self.root.mkdir()
+        port, metrics_port = free_port(), free_port()
+        while metrics_port == port:
+            metrics_port = free_port()
+        config = self.root / "mta.toml"
+        config.write_text(self.config(port, metrics_port, sink_port))
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [MTA, "serve", "--config", str(config)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        process = self.process
+        wait_for_banner(port, START_TIMEOUT, lambda: process.poll() is None)
+        return process.pid, port
+
+    def stop(self) -> list[str]:
+        if self.process is None:
+            return []
+        code = stop_process(self.process, STOP_TIMEOUT)
+        self.process = None
+        return [] if code == 0 else [f"mta serve exited with {code}"]
+
+    def log_tail(self) -> str:
+        return tail(self.log)
+
+
+def postfix_relay_main_cf(root: Path, sink_port: int, size: int) -> str:
+    lines = [
+        "compatibility_level = 3.6",
+        f"queue_directory = {root / 'queue'}",
+        f"data_directory = {root / 'data'}",
+        "mail_owner = postfix",
+        "setgid_group = postdrop",
+        f"maillog_file = {root / 'maillog'}",
+        f"maillog_file_prefixes = {root}",
+        "myhostname = postfix.bench.test",
+        "mydomain = bench.test",
+        "myorigin = $mydomain",
+        "mydestination =",
+        "local_recipient_maps =",
+        "relay_domains =",
+        "alias_maps =",
+        "alias_database =",
+        "inet_interfaces = 127.0.0.1",
+        "inet_protocols = ipv4",
+        "mynetworks = 127.0.0.0/8",
+        "smtpd_relay_restrictions = permit_mynetworks, reject",
+        "smtpd_peername_lookup = no",
+        f"message_size_limit = {max(10_240_000, 2 * size + 65536)}",
+        "default_process_limit = 200",
+        "biff = no",
+        "append_dot_mydomain = no",
+        f"relayhost = [127.0.0.1]:{sink_port}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class PostfixRelay(Server):
+    name = "Postfix"
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.size = size
+        self.instance: Postfix | None = None
+
+    def start(self, sink_port: int) -> tuple[int, int]:
+        if os.geteuid() != 0:
+            raise BenchError("Postfix needs root to start")
+        if not Path(POSTFIX).exists():
+            raise BenchError("postfix is not installed")
+        # Postfix() wants bench_accept's arguments for its accept-only main.cf; replaced below.
+        accept_args = argparse.Namespace(size=self.size, postfix_queue="hold")
+        self.instance = Postfix(self.root, free_port(), accept_args)
+        (self.instance.conf / "main.cf").write_text(
+            postfix_relay_main_cf(self.root, sink_port, self.size)
+        )
+        return self.instance.start(), self.instance.port
+
+    def stop(self) -> list[str]:
+        notes = []
+        if self.instance is not None:
+            left = self.instance.stored()
+            if left:
+                notes.append(f"Postfix still queued {left} messages at the end")
+            self.instance.stop()
+        return notes
+
+    def log_tail(self) -> str:
+        return tail(self.root / "maillog")
+
+
+def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) -> Run:
+    """One load against one MTA, with its own sink; never raises BenchError."""
+    run = Run(server.name, load)
+    children = Children()
+    sampler: Sampler | None = None
+    sink: subprocess.Popen[str] | None = None
+    try:
+        sink_log = SinkLog(work / "sink.log")
+        sink, sink_port = start_sink(children, sink_log.path)
+        root_pid, port = server.start(sink_port)
+        sampler = Sampler(root_pid)
+        sampler.start()
+        spy_out = None
+        if args.py_spy and server.name == "ours":
+            Path(args.py_spy).mkdir(parents=True, exist_ok=True)
+            label = load.label().replace(" ", "_").replace("/", "per")
+            spy_out = str(Path(args.py_spy) / f"{label}.txt")
+        with py_spy(root_pid, spy_out):
+            cpu_before = tree_cpu(root_pid)
+            client = children.start(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "client",
+                    "--port",
+                    str(port),
+                    "--messages",
+                    str(load.messages),
+                    "--sessions",
+                    str(load.sessions),
+                    "--size",
+                    str(load.size),
+                    "--per-connection",
+                    str(load.per_connection),
+                    "--recipients",
+                    str(load.recipients),
+                    "--out",
+                    str(work / "accepted.log"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                out, _ = client.communicate(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"the client did not finish within {args.timeout:g}s") from None
+            if client.returncode != 0 or not out.strip():
+                raise BenchError(f"the client failed (exit {client.returncode})")
+            summary = json.loads(out.strip().splitlines()[-1])
+            run.accepted, run.rejected = summary["accepted"], summary["rejected"]
+            run.client_errors, run.client_cpu = summary["errors"], summary["cpu"]
+            if summary["errors"]:
+                run.notes.append(f"client: {summary['errors']} errors, {summary['last_error']}")
+            start_ns = summary["start"]
+            accepted: dict[str, int] = {}
+            for line in (work / "accepted.log").read_text().splitlines():
+                bench_id, ns = line.split()
+                accepted[bench_id] = int(ns)
+            if accepted:
+                run.accept_seconds = (max(accepted.values()) - start_ns) / 1e9
+            # wait for delivery: all recipients of every accepted message, or no progress
+            expected = len(accepted) * load.recipients
+            last_progress, last_count = time.monotonic(), -1
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                if sink.poll() is not None:
+                    raise BenchError(f"the sink exited with {sink.returncode}")
+                sink_log.poll()
+                if sink_log.rcpts >= expected:
+                    break
+                if sink_log.rcpts != last_count:
+                    last_count, last_progress = sink_log.rcpts, time.monotonic()
+                elif time.monotonic() - last_progress > args.drain_timeout:
+                    run.notes.append(f"delivery stalled for {args.drain_timeout:g}s")
+                    break
+                time.sleep(0.05)
+            run.server_cpu = tree_cpu(root_pid) - cpu_before
+        sampler.stop()
+        run.peak_rss, run.peak_pss = sampler.peak_rss, sampler.peak_pss
+        sampler = None
+        run.notes += server.stop()
+        run.sink_cpu = stop_sink(sink)
+        sink = None
+        sink_log.poll()
+        delivered_at = []
+        for bench_id, (delivered_ns, rcpts, _transactions) in sink_log.seen.items():
+            if bench_id not in accepted:
+                continue
+            if rcpts >= load.recipients:
+                run.delivered += 1
+                delivered_at.append(delivered_ns)
+                run.latencies_ms.append((delivered_ns - accepted[bench_id]) / 1e6)
+            if rcpts > load.recipients:
+                run.duplicates += 1
+        if delivered_at:
+            run.deliver_seconds = (max(delivered_at) - start_ns) / 1e9
+        if run.delivered < run.accepted:
+            run.notes.append(f"only {run.delivered} of {run.accepted} accepted were delivered")
+        if run.duplicates:
+            run.notes.append(f"{run.duplicates} messages delivered more than once")
+    except BenchError as error:
+        run.error = f"{error}; log tail: {server.log_tail()}"
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        with _suppress_bench_error():
+            server.stop()
+        if sink is not None:
+            with _suppress_bench_error():
+                stop_sink(sink)
+        children.close()
+    return run
+
+
+class _suppress_bench_error:  # noqa: N801
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
+        return kind is not None and issubclass(kind, (BenchError, OSError))
+
+
+def make_key(tmp: Path) -> Path:
+    keygen = run_mta(
+        "dkim", "keygen", "--domain", "example.test", "--selector", "s1", "--out", str(tmp)
+    )
+    if keygen.returncode != 0:
+        raise BenchError(f"mta dkim keygen failed: {keygen.stderr.strip()}")
+    return tmp / "example.test.s1.pem"
+
+
+def bench_load(
+    load: Load, args: argparse.Namespace, tmp: Path, key: Path, turn: int
+) -> list[list[Run]]:
+    """[ours runs, Postfix runs] over --rounds rounds, alternating who goes first."""
+    counter = itertools.count()
+    runs: list[list[Run]] = [[], []]
+    for round_no in range(args.rounds):
+        order = [0, 1] if (turn + round_no) % 2 == 0 else [1, 0]
+        for which in order:
+            if which == 1 and args.skip_postfix:
+                continue
+            work = tmp / f"run{next(counter)}-{turn}"
+            work.mkdir()
+            work.chmod(0o755)
+            server: Server = (
+                Ours(work / "mta", key, args.mta_options)
+                if which == 0
+                else PostfixRelay(work / "postfix", load.size)
+            )
+            print(f"  {load.label()}: {server.name} ...", file=sys.stderr, flush=True)
+            runs[which].append(bench_one(server, load, args, work))
+            shutil.rmtree(work, ignore_errors=True)
+    return runs
+
+
+def median_run(runs: list[Run]) -> Run | None:
+    """The run with the median delivered/s (the rounds' figures stay together)."""
+    good = [r for r in runs if not r.error]
+    if not good:
+        return runs[0] if runs else None
+    good.sort(key=lambda r: r.delivered_rate)
+    return good[len(good) // 2]
+
+
+# ---------------------------------------------------------------- report
+
+COLUMNS = (
+    f"{'load':<26} {'MTA':<8} {'accepted/s':>10} {'delivered/s':>11} {'CPU ms/msg':>10} "
+    f"{'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>11} {'(PSS)':>7} {'client+sink ms/msg':>18}"
+)
+
+
+def row(run: Run) -> str:
+    if run.error:
+        return f"{run.load.label():<26} {run.mta:<8} FAILED: {run.error}"
+    helpers = 1000 * (run.client_cpu + run.sink_cpu) / run.accepted if run.accepted else 0
+    return (
+        f"{run.load.label():<26} {run.mta:<8} {run.accepted_rate:>10.0f} "
+        f"{run.delivered_rate:>11.0f} {run.cpu_ms:>10.2f} {run.percentile(0.5):>8.1f} "
+        f"{run.percentile(0.99):>8.1f} {run.peak_rss / 2**20:>11.0f} "
+        f"{run.peak_pss / 2**20:>7.0f} {helpers:>18.2f}"
+    )
+
+
+def ratio_row(ours: Run, theirs: Run) -> str:
+    def ratio(a: float, b: float, width: int, digits: int = 2) -> str:
+        return f"{a / b:>{width - 1}.{digits}f}x" if b else f"{'n/a':>{width}}"
+
+    return (
+        f"{'':<26} {'ratio':<8} {ratio(ours.accepted_rate, theirs.accepted_rate, 10)} "
+        f"{ratio(ours.delivered_rate, theirs.delivered_rate, 11)} "
+        f"{ratio(ours.cpu_ms, theirs.cpu_ms, 10)} "
+        f"{ratio(ours.percentile(0.5), theirs.percentile(0.5), 8)} "
+        f"{ratio(ours.percentile(0.99), theirs.percentile(0.99), 8)} "
+        f"{ratio(ours.peak_rss, theirs.peak_rss, 11)} {ratio(ours.peak_pss, theirs.peak_pss, 7)}"
+    )
+
+
+def report(pairs: list[tuple[Run | None, Run | None]], rounds: int) -> None:
+    print()
+    if rounds > 1:
+        print(f"median of {rounds} rounds per MTA (by delivered/s)")
+    print(COLUMNS)
+    print("-" * len(COLUMNS))
+    for ours, theirs in pairs:
+        for run in (ours, theirs):
+            if run is not None:
+                print(row(run))
+        if ours and theirs and not ours.error and not theirs.error:
+            print(ratio_row(ours, theirs))
+    print("ratio = ours / Postfix (higher is better for the rates, lower for the rest)")
+    for ours, theirs in pairs:
+        for run in (ours, theirs):
+            for note in run.notes if run else []:
+                print(f"note: {run.mta} {run.load.label()}: {note}")  # type: ignore[union-attr]
+
+
+def sweep_report(points: list[tuple[int, Run | None, Run | None]], plot: Path) -> None:
+    print()
+    header = (
+        f"{'sessions':>8} {'ours acc/s':>10} {'ours del/s':>10} {'Postfix acc/s':>13} "
+        f"{'Postfix del/s':>13} {'del ratio':>9} {'ours p99 ms':>11} {'Postfix p99 ms':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for sessions, ours, theirs in points:
+        o_acc = ours.accepted_rate if ours and not ours.error else 0.0
+        o_del = ours.delivered_rate if ours and not ours.error else 0.0
+        t_acc = theirs.accepted_rate if theirs and not theirs.error else 0.0
+        t_del = theirs.delivered_rate if theirs and not theirs.error else 0.0
+        o_p99 = ours.percentile(0.99) if ours and not ours.error else 0.0
+        t_p99 = theirs.percentile(0.99) if theirs and not theirs.error else 0.0
+        ratio = f"{o_del / t_del:.2f}x" if t_del else "n/a"
+        print(
+            f"{sessions:>8} {o_acc:>10.0f} {o_del:>10.0f} {t_acc:>13.0f} {t_del:>13.0f} "
+            f"{ratio:>9} {o_p99:>11.1f} {t_p99:>14.1f}"
+        )
+    series = {
+        "ours delivered/s": [r.delivered_rate if r and not r.error else 0.0 for _, r, _ in points],
+        "Postfix delivered/s": [
+            r.delivered_rate if r and not r.error else 0.0 for _, _, r in points
+        ],
+        "ours accepted/s": [r.accepted_rate if r and not r.error else 0.0 for _, r, _ in points],
+        "Postfix accepted/s": [r.accepted_rate if r and not r.error else 0.0 for _, _, r in points],
+    }
+    counts = [count for count, _, _ in points]
+    print()
+    print(ascii_chart(counts, series))
+    plot.write_text(svg_chart(counts, series))
+    print(f"plot: {plot}")
+
+
+def ascii_chart(sessions: list[int], series: dict[str, list[float]]) -> str:
+    top = max((v for values in series.values() for v in values), default=0.0) or 1.0
+    width = 50
+    marks = dict(zip(series, "OPop", strict=False))
+    lines = ["delivered/s (O ours, P Postfix), accepted/s (o ours, p Postfix)"]
+    for i, count in enumerate(sessions):
+        for name, values in series.items():
+            bar = int(round(width * values[i] / top))
+            lines.append(f"{count:>4} {marks[name]} |{'#' * bar:<{width}}| {values[i]:.0f}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def svg_chart(sessions: list[int], series: dict[str, list[float]]) -> str:
+    """Throughput against sessions, a line per series; a hand-written SVG."""
+    w, h, left, right, top_pad, bottom = 720, 420, 70, 190, 30, 50
+    top = max((v for values in series.values() for v in values), default=0.0) or 1.0
+    step = 10 ** max(0, len(str(int(top))) - 1)
+    y_max = (int(top / step) + 1) * step
+    plot_w, plot_h = w - left - right, h - top_pad - bottom
+
+    def x(i: int) -> float:
+        return left + (plot_w * i / (len(sessions) - 1) if len(sessions) > 1 else plot_w / 2)
+
+    def y(v: float) -> float:
+        return top_pad + plot_h * (1 - v / y_max)
+
+    colours = ["#1f77b4", "#d62728", "#1f77b4", "#d62728"]
+    dashes = ["", "", "6,4", "6,4"]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{left}" y="18" font-size="14">Throughput against concurrent sessions</text>',
+    ]
+    for k in range(6):
+        v = y_max * k / 5
+        parts.append(
+            f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" '
+            'stroke="#ddd"/>'
+        )
+        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+    for i, count in enumerate(sessions):
+        parts.append(
+            f'<text x="{x(i):.1f}" y="{top_pad + plot_h + 18}" text-anchor="middle">{count}</text>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{h - 10}" text-anchor="middle">'
+        "sessions (log-spaced points)</text>"
+    )
+    parts.append(
+        f'<text x="16" y="{top_pad + plot_h / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {top_pad + plot_h / 2})">messages/s</text>'
+    )
+    for n, (name, values) in enumerate(series.items()):
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        dash = f' stroke-dasharray="{dashes[n]}"' if dashes[n] else ""
+        parts.append(
+            f'<polyline points="{points}" fill="none" stroke="{colours[n]}" '
+            f'stroke-width="2"{dash}/>'
+        )
+        for i, v in enumerate(values):
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colours[n]}"/>')
+        ly = top_pad + 20 + 22 * n
+        parts.append(
+            f'<line x1="{w - right + 15}" y1="{ly}" x2="{w - right + 45}" y2="{ly}" '
+            f'stroke="{colours[n]}" stroke-width="2"{dash}/>'
+        )
+        parts.append(f'<text x="{w - right + 50}" y="{ly + 4}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> list[int]:
+    values = []
+    for word in text.split(","):
+        word = word.strip().lower()
+        scale = 1024 if word.endswith("k") else 1
+        try:
+            values.append(int(word.removesuffix("k")) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'"{word}" is not a number') from None
+    return values
+
+
+def _mta_option(text: str) -> tuple[str, str, str]:
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().rpartition(".")
+    if not sep or not dot or not key:
+        raise argparse.ArgumentTypeError('expected SECTION.KEY=VALUE, e.g. "server.workers=2"')
+    return section, key, value.strip()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--role", choices=["bench", "sink", "client"], default="bench")
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--size",
+        type=_int_list,
+        help="message sizes in bytes, comma-separated, k = 1024 (default: 4k)",
+    )
+    parser.add_argument(
+        "--per-connection",
+        type=_int_list,
+        help="messages per connection, comma-separated; 0 = all of a session's (default: 0)",
+    )
+    parser.add_argument(
+        "--recipients", type=_int_list, help="recipients per message, comma-separated (default 1)"
+    )
+    parser.add_argument(
+        "--sessions", type=_int_list, help="concurrent client sessions, comma-separated (20)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        help="messages per run (default 4000; 2000 per point of a sweep)",
+    )
+    parser.add_argument(
+        "--sessions-sweep",
+        type=_int_list,
+        metavar="LIST",
+        help="throughput against sessions (e.g. 1,5,10,20,50) for the first load",
+    )
+    parser.add_argument("--plot", default="bench-sweep.svg", help="where the sweep's SVG plot goes")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per MTA and load (median)")
+    parser.add_argument("--skip-postfix", action="store_true", help="only measure our MTA")
+    parser.add_argument(
+        "--mta-option",
+        type=_mta_option,
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help='extra TOML setting for our MTA, value in TOML syntax (e.g. "server.workers=2")',
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="most seconds a load or a drain may take"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="give up waiting for delivery after this many seconds without progress",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="record our daemon with py-spy during each run (collapsed stacks in DIR)",
+    )
+    args = parser.parse_args(argv)
+    if args.role != "bench":
+        for name in ("size", "per_connection", "recipients", "sessions"):
+            values = getattr(args, name)
+            setattr(args, name, values[0] if values else 0)
+        return args
+    args.mta_options = {}
+    for section, key, value in args.mta_option:
+        args.mta_options.setdefault(section, {})[key] = value
+    for name in ("size", "recipients", "sessions", "sessions_sweep"):
+        if any(v < 1 for v in getattr(args, name) or []):
+            parser.error(f"--{name.replace('_', '-')} values must be at least 1")
+    if any(v < 0 for v in args.per_connection or []):
+        parser.error("--per-connection values must be 0 (all) or more")
+    if args.messages is not None and args.messages < 1 or args.rounds < 1:
+        parser.error("--messages and --rounds must be at least 1")
+    return args
+
+
+def loads_of(args: argparse.Namespace) -> list[Load]:
+    messages = args.messages or (2000 if args.sessions_sweep else 4000)
+    if args.sessions_sweep:
+        size = (args.size or [4096])[0]
+        per = (args.per_connection or [0])[0]
+        rcpts = (args.recipients or [1])[0]
+        return [Load(size, per, rcpts, s, messages) for s in args.sessions_sweep]
+    if not any((args.size, args.per_connection, args.recipients, args.sessions)):
+        # the issue's target load, then one factor changed at a time
+        return [
+            Load(4096, 0, 1, 20, messages),
+            Load(4096, 1, 1, 20, messages),
+            Load(4096, 0, 20, 20, messages),
+            Load(102400, 0, 1, 20, messages),
+        ]
+    return [
+        Load(size, per, rcpts, sessions, messages)
+        for size, per, rcpts, sessions in itertools.product(
+            args.size or [4096],
+            args.per_connection or [0],
+            args.recipients or [1],
+            args.sessions or [20],
+        )
+    ]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # every finally runs: servers stopped, temp dirs removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "sink":
+        _run_loop(_sink_main(args.out))
+        return 0
+    if args.role == "client":
+        _run_loop(_client_main(args))
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    tmp.chmod(0o755)  # Postfix daemons drop to the postfix user and must reach the queue
+    failed = False
+    try:
+        key = make_key(tmp / "dkim")
+        loads = loads_of(args)
+        print(
+            f"{loads[0].messages} messages per run; client and sink: this tool (asyncio, uvloop); "
+            f"ours with DKIM RSA-2048, Postfix {'skipped' if args.skip_postfix else 'no DKIM'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        pairs: list[tuple[Run | None, Run | None]] = []
+        for turn, load in enumerate(loads):
+            ours_runs, their_runs = bench_load(load, args, tmp, key, turn)
+            pairs.append((median_run(ours_runs), median_run(their_runs)))
+            failed = failed or any(r.error for r in ours_runs + their_runs)
+        report(pairs, args.rounds)
+        if args.sessions_sweep:
+            sweep_report(
+                [(load.sessions, o, t) for load, (o, t) in zip(loads, pairs, strict=True)],
+                Path(args.plot),
+            )
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
