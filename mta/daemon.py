@@ -110,7 +110,7 @@ class Daemon:
             new_id=new_id,
             schedule=retry_schedule(config),
             hostname=config.server.hostname,
-            on_queued=self.scheduler.wake,
+            on_queued=self.scheduler.queued,
             suppression_config=config.suppression,
             events=self.events,
         )
@@ -122,7 +122,7 @@ class Daemon:
             signer,
             self.sign_pool,
             new_id,
-            self.scheduler.wake,
+            self.scheduler.queued,
             suppression=config.suppression,
             events=self.events,
         )

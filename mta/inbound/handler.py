@@ -50,7 +50,7 @@ class Handler:
         signer: Signer,
         sign_pool: Executor,
         new_id: IdGenerator,
-        on_queued: Callable[[], None],
+        on_queued: Callable[[Message], None],
         suppression: SuppressionConfig | None = None,
         events: EventLog | None = None,
     ) -> None:
@@ -179,7 +179,7 @@ class Handler:
             return replies.NO_ROOM
         metrics.MESSAGES_RECEIVED.inc()
         self.events.publish(events)
-        self.on_queued()
+        self.on_queued(message)
         log.info(
             "id=%s from=<%s> size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
             queue_id,

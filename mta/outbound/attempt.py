@@ -84,7 +84,7 @@ class Attempter:
         new_id: IdGenerator,
         schedule: RetrySchedule,
         hostname: str,
-        on_queued: Callable[[], None],
+        on_queued: Callable[[Message], None],
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         events: EventLog | None = None,
@@ -134,7 +134,7 @@ class Attempter:
         self.events.publish(events)
         self._report(job, message, outcome, decision, bounce)
         if bounce is not None:
-            self.on_queued()
+            self.on_queued(bounce.message)
 
     def _load(self, key: bytes) -> tuple[Job, Message, bytes] | None:
         with self.spool.read() as txn:

@@ -8,10 +8,11 @@ domain and the whole node are under their concurrency limits.
 
 In-flight jobs are leased in memory only: their index entries stay put, so a
 crash or restart simply finds them due again (at least once, DESIGN
-invariant 3). The scheduler wakes when a new message is committed (no
-polling delay in the normal path), when an attempt finishes (a slot is free),
-and at least every ``poll`` seconds, which is how changes made by
-``mta queue flush|release`` from another process are noticed.
+invariant 3). A committed message's jobs are offered directly (``queued``: no
+polling delay in the normal path); a finished attempt looks up its domain's
+next due job with a seek in the per-domain index; a full scan runs at least
+every ``poll`` seconds (retries coming due, and ``mta queue flush|release``
+from another process) and when the node-wide limit had turned jobs away.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from mta.queue.records import split_job_key
+from mta.queue.records import Message, jobs_for, split_job_key
 from mta.queue.store import Spool
 
 log = logging.getLogger("mta.scheduler")
@@ -52,12 +53,22 @@ class Scheduler:
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
         self._per_domain: Counter[str] = Counter()
         self._crashed: dict[bytes, float] = {}  # job key -> when to try it again
+        self._full = False  # the node-wide limit turned a due job away: scan when a slot frees
         self._wakeup = asyncio.Event()
         self._stopping = False
 
     def wake(self) -> None:
-        """Look for due jobs now (a message was queued, or a slot came free)."""
+        """Scan the whole due index now (an operator flushed or released jobs)."""
         self._wakeup.set()
+
+    def queued(self, message: Message) -> None:
+        """A message was committed: try its jobs at once, limits permitting. One that
+        must wait starts when its domain has a free slot (``_refill``)."""
+        if self._stopping:
+            return
+        now = self.clock()
+        for job in jobs_for(message):
+            self._try_start(job.key, job.domain, now)
 
     async def run(self) -> None:
         while not self._stopping:
@@ -75,14 +86,38 @@ class Scheduler:
                 if when > now:
                     return when
                 if len(self.in_flight) >= self.max_concurrent:
-                    return None  # a finishing attempt wakes us
-                if key in self.in_flight or self._crashed.get(key, 0.0) > now:
-                    continue
-                domain = split_job_key(key)[1]
-                if self._per_domain[domain] >= self.max_per_domain:
-                    continue
-                self._start(key, domain)
+                    self._full = True
+                    return None  # a finishing attempt scans again
+                self._try_start(key, split_job_key(key)[1], now)
         return None
+
+    def _try_start(self, key: bytes, domain: str, now: float) -> bool:
+        """Start the job unless it runs, paused after a crash, or a limit says no."""
+        if key in self.in_flight or self._crashed.get(key, 0.0) > now:
+            return False
+        if len(self.in_flight) >= self.max_concurrent:
+            self._full = True
+            return False
+        if self._per_domain[domain] >= self.max_per_domain:
+            return False
+        self._start(key, domain)
+        return True
+
+    def _refill(self, domain: str) -> None:
+        """A slot of ``domain`` came free: start its next due jobs, found by a seek in
+        the per-domain index (a full scan per finished attempt would cost as much as
+        the whole backlog)."""
+        free = self.max_per_domain - self._per_domain[domain]
+        if free <= 0 or self._stopping:
+            return
+        now = self.clock()
+        with self.spool.read() as txn:
+            # Jobs of the domain in flight are still in the index: look past them.
+            keys = self.spool.due_in(txn, domain, now, free + self._per_domain[domain])
+        for key in keys:
+            if self._per_domain[domain] >= self.max_per_domain:
+                return
+            self._try_start(key, domain, now)
 
     def _start(self, key: bytes, domain: str) -> None:
         self._per_domain[domain] += 1
@@ -102,7 +137,10 @@ class Scheduler:
             self._crashed[key] = self.clock() + CRASH_PAUSE
         else:
             self._crashed.pop(key, None)
-        self.wake()
+        self._refill(domain)
+        if self._full:  # other domains may have due jobs the node-wide limit held back
+            self._full = False
+            self.wake()
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; give attempts in flight ``timeout`` seconds, then

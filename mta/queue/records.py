@@ -116,6 +116,15 @@ def due_key(job: Job) -> bytes:
     return struct.pack(">Q", max(0, int(job.next_attempt * 1000))) + job.key
 
 
+def domain_due_key(job: Job) -> bytes:
+    """The same entry in the per-domain index: domain first, then time and job key."""
+    return job.domain.encode() + b"\0" + due_key(job)
+
+
+def domain_prefix(domain: str) -> bytes:
+    return domain.encode() + b"\0"
+
+
 def due_time(key: bytes) -> float:
     (ms,) = struct.unpack(">Q", key[:8])
     return ms / 1000.0

@@ -6,6 +6,7 @@ Named databases inside the environment:
     bodies    queue ID -> the signed message bytes
     jobs      queue ID NUL domain -> Job as JSON
     due       ms of next attempt + job key -> b"" (ready jobs only, in time order)
+    ready     domain NUL ms of next attempt + job key -> b"" (the same, by domain)
     meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian)
     policy    traffic-policy state that must survive restarts: warmup counters
               (8-byte integers) and suspensions (JSON), by name
@@ -34,7 +35,17 @@ from pathlib import Path
 
 import lmdb
 
-from mta.queue.records import Job, JobState, Message, due_key, due_time, job_prefix, jobs_for
+from mta.queue.records import (
+    Job,
+    JobState,
+    Message,
+    domain_due_key,
+    domain_prefix,
+    due_key,
+    due_time,
+    job_prefix,
+    jobs_for,
+)
 
 _BYTES = b"bytes"
 # LMDB reserves address space, not disk: a map twice the spool limit leaves
@@ -81,7 +92,7 @@ class Spool:
         self.env = lmdb.open(
             str(self.path),
             map_size=2 * max_size + _MAP_HEADROOM,
-            max_dbs=8,
+            max_dbs=16,  # room for the databases later work adds
             sync=True,
             metasync=True,
         )
@@ -91,6 +102,7 @@ class Spool:
         self._bodies = self.env.open_db(b"bodies")
         self._jobs = self.env.open_db(b"jobs")
         self._due = self.env.open_db(b"due")
+        self._ready = self.env.open_db(b"ready")
         self._meta = self.env.open_db(b"meta")
         self._policy = self.env.open_db(b"policy")
         self._events = self.env.open_db(b"events")
@@ -161,16 +173,21 @@ class Spool:
     def put_job(self, txn: lmdb.Transaction, job: Job, old: Job | None = None) -> None:
         """Store ``job``, replacing ``old`` (the same job as it was read)."""
         if old is not None and old.state is JobState.READY:
-            txn.delete(due_key(old), db=self._due)
+            self._unindex(txn, old)
         txn.put(job.key, job.encode(), db=self._jobs)
         if job.state is JobState.READY:
             txn.put(due_key(job), b"", db=self._due)
+            txn.put(domain_due_key(job), b"", db=self._ready)
+
+    def _unindex(self, txn: lmdb.Transaction, job: Job) -> None:
+        txn.delete(due_key(job), db=self._due)
+        txn.delete(domain_due_key(job), db=self._ready)
 
     def delete_job(self, txn: lmdb.Transaction, job: Job) -> bool:
         """Remove a job; the message goes with its last job. True if it went."""
         txn.delete(job.key, db=self._jobs)
         if job.state is JobState.READY:
-            txn.delete(due_key(job), db=self._due)
+            self._unindex(txn, job)
         if any(True for _ in self._job_items(txn, job.message_id)):
             return False
         message = self.message(txn, job.message_id)
@@ -260,6 +277,24 @@ class Spool:
         for key, _ in txn.cursor(db=self._due):
             raw = bytes(key)
             yield due_time(raw), raw[8:]
+
+    def due_in(self, txn: lmdb.Transaction, domain: str, until: float, limit: int) -> list[bytes]:
+        """Keys of up to ``limit`` ready jobs of ``domain`` due by ``until``, soonest first:
+        a seek, whatever the size of the rest of the queue."""
+        prefix = domain_prefix(domain)
+        cursor = txn.cursor(db=self._ready)
+        keys: list[bytes] = []
+        if not cursor.set_range(prefix):
+            return keys
+        for raw, _ in cursor:
+            key = bytes(raw)
+            if not key.startswith(prefix) or len(keys) >= limit:
+                break
+            entry = key[len(prefix) :]
+            if due_time(entry) > until:
+                break
+            keys.append(entry[8:])
+        return keys
 
     def jobs_of(self, txn: lmdb.Transaction, queue_id: str) -> list[Job]:
         return [Job.decode(value) for value in self._job_items(txn, queue_id)]

@@ -437,7 +437,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory, keys: list[DkimKey]) -> I
         Signer(keys),
         pool,
         IdGenerator(),
-        on_queued=lambda: None,
+        on_queued=lambda message: None,
     )
     yield Listener(handler, spool, Sessions(max_total=1000, max_per_ip=1000))
     committer.close()

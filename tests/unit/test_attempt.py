@@ -99,7 +99,7 @@ def run_attempt(
                 new_id=new_id,
                 schedule=RetrySchedule(first=60, jitter=0),
                 hostname="mta.example.test",
-                on_queued=lambda: None,
+                on_queued=lambda message: None,
                 clock=lambda: NOW,
             )
             await attempter(job_key(queue_id, "example.net"))

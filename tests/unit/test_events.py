@@ -385,7 +385,7 @@ def test_an_attempt_stores_its_events_in_the_commit_of_its_outcome(tmp_path: Pat
                 new_id=new_id,
                 schedule=RetrySchedule(first=60, jitter=0),
                 hostname="mta.example.test",
-                on_queued=lambda: None,
+                on_queued=lambda message: None,
                 clock=lambda: NOW,
                 events=events,
             )
