@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -137,21 +136,14 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
     return 0
 
 
-def stats(
-    spool: Spool,
-    paths: list[dict[str, Any]],
-    classify: Callable[[str], str],
-    as_json: bool,
-    out: TextIO,
-) -> int:
-    """Totals and counts by domain, waiting jobs by the class of their last
-    reply (``classify``), and ``paths`` (suspended or throttled)."""
+def stats(spool: Spool, paths: list[dict[str, Any]], as_json: bool, out: TextIO) -> int:
+    """Totals, counts by domain, waiting jobs by the class of their last reply,
+    and ``paths`` (suspended or throttled); from counters, so it answers at once
+    whatever the size of the spool."""
     with spool.read() as txn:
         figures = spool.stats(txn)
-        classes = Counter(classify(job.last_reply) for job in spool.all_jobs(txn) if job.last_reply)
     if as_json:
-        extra = {"by_class": dict(classes), "restrictions": paths}
-        json.dump(asdict(figures) | extra, out, indent=2)
+        json.dump(asdict(figures) | {"restrictions": paths}, out, indent=2)
         out.write("\n")
         return 0
     states = ", ".join(f"{state} {count}" for state, count in sorted(figures.by_state.items()))
@@ -166,8 +158,9 @@ def stats(
             ready = domain.by_state.get(JobState.READY, 0)
             held = domain.by_state.get(JobState.HELD, 0)
             out.write(f"{name:<40} {domain.jobs:>7} {domain.recipients:>7} {ready:>7} {held:>7}\n")
-    if classes:
-        waiting = ", ".join(f"{name} {count}" for name, count in classes.most_common())
+    if figures.by_class:
+        by_count = sorted(figures.by_class.items(), key=lambda item: -item[1])
+        waiting = ", ".join(f"{name} {count}" for name, count in by_count)
         out.write(f"waiting jobs by last reply: {waiting}\n")
     for path in paths:
         until = path.get("suspended_until") or path.get("throttled_until")

@@ -19,9 +19,6 @@ import lmdb
 
 from mta import admin, config, logs, policyctl, signing, suppression
 from mta.inbound.auth import UsersFileError, add_user
-from mta.outbound.egress import response_rules
-from mta.policy.replies import parse_reply
-from mta.policy.rules import classify
 from mta.queue.records import JobState
 from mta.queue.store import Spool, SpoolMissing
 
@@ -213,15 +210,9 @@ def run_queue_show(args: argparse.Namespace) -> int:
 
 
 def run_queue_stats(args: argparse.Namespace) -> int:
-    settings = config.load(args.config)
     spool = _open_spool(args)
     paths = policyctl.restrictions(spool, time.time())
-    rules = response_rules(settings)
-
-    def classify_reply(text: str) -> str:
-        return classify(rules, parse_reply(text))
-
-    return admin.stats(spool, paths, classify_reply, args.json, sys.stdout)
+    return admin.stats(spool, paths, args.json, sys.stdout)
 
 
 def run_queue_change(args: argparse.Namespace) -> int:

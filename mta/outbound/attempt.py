@@ -245,6 +245,7 @@ class Attempter:
                 attempts=current.attempts + (0 if outcome.wait_until is not None else 1),
                 next_attempt=decision.next_attempt,
                 last_reply=str(outcome.replies[waiting[0]]),
+                last_class=classify(self.egress.rules, outcome.replies[waiting[0]]),
             )
             self.spool.put_job(txn, updated, old=current)
         else:

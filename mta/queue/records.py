@@ -54,6 +54,7 @@ class Job:
     state: JobState = JobState.READY
     attempts: int = 0
     last_reply: str = ""
+    last_class: str = ""  # what kind of failure last_reply is (mta.policy.rules)
 
     @property
     def key(self) -> bytes:

@@ -13,6 +13,9 @@ Named databases inside the environment:
     events    sequence number (8 bytes, big-endian) -> an event (JSON) waiting
               for the webhook; written in the commit that made the event happen
     suppress  address or "@domain" (lower case) -> why it is suppressed (JSON)
+    counts    "d" NUL domain NUL state -> jobs and recipients (2 x 8 bytes), and
+              "c" NUL class -> jobs whose last reply was of that class: what
+              `mta queue stats` prints, without reading a million jobs
 
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
@@ -75,6 +78,7 @@ class SpoolStats:
     jobs: int = 0
     by_state: dict[str, int] = field(default_factory=dict)
     by_domain: dict[str, DomainStats] = field(default_factory=dict)
+    by_class: dict[str, int] = field(default_factory=dict)  # waiting jobs by last reply
 
 
 class Spool:
@@ -107,6 +111,8 @@ class Spool:
         self._policy = self.env.open_db(b"policy")
         self._events = self.env.open_db(b"events")
         self._suppress = self.env.open_db(b"suppress")
+        self._counts = self.env.open_db(b"counts")
+        self._count_existing_jobs()
 
     def close(self) -> None:
         self.env.close()
@@ -172,12 +178,38 @@ class Spool:
 
     def put_job(self, txn: lmdb.Transaction, job: Job, old: Job | None = None) -> None:
         """Store ``job``, replacing ``old`` (the same job as it was read)."""
-        if old is not None and old.state is JobState.READY:
-            self._unindex(txn, old)
+        if old is not None:
+            self._count(txn, old, -1)
+            if old.state is JobState.READY:
+                self._unindex(txn, old)
+        self._count(txn, job, +1)
         txn.put(job.key, job.encode(), db=self._jobs)
         if job.state is JobState.READY:
             txn.put(due_key(job), b"", db=self._due)
             txn.put(domain_due_key(job), b"", db=self._ready)
+
+    def _count(self, txn: lmdb.Transaction, job: Job, sign: int) -> None:
+        self._bump(txn, f"d\0{job.domain}\0{job.state.value}", sign, sign * len(job.recipients))
+        if job.last_class:
+            self._bump(txn, f"c\0{job.last_class}", sign, 0)
+
+    def _bump(self, txn: lmdb.Transaction, name: str, jobs: int, recipients: int) -> None:
+        key = name.encode()
+        raw = txn.get(key, db=self._counts)
+        old_jobs, old_recipients = struct.unpack(">qq", raw) if raw else (0, 0)
+        new = (old_jobs + jobs, old_recipients + recipients)
+        if new == (0, 0):
+            txn.delete(key, db=self._counts)
+        else:
+            txn.put(key, struct.pack(">qq", *new), db=self._counts)
+
+    def _count_existing_jobs(self) -> None:
+        """Build the counts of a spool written before they existed (one pass, once)."""
+        with self.env.begin(write=True) as txn:
+            if txn.stat(self._counts)["entries"] or not txn.stat(self._jobs)["entries"]:
+                return
+            for job in self.all_jobs(txn):
+                self._count(txn, job, +1)
 
     def _unindex(self, txn: lmdb.Transaction, job: Job) -> None:
         txn.delete(due_key(job), db=self._due)
@@ -186,6 +218,7 @@ class Spool:
     def delete_job(self, txn: lmdb.Transaction, job: Job) -> bool:
         """Remove a job; the message goes with its last job. True if it went."""
         txn.delete(job.key, db=self._jobs)
+        self._count(txn, job, -1)
         if job.state is JobState.READY:
             self._unindex(txn, job)
         if any(True for _ in self._job_items(txn, job.message_id)):
@@ -320,12 +353,19 @@ class Spool:
             yield Message.decode(value)
 
     def stats(self, txn: lmdb.Transaction) -> SpoolStats:
+        """Totals, by state, by domain and by class of last reply, from the counts."""
         stats = SpoolStats(messages=self.message_count(txn), bytes=self.stored_bytes(txn))
-        for job in self.all_jobs(txn):
-            stats.jobs += 1
-            stats.by_state[job.state] = stats.by_state.get(job.state, 0) + 1
-            domain = stats.by_domain.setdefault(job.domain, DomainStats())
-            domain.jobs += 1
-            domain.recipients += len(job.recipients)
-            domain.by_state[job.state] = domain.by_state.get(job.state, 0) + 1
+        for raw, value in txn.cursor(db=self._counts):
+            kind, _, rest = bytes(raw).decode().partition("\0")
+            jobs, recipients = struct.unpack(">qq", value)
+            if kind == "c":
+                stats.by_class[rest] = jobs
+                continue
+            name, _, state = rest.partition("\0")
+            stats.jobs += jobs
+            stats.by_state[state] = stats.by_state.get(state, 0) + jobs
+            domain = stats.by_domain.setdefault(name, DomainStats())
+            domain.jobs += jobs
+            domain.recipients += recipients
+            domain.by_state[state] = domain.by_state.get(state, 0) + jobs
         return stats

@@ -71,6 +71,7 @@ def test_encoding_is_json_an_operator_can_read() -> None:
         attempts=2,
         state=JobState.HELD,
         last_reply="451 4.7.1 try later",
+        last_class="rate_limited",
     )
     assert json.loads(job.encode()) == {
         "message_id": QID,
@@ -80,6 +81,7 @@ def test_encoding_is_json_an_operator_can_read() -> None:
         "state": "held",
         "attempts": 2,
         "last_reply": "451 4.7.1 try later",
+        "last_class": "rate_limited",
     }
 
 

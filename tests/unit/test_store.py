@@ -16,6 +16,8 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
@@ -581,3 +583,64 @@ def test_a_failed_commit_is_reported_and_the_writer_carries_on(
     with spool.read() as txn:
         assert spool.body(txn, original.id) == b"one"
         assert spool.body(txn, later.id) == b"two"
+
+
+def scanned_stats(spool: Spool) -> dict[str, object]:
+    """What stats() must say, computed the slow way: from every job."""
+    with spool.read() as txn:
+        jobs = list(spool.all_jobs(txn))
+    by_domain: dict[str, tuple[int, int]] = {}
+    by_class: dict[str, int] = {}
+    for job in jobs:
+        count, recipients = by_domain.get(job.domain, (0, 0))
+        by_domain[job.domain] = (count + 1, recipients + len(job.recipients))
+        if job.last_class:
+            by_class[job.last_class] = by_class.get(job.last_class, 0) + 1
+    return {"jobs": len(jobs), "by_domain": by_domain, "by_class": by_class}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    operations=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "hold", "defer", "delete"]),
+            st.integers(0, 9),
+            st.lists(st.sampled_from(["a.test", "b.test", "c.test"]), min_size=1, max_size=3),
+        ),
+        max_size=25,
+    )
+)
+def test_stats_counters_agree_with_a_scan(
+    tmp_path_factory: pytest.TempPathFactory, operations: list
+) -> None:  # type: ignore[type-arg]
+    spool = Spool(tmp_path_factory.mktemp("spool"), max_size=2**20)
+    new_id = IdGenerator()
+    ids: list[str] = []
+    for action, pick, domains in operations:
+        with spool.write() as txn:
+            if action == "add" or not ids:
+                queue_id = new_id()
+                recipients = tuple(f"u{n}@{d}" for n, d in enumerate(domains))
+                spool.add(txn, message(queue_id, recipients, b"x"), b"x")
+                ids.append(queue_id)
+                continue
+            jobs = spool.jobs_of(txn, ids[pick % len(ids)])
+            if not jobs:
+                continue
+            job = jobs[0]
+            if action == "hold":
+                spool.put_job(txn, job.with_state(JobState.HELD), old=job)
+            elif action == "defer":
+                waiting = replace(job, attempts=job.attempts + 1, last_class="rate_limited")
+                spool.put_job(txn, waiting, old=job)
+            else:
+                spool.delete_job(txn, job)
+    with spool.read() as txn:
+        stats = spool.stats(txn)
+    expected = scanned_stats(spool)
+    assert stats.jobs == expected["jobs"]
+    assert {d: (s.jobs, s.recipients) for d, s in stats.by_domain.items()} == expected["by_domain"]
+    assert stats.by_class == expected["by_class"]
+    spool.close()
