@@ -84,6 +84,7 @@ from bench_accept import (  # noqa: E402  (tools/ is not a package)
     Postfix,
     _process_tree,
     free_port,
+    postfix_main_cf,
     py_spy,
     run_mta,
     stop_process,
@@ -612,37 +613,6 @@ class Ours(Server):
         return tail(self.log)
 
 
-def postfix_relay_main_cf(root: Path, sink_port: int, size: int) -> str:
-    lines = [
-        "compatibility_level = 3.6",
-        f"queue_directory = {root / 'queue'}",
-        f"data_directory = {root / 'data'}",
-        "mail_owner = postfix",
-        "setgid_group = postdrop",
-        f"maillog_file = {root / 'maillog'}",
-        f"maillog_file_prefixes = {root}",
-        "myhostname = postfix.bench.test",
-        "mydomain = bench.test",
-        "myorigin = $mydomain",
-        "mydestination =",
-        "local_recipient_maps =",
-        "relay_domains =",
-        "alias_maps =",
-        "alias_database =",
-        "inet_interfaces = 127.0.0.1",
-        "inet_protocols = ipv4",
-        "mynetworks = 127.0.0.0/8",
-        "smtpd_relay_restrictions = permit_mynetworks, reject",
-        "smtpd_peername_lookup = no",
-        f"message_size_limit = {max(10_240_000, 2 * size + 65536)}",
-        "default_process_limit = 200",
-        "biff = no",
-        "append_dot_mydomain = no",
-        f"relayhost = [127.0.0.1]:{sink_port}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 class PostfixRelay(Server):
     name = "Postfix"
 
@@ -656,12 +626,8 @@ class PostfixRelay(Server):
             raise BenchError("Postfix needs root to start")
         if not Path(POSTFIX).exists():
             raise BenchError("postfix is not installed")
-        # Postfix() wants bench_accept's arguments for its accept-only main.cf; replaced below.
-        accept_args = argparse.Namespace(size=self.size, postfix_queue="hold")
-        self.instance = Postfix(self.root, free_port(), accept_args)
-        (self.instance.conf / "main.cf").write_text(
-            postfix_relay_main_cf(self.root, sink_port, self.size)
-        )
+        main_cf = postfix_main_cf(self.root, self.size, [f"relayhost = [127.0.0.1]:{sink_port}"])
+        self.instance = Postfix(self.root, free_port(), main_cf)
         return self.instance.start(), self.instance.port
 
     def stop(self) -> list[str]:

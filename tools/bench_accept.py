@@ -333,6 +333,13 @@ def mta_config(root: Path, port: int, metrics_port: int, args: argparse.Namespac
             f'listen = "127.0.0.1:{metrics_port}"',
             "[log]",
             'level = "info"',
+            # Accept only, like Postfix's hold queue: mail waits for a port where
+            # nothing listens, with no retry during the run (and no DNS lookups).
+            "[delivery]",
+            "retry_first = 3600",
+            "retry_max = 3600",
+            "[delivery.routes]",
+            f'"*" = "127.0.0.1:{free_port()}"',
             "[[dkim]]",
             'domain = "example.test"',
             'selector = "s1"',
@@ -466,7 +473,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def postfix_main_cf(root: Path, args: argparse.Namespace) -> str:
+def postfix_main_cf(root: Path, size: int, delivery: list[str]) -> str:
+    """A throwaway Postfix's main.cf; ``delivery`` says what becomes of accepted mail."""
     lines = [
         "compatibility_level = 3.6",
         f"queue_directory = {root / 'queue'}",
@@ -488,18 +496,24 @@ def postfix_main_cf(root: Path, args: argparse.Namespace) -> str:
         "mynetworks = 127.0.0.0/8",
         "smtpd_relay_restrictions = permit_mynetworks, reject",
         "smtpd_peername_lookup = no",
-        f"message_size_limit = {max(10_240_000, 2 * args.size + 65536)}",
+        f"message_size_limit = {max(10_240_000, 2 * size + 65536)}",
         "default_process_limit = 200",
         "biff = no",
         "append_dot_mydomain = no",
-        # never try to deliver during the measurement
-        "relayhost = [127.0.0.1]:9",
+        *delivery,
     ]
-    if args.postfix_queue == "hold":
+    return "\n".join(lines) + "\n"
+
+
+def accept_only(postfix_queue: str) -> list[str]:
+    """main.cf lines that keep accepted mail in Postfix's queue during the measurement."""
+    # never try to deliver during the measurement
+    lines = ["relayhost = [127.0.0.1]:9"]
+    if postfix_queue == "hold":
         lines.append("smtpd_data_restrictions = check_client_access static:HOLD")
     else:
         lines.append("defer_transports = smtp, relay")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def count_files(directory: Path) -> int:
@@ -509,7 +523,7 @@ def count_files(directory: Path) -> int:
 class Postfix:
     """A throwaway Postfix instance under root; stop() is safe to call more than once."""
 
-    def __init__(self, root: Path, port: int, args: argparse.Namespace) -> None:
+    def __init__(self, root: Path, port: int, main_cf: str) -> None:
         self.root = root
         self.conf = root / "etc"
         self.queue = root / "queue"
@@ -518,7 +532,7 @@ class Postfix:
         for directory in (self.conf, self.queue, root / "data"):
             directory.mkdir(parents=True)
         os.chown(root / "data", owner.pw_uid, owner.pw_gid)
-        (self.conf / "main.cf").write_text(postfix_main_cf(root, args))
+        (self.conf / "main.cf").write_text(main_cf)
         (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{port}"))
         self.master_pid: int | None = None
 
@@ -591,7 +605,9 @@ def bench_postfix(args: argparse.Namespace, tmp: Path) -> Result:
     if not Path(POSTFIX).exists():
         result.error = "postfix is not installed; skipped"
         return result
-    instance = Postfix(tmp / "postfix", free_port(), args)
+    root = tmp / "postfix"
+    main_cf = postfix_main_cf(root, args.size, accept_only(args.postfix_queue))
+    instance = Postfix(root, free_port(), main_cf)
     try:
         master = instance.start()
         measure(result, args, instance.port, master, instance.root / "smtp-source.log")
