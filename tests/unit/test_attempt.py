@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mta import config
+from mta.events import EventLog
 from mta.outbound.attempt import Attempter
 from mta.outbound.client import Attempt
 from mta.outbound.egress import Egress
@@ -76,6 +77,7 @@ def run_attempt(
     sender: str = "app@example.test",
     resolver: FakeResolver | None = None,
     meanwhile: Callable[[Spool, str], None] = lambda spool, queue_id: None,
+    events: Callable[[Spool], EventLog] | None = None,
 ) -> tuple[Spool, str]:
     spool = Spool(tmp_path / "spool", max_size=2**20)
     new_id = IdGenerator(clock=lambda: NOW)
@@ -101,6 +103,7 @@ def run_attempt(
                 hostname="mta.example.test",
                 on_queued=lambda message: None,
                 clock=lambda: NOW,
+                events=events(spool) if events else None,
             )
             await attempter(job_key(queue_id, "example.net"))
         committer.close()

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from mta import config
 from mta.config import EventsConfig
 from mta.events import (
     Backoff,
@@ -32,18 +30,12 @@ from mta.events import (
     post_result,
     received_events,
 )
-from mta.outbound.attempt import Attempter
-from mta.outbound.client import Attempt
-from mta.outbound.egress import Egress
-from mta.outbound.resolver import MxHost, Route
 from mta.policy.disposition import Decision
 from mta.policy.replies import Reply
-from mta.policy.retry import RetrySchedule
 from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import Message, job_key
+from mta.queue.records import Message
 from mta.queue.store import Spool
-from mta.signing import Signer
+from tests.unit.test_attempt import run_attempt
 
 NOW = 1_800_000_000.0
 MESSAGE = Message(
@@ -58,34 +50,11 @@ OK = Reply(250, "2.0.0 Ok")
 BUSY = Reply(451, "4.3.0 try later")
 GONE = Reply(550, "5.1.1 no such user")
 BODY = b"From: app@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
-ROUTE = Route("example.net", (MxHost("mx.example.net", 10, ("192.0.2.1",), 25),))
 WEBHOOK = EventsConfig(webhook_url="http://127.0.0.1:9/hook", webhook_batch=2)
 
 
 def by_recipient(events: list[Event]) -> dict[str, Event]:
     return {event.recipient: event for event in events}
-
-
-class FakeResolver:
-    async def route(self, domain: str) -> Route:
-        return ROUTE
-
-
-class FakeDeliverer:
-    """Answers each recipient by its local part."""
-
-    async def deliver(
-        self,
-        route: Route,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes,
-        max_messages: int | None = None,
-    ) -> Attempt:
-        answers = {"ok": OK, "busy": BUSY, "gone": GONE}
-        return Attempt(
-            "mx.example.net[192.0.2.1]:25", {r: answers[r.split("@")[0]] for r in recipients}
-        )
 
 
 # --- construction ---
@@ -350,19 +319,9 @@ def test_storing_wraps_a_change_so_its_events_share_its_transaction(tmp_path: Pa
 
 
 def test_an_attempt_stores_its_events_in_the_commit_of_its_outcome(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", max_size=2**20)
-    new_id = IdGenerator(clock=lambda: NOW)
-    queue_id = new_id()
-    recipients = ("ok@example.net", "busy@example.net", "gone@example.net")
-    with spool.write() as txn:
-        spool.add(txn, Message(queue_id, "app@example.test", recipients, NOW, len(BODY)), BODY)
     published: list[Event] = []
 
-    async def main() -> None:
-        committer = GroupCommitter(spool)
-        egress = Egress(config.parse({}), spool, clock=lambda: NOW)
-        [source] = egress.sources
-        source.deliverer = FakeDeliverer()  # type: ignore[assignment]
+    def recording(spool: Spool) -> EventLog:
         events = EventLog(WEBHOOK, spool)
         original = events.publish
 
@@ -373,26 +332,11 @@ def test_an_attempt_stores_its_events_in_the_commit_of_its_outcome(tmp_path: Pat
             published.extend(batch)
             original(batch)
 
-        events.publish = publish  # type: ignore[assignment, method-assign]
-        with ThreadPoolExecutor(1) as pool:
-            attempter = Attempter(
-                spool=spool,
-                committer=committer,
-                resolver=FakeResolver(),  # type: ignore[arg-type]
-                egress=egress,
-                signer=Signer([]),
-                sign_pool=pool,
-                new_id=new_id,
-                schedule=RetrySchedule(first=60, jitter=0),
-                hostname="mta.example.test",
-                on_queued=lambda message: None,
-                clock=lambda: NOW,
-                events=events,
-            )
-            await attempter(job_key(queue_id, "example.net"))
-        committer.close()
+        events.publish = publish  # type: ignore[method-assign]
+        return events
 
-    asyncio.run(main())
+    recipients = ("ok@example.net", "busy@example.net", "gone@example.net")
+    spool, _ = run_attempt(tmp_path, recipients, events=recording)
     kinds = {event.recipient: event.type for event in published}
     assert kinds == {
         "ok@example.net": "delivered",
