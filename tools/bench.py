@@ -5,6 +5,31 @@ Usage:
   .venv/bin/python tools/bench.py --size 4k,100k --per-connection 0,1 --recipients 1,20
   .venv/bin/python tools/bench.py --sessions-sweep 1,5,10,20,50 [--plot sweep.svg]
   .venv/bin/python tools/bench.py --skip-postfix --py-spy /tmp/prof   # only ours, profiled
+  .venv/bin/python tools/bench.py --rate 200 [--size 4k ...]   # every load paced at 200 msg/s
+  .venv/bin/python tools/bench.py --half-peak --size 4k         # latency at half of peak load
+
+``--rate R`` paces every load, open loop, at R messages/s in total over the
+sessions (see the client below) instead of sending as fast as possible; the
+usual table is printed (its accepted/s is then the achieved rate) and, per
+load, the paced table below.  A paced client may take its schedule's length,
+messages / R seconds, on top of ``--timeout``.
+
+``--half-peak`` is the speed issue's latency target ("p99 accept-to-delivery
+latency at half of peak load under 100 ms"): the loads run unpaced as usual
+(that table is printed first), then the FIRST load (with no load option, the
+issue's target load: 4 KB, connections reused, 1 recipient, 20 sessions;
+``--size 4k`` runs only that one) runs again paced:
+  - "half own peak": each MTA at half of ITS OWN peak, its delivered/s in the
+    unpaced run of that load (median run with --rounds).  Ours' row is the
+    issue's target, and a "target:" line says whether its p99 is under 100 ms.
+  - "half lower peak": both MTAs at the same rate, half of the lower of the two
+    peaks, so the latencies compare at the same offered load (at half their own
+    peaks the faster MTA is asked for more, which is not a like-for-like
+    comparison).  The slower MTA's run at half its own peak is that run already
+    and is printed again, not run twice; the faster one runs once more.
+With --skip-postfix (or if a peak run failed) only the "half own peak" rows
+exist.  Paced runs with --rounds report the median run by p99 latency.
+--rate and --half-peak do not combine with each other or with --sessions-sweep.
 
 What runs, for every load and for each MTA in turn (alternating which goes first):
 
@@ -35,6 +60,17 @@ What runs, for every load and for each MTA in turn (alternating which goes first
   MAIL/RCPT/DATA pipelined when the server offers PIPELINING (both do), a
   unique ``X-Bench-Id`` per message; it notes the wall-clock time (ns) at
   which each message's 250 after DATA arrives: the accept timestamp.
+  Paced (``--rate R``, open loop): message k (ids handed out in order to
+  whichever session is free) is due at client start + k/R seconds; its session
+  waits for that time (never starting it earlier), then opens a connection if
+  it has none (with K messages per connection, after K it QUITs and the next
+  message opens a new one, at its own due time) and sends it.  A session stays
+  idle on its open connection between messages.  The schedule does not wait
+  for the server: if it falls behind, every session is busy when a message
+  falls due, the message starts late and "late" and "due->del" below grow.
+  With too few sessions for R times the per-message time the client falls
+  behind too: raise --sessions.  The lateness includes ~1 ms of the event
+  loop's timer granularity.
 
 Figures, per run:
 - accepted/s: messages answered 250 / (last 250 - client start);
@@ -48,6 +84,23 @@ Figures, per run:
 - peak RSS: the largest sum of VmRSS over the server's processes, sampled
   every 0.2 s (PSS, which shares libraries fairly among Postfix's many
   processes, alongside).
+
+Paced runs (--rate, --half-peak) also print a table with, per MTA and rate:
+- rate: "--rate", "half own peak" or "half lower peak" (above);
+- peak del/s: the unpaced delivered/s the rate was derived from ("-" for --rate);
+- target/s: the rate the client was asked for (peak / 2 for --half-peak);
+- achieved/s: accepted/s as above, messages answered 250 / (last 250 - client
+  start); about target/s when the server keeps up (the last message is due
+  (messages - 1) / target after the start), under it when it does not;
+- delivered/s, CPU ms/msg: as above, over the paced run;
+- p50 ms, p99 ms, max ms: accept-to-delivery latency as above (sink end of
+  DATA minus the client's 250), nearest-rank percentiles;
+- late p99 ms: p99 of (when the client began a message - its due time);
+  0 to ~2 ms when the schedule was kept; a note follows when it exceeds 10 ms;
+- due->del p99: p99 of (sink end of DATA - due time): what an open-loop sender
+  sees, including the wait for a free session, the connection and the SMTP
+  transaction; accept-to-delivery alone cannot see a server that falls behind
+  at accepting.
 
 Every wait is bounded, every process started here is stopped and every
 temporary directory removed on exit, error, Ctrl-C or SIGTERM.  Needs Linux,
@@ -71,7 +124,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -97,6 +150,7 @@ SENDER = "app@example.test"  # our DKIM key's domain
 RCPT_DOMAIN = "example.net"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+LATE_NOTE_MS = 10.0  # a paced run whose p99 start lag exceeds this gets a note
 ID_RE = re.compile(rb"\r\nX-Bench-Id: *([^\r\n]+)", re.IGNORECASE)
 
 
@@ -223,11 +277,34 @@ class _suppress_timeout:  # noqa: N801  (a tiny context manager)
 @dataclass
 class _ClientState:
     remaining: int
-    accepted: list[tuple[int, int]] = field(default_factory=list)
+    rate: float = 0.0  # messages/s over all sessions; 0 = as fast as possible
+    start_ns: int = 0  # wall clock of message 0's scheduled start
+    start_mono: float = 0.0  # the same instant on time.monotonic()
+    # (id, 250 ns, scheduled ns, started ns)
+    accepted: list[tuple[int, int, int, int]] = field(default_factory=list)
     rejected: int = 0
     errors: int = 0
     last_error: str = ""
     next_id: int = 0
+
+    def claim(self) -> int | None:
+        """The next message's id (also its place in the schedule), or None when all are taken."""
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        bench_id = self.next_id
+        self.next_id += 1
+        return bench_id
+
+    def scheduled_ns(self, bench_id: int) -> int:
+        return self.start_ns + round(bench_id * 1e9 / self.rate) if self.rate else self.start_ns
+
+    async def wait_turn(self, bench_id: int) -> None:
+        """Open loop: message k starts k/rate seconds after the client's start, not earlier."""
+        if self.rate:
+            delay = self.start_mono + bench_id / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -247,6 +324,25 @@ def _body(size: int) -> bytes:
     return (line * (body_size // len(line) + 1))[: body_size - 2] + b"\r\n"
 
 
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    """A connection past EHLO: (reader, writer, whether the server pipelines)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, limit=1 << 20), 60
+    )
+    try:
+        code, _ = await asyncio.wait_for(_reply(reader), 60)
+        if code != 220:
+            raise ConnectionError(f"banner {code}")
+        writer.write(b"EHLO client.bench.test\r\n")
+        code, ehlo = await asyncio.wait_for(_reply(reader), 60)
+        if code != 250:
+            raise ConnectionError(f"EHLO {code}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, b"PIPELINING" in ehlo.upper()
+
+
 async def _client_session(
     state: _ClientState, port: int, per_connection: int, recipients: int, body: bytes
 ) -> None:
@@ -255,24 +351,24 @@ async def _client_session(
         b"RCPT TO:<u%d@%s>\r\n" % (i, RCPT_DOMAIN.encode()) for i in range(recipients)
     )
     to_header = b"To: <u0@%s>\r\n" % RCPT_DOMAIN.encode()
-    while state.remaining > 0 and state.errors <= 50:
-        writer: asyncio.StreamWriter | None = None
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-            code, _ = await asyncio.wait_for(_reply(reader), 60)
-            if code != 220:
-                raise ConnectionError(f"banner {code}")
-            writer.write(b"EHLO client.bench.test\r\n")
-            code, ehlo = await asyncio.wait_for(_reply(reader), 60)
-            if code != 250:
-                raise ConnectionError(f"EHLO {code}")
-            pipelining = b"PIPELINING" in ehlo.upper()
-            sent = 0
-            while state.remaining > 0 and (per_connection == 0 or sent < per_connection):
-                state.remaining -= 1
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter, bool] | None = None
+    sent = 0  # on this connection
+    pending: tuple[int, int] | None = None  # (id, started ns) claimed but not yet begun
+    try:
+        while state.errors <= 50:
+            if pending is None:
+                bench_id = state.claim()
+                if bench_id is None:
+                    break
+                await state.wait_turn(bench_id)
+                pending = (bench_id, time.time_ns())
+            try:
+                if connection is None:
+                    connection, sent = await _open(port), 0  # a failure keeps the message
+                reader, writer, pipelining = connection
+                bench_id, started_ns = pending
+                pending = None  # from here on an error loses this message, as in SMTP
                 sent += 1
-                bench_id = state.next_id
-                state.next_id += 1
                 commands = [b"MAIL FROM:<%s>\r\n" % SENDER.encode()]
                 if pipelining:
                     commands.append(envelope_rcpts + b"DATA\r\n")
@@ -289,33 +385,51 @@ async def _client_session(
                     state.rejected += 1
                     writer.write(b"RSET\r\n")
                     await asyncio.wait_for(_reply(reader), 60)
-                    continue
-                head = (
-                    b"From: <%s>\r\n%sSubject: bench %d\r\nDate: %s\r\n"
-                    b"Message-ID: <%d.%d@bench.example.test>\r\nX-Bench-Id: %d\r\n\r\n"
-                    % (SENDER.encode(), to_header, bench_id, date, bench_id, port, bench_id)
-                )
-                writer.write(head + body + b".\r\n")
-                code, _ = await asyncio.wait_for(_reply(reader), 120)
-                if code == 250:
-                    state.accepted.append((bench_id, time.time_ns()))
                 else:
-                    state.rejected += 1
+                    head = (
+                        b"From: <%s>\r\n%sSubject: bench %d\r\nDate: %s\r\n"
+                        b"Message-ID: <%d.%d@bench.example.test>\r\nX-Bench-Id: %d\r\n\r\n"
+                        % (SENDER.encode(), to_header, bench_id, date, bench_id, port, bench_id)
+                    )
+                    writer.write(head + body + b".\r\n")
+                    code, _ = await asyncio.wait_for(_reply(reader), 120)
+                    if code == 250:
+                        state.accepted.append(
+                            (bench_id, time.time_ns(), state.scheduled_ns(bench_id), started_ns)
+                        )
+                    else:
+                        state.rejected += 1
+                if per_connection and sent >= per_connection:
+                    connection = None
+                    writer.write(b"QUIT\r\n")
+                    try:
+                        await asyncio.wait_for(_reply(reader), 60)
+                    finally:
+                        writer.close()
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as error:
+                state.errors += 1
+                state.last_error = f"{type(error).__name__}: {error}"
+                if connection is not None:
+                    connection[1].close()
+                    connection = None
+                await asyncio.sleep(0.1)
+        if connection is not None:
+            reader, writer, _ = connection
             writer.write(b"QUIT\r\n")
             await asyncio.wait_for(_reply(reader), 60)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as error:
-            state.errors += 1
-            state.last_error = f"{type(error).__name__}: {error}"
-            await asyncio.sleep(0.1)
-        finally:
-            if writer is not None:
-                writer.close()
+    except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as error:
+        state.errors += 1
+        state.last_error = f"{type(error).__name__}: {error}"
+    finally:
+        if connection is not None:
+            connection[1].close()
 
 
 async def _client_main(args: argparse.Namespace) -> None:
-    state = _ClientState(remaining=args.messages)
+    state = _ClientState(remaining=args.messages, rate=args.rate or 0.0)
     body = _body(args.size)
-    start = time.time_ns()
+    start = state.start_ns = time.time_ns()
+    state.start_mono = time.monotonic()
     await asyncio.gather(
         *(
             _client_session(state, args.port, args.per_connection, args.recipients, body)
@@ -324,7 +438,7 @@ async def _client_main(args: argparse.Namespace) -> None:
     )
     end = time.time_ns()
     with open(args.out, "w") as out:
-        out.write("".join(f"{i} {t}\n" for i, t in state.accepted))
+        out.write("".join(f"{i} {t} {s} {b}\n" for i, t, s, b in state.accepted))
     usage = os.times()
     summary = {
         "start": start,
@@ -357,6 +471,7 @@ class Load:
     recipients: int
     sessions: int
     messages: int
+    rate: float = 0.0  # messages/s over all sessions, open loop; 0 = as fast as possible
 
     def label(self) -> str:
         size = f"{self.size // 1024}KB" if self.size % 1024 == 0 else f"{self.size}B"
@@ -379,6 +494,8 @@ class Run:
     client_cpu: float = 0.0
     sink_cpu: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    late_ms: list[float] = field(default_factory=list)  # paced: started minus scheduled
+    scheduled_ms: list[float] = field(default_factory=list)  # paced: delivery minus scheduled
     peak_rss: int = 0
     peak_pss: int = 0
     error: str | None = None
@@ -396,10 +513,12 @@ class Run:
     def cpu_ms(self) -> float:
         return 1000 * self.server_cpu / self.accepted if self.accepted else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    def percentile(self, q: float, values: list[float] | None = None) -> float:
+        """The q-quantile (nearest rank) of values, by default the accept-to-delivery latencies."""
+        values = self.latencies_ms if values is None else values
+        if not values:
             return 0.0
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
@@ -680,16 +799,20 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
                     str(load.per_connection),
                     "--recipients",
                     str(load.recipients),
+                    "--rate",
+                    repr(load.rate),
                     "--out",
                     str(work / "accepted.log"),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
             )
+            # a paced client needs its schedule's length on top of the usual allowance
+            client_timeout = args.timeout + (load.messages / load.rate if load.rate else 0.0)
             try:
-                out, _ = client.communicate(timeout=args.timeout)
+                out, _ = client.communicate(timeout=client_timeout)
             except subprocess.TimeoutExpired:
-                raise BenchError(f"the client did not finish within {args.timeout:g}s") from None
+                raise BenchError(f"the client did not finish within {client_timeout:g}s") from None
             if client.returncode != 0 or not out.strip():
                 raise BenchError(f"the client failed (exit {client.returncode})")
             summary = json.loads(out.strip().splitlines()[-1])
@@ -699,9 +822,13 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
                 run.notes.append(f"client: {summary['errors']} errors, {summary['last_error']}")
             start_ns = summary["start"]
             accepted: dict[str, int] = {}
+            scheduled: dict[str, int] = {}
             for line in (work / "accepted.log").read_text().splitlines():
-                bench_id, ns = line.split()
+                bench_id, ns, scheduled_ns, started_ns = line.split()
                 accepted[bench_id] = int(ns)
+                scheduled[bench_id] = int(scheduled_ns)
+                if load.rate:
+                    run.late_ms.append((int(started_ns) - int(scheduled_ns)) / 1e6)
             if accepted:
                 run.accept_seconds = (max(accepted.values()) - start_ns) / 1e9
             # wait for delivery: all recipients of every accepted message, or no progress
@@ -736,6 +863,8 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
                 run.delivered += 1
                 delivered_at.append(delivered_ns)
                 run.latencies_ms.append((delivered_ns - accepted[bench_id]) / 1e6)
+                if load.rate:
+                    run.scheduled_ms.append((delivered_ns - scheduled[bench_id]) / 1e6)
             if rcpts > load.recipients:
                 run.duplicates += 1
         if delivered_at:
@@ -744,6 +873,12 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
             run.notes.append(f"only {run.delivered} of {run.accepted} accepted were delivered")
         if run.duplicates:
             run.notes.append(f"{run.duplicates} messages delivered more than once")
+        late_p99 = run.percentile(0.99, run.late_ms)
+        if load.rate and late_p99 > LATE_NOTE_MS:
+            run.notes.append(
+                f"the client fell behind its schedule (p99 {late_p99:.0f} ms late): "
+                f"the server did not keep up with {load.rate:.0f}/s, or too few sessions"
+            )
     except BenchError as error:
         run.error = f"{error}; log tail: {server.log_tail()}"
     finally:
@@ -776,16 +911,22 @@ def make_key(tmp: Path) -> Path:
 
 
 def bench_load(
-    load: Load, args: argparse.Namespace, tmp: Path, key: Path, turn: int
+    load: Load | dict[int, Load], args: argparse.Namespace, tmp: Path, key: Path, turn: int
 ) -> list[list[Run]]:
-    """[ours runs, Postfix runs] over --rounds rounds, alternating who goes first."""
+    """[ours runs, Postfix runs] over --rounds rounds, alternating who goes first.
+
+    load is the same for both MTAs, or {0: ours' load, 1: Postfix's load} (either may be
+    missing: that MTA is not run), as --half-peak gives each MTA its own rate.
+    """
+    loads = load if isinstance(load, dict) else {0: load, 1: load}
     counter = itertools.count()
     runs: list[list[Run]] = [[], []]
     for round_no in range(args.rounds):
         order = [0, 1] if (turn + round_no) % 2 == 0 else [1, 0]
         for which in order:
-            if which == 1 and args.skip_postfix:
+            if which not in loads or which == 1 and args.skip_postfix:
                 continue
+            load = loads[which]
             work = tmp / f"run{next(counter)}-{turn}"
             work.mkdir()
             work.chmod(0o755)
@@ -794,19 +935,53 @@ def bench_load(
                 if which == 0
                 else PostfixRelay(work / "postfix", load.size)
             )
-            print(f"  {load.label()}: {server.name} ...", file=sys.stderr, flush=True)
+            paced = f" at {load.rate:.0f}/s" if load.rate else ""
+            print(f"  {load.label()}{paced}: {server.name} ...", file=sys.stderr, flush=True)
             runs[which].append(bench_one(server, load, args, work))
             shutil.rmtree(work, ignore_errors=True)
     return runs
 
 
 def median_run(runs: list[Run]) -> Run | None:
-    """The run with the median delivered/s (the rounds' figures stay together)."""
+    """The run with the median delivered/s, or p99 latency if paced (figures stay together)."""
     good = [r for r in runs if not r.error]
     if not good:
         return runs[0] if runs else None
-    good.sort(key=lambda r: r.delivered_rate)
+    good.sort(key=lambda r: r.percentile(0.99) if r.load.rate else r.delivered_rate)
     return good[len(good) // 2]
+
+
+@dataclass
+class PacedRow:
+    basis: str  # "half own peak", "half lower peak", "--rate"
+    run: Run | None
+    peak: float = 0.0  # the unpaced delivered/s the rate was derived from; 0 = none
+
+
+def half_peak(
+    load: Load,
+    peaks: tuple[Run | None, Run | None],
+    args: argparse.Namespace,
+    tmp: Path,
+    key: Path,
+    turn: int,
+) -> list[PacedRow]:
+    """Each MTA paced at half its own peak delivered/s, then both at half the lower peak."""
+    peak = [r.delivered_rate if r is not None and not r.error else 0.0 for r in peaks]
+    own = {which: replace(load, rate=peak[which] / 2) for which in (0, 1) if peak[which] > 0}
+    runs = bench_load(own, args, tmp, key, turn)
+    medians = [median_run(runs[0]), median_run(runs[1])]
+    rows = [PacedRow("half own peak", medians[which], peak[which]) for which in own]
+    if len(own) < 2:
+        return rows  # Postfix skipped or a peak run failed: nothing to compare at one rate
+    lower = min(peak)
+    slower = 0 if peak[0] <= peak[1] else 1  # its own-peak run is already at half the lower
+    faster = 1 - slower
+    again = bench_load({faster: replace(load, rate=lower / 2)}, args, tmp, key, turn + 1)
+    rows.append(PacedRow("half lower peak", medians[slower], peak[slower]))
+    rows.append(PacedRow("half lower peak", median_run(again[faster]), peak[faster]))
+    rows.sort(key=lambda r: (r.basis != "half own peak", r.run is None or r.run.mta != "ours"))
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -843,10 +1018,12 @@ def ratio_row(ours: Run, theirs: Run) -> str:
     )
 
 
-def report(pairs: list[tuple[Run | None, Run | None]], rounds: int) -> None:
+def report(pairs: list[tuple[Run | None, Run | None]], rounds: int, rate: float = 0.0) -> None:
     print()
+    if rate:
+        print(f"paced, open loop: {rate:g} messages/s over all sessions (accepted/s = achieved)")
     if rounds > 1:
-        print(f"median of {rounds} rounds per MTA (by delivered/s)")
+        print(f"median of {rounds} rounds per MTA (by {'p99' if rate else 'delivered/s'})")
     print(COLUMNS)
     print("-" * len(COLUMNS))
     for ours, theirs in pairs:
@@ -860,6 +1037,61 @@ def report(pairs: list[tuple[Run | None, Run | None]], rounds: int) -> None:
         for run in (ours, theirs):
             for note in run.notes if run else []:
                 print(f"note: {run.mta} {run.load.label()}: {note}")  # type: ignore[union-attr]
+
+
+PACED_COLUMNS = (
+    f"{'rate':<16} {'MTA':<8} {'peak del/s':>10} {'target/s':>8} {'achieved/s':>10} "
+    f"{'delivered/s':>11} {'CPU ms/msg':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+    f"{'late p99 ms':>11} {'due->del p99':>12}"
+)
+
+
+def paced_row(row: PacedRow) -> str:
+    run = row.run
+    if run is None:
+        return f"{row.basis:<16} {'?':<8} no run"
+    if run.error:
+        return f"{row.basis:<16} {run.mta:<8} FAILED: {run.error}"
+    peak = f"{row.peak:>10.0f}" if row.peak else f"{'-':>10}"
+    return (
+        f"{row.basis:<16} {run.mta:<8} {peak} {run.load.rate:>8.0f} {run.accepted_rate:>10.0f} "
+        f"{run.delivered_rate:>11.0f} {run.cpu_ms:>10.2f} {run.percentile(0.5):>8.1f} "
+        f"{run.percentile(0.99):>8.1f} {max(run.latencies_ms, default=0.0):>8.1f} "
+        f"{run.percentile(0.99, run.late_ms):>11.1f} "
+        f"{run.percentile(0.99, run.scheduled_ms):>12.1f}"
+    )
+
+
+def paced_report(title: str, rows: list[PacedRow], rounds: int) -> None:
+    print()
+    print(title + (f"; median of {rounds} rounds per MTA (by p99)" if rounds > 1 else ""))
+    print(PACED_COLUMNS)
+    print("-" * len(PACED_COLUMNS))
+    for row in rows:
+        print(paced_row(row))
+    print(
+        "achieved/s = accepted/s at that rate; p50/p99/max = accept (the client's 250) to\n"
+        "delivery at the sink; late p99 = how long after its due time the client began a\n"
+        "message (all sessions busy: the server fell behind, or too few sessions);\n"
+        "due->del p99 = delivery minus due time, what an open-loop sender sees"
+    )
+    for row in rows:
+        run = row.run
+        if run is not None and not run.error and run.mta == "ours" and row.basis == "half own peak":
+            p99 = run.percentile(0.99)
+            verdict = "meets" if p99 < 100 else "misses"
+            print(
+                f"target: ours p99 accept-to-delivery at half its peak ({run.load.rate:.0f}/s) "
+                f"{p99:.1f} ms {verdict} the issue's target (under 100 ms)"
+            )
+    seen: set[int] = set()
+    for row in rows:
+        run = row.run
+        if run is None or id(run) in seen:
+            continue
+        seen.add(id(run))
+        for note in run.notes:
+            print(f"note: {run.mta} {run.load.label()} at {run.load.rate:.0f}/s: {note}")
 
 
 def sweep_report(points: list[tuple[int, Run | None, Run | None]], plot: Path) -> None:
@@ -1029,6 +1261,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="throughput against sessions (e.g. 1,5,10,20,50) for the first load",
     )
     parser.add_argument("--plot", default="bench-sweep.svg", help="where the sweep's SVG plot goes")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="open loop: start message k k/R seconds after the client starts (R messages/s "
+        "over all sessions) instead of as fast as possible; for every load",
+    )
+    parser.add_argument(
+        "--half-peak",
+        action="store_true",
+        help="after the unpaced runs, pace the first load at half of each MTA's peak "
+        "delivered/s and both at half the lower peak; p50/p99/max latency table",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs per MTA and load (median)")
     parser.add_argument("--skip-postfix", action="store_true", help="only measure our MTA")
     parser.add_argument(
@@ -1069,6 +1314,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--per-connection values must be 0 (all) or more")
     if args.messages is not None and args.messages < 1 or args.rounds < 1:
         parser.error("--messages and --rounds must be at least 1")
+    if args.rate is not None and not 0 < args.rate < float("inf"):
+        parser.error("--rate must be a positive number of messages/s")
+    if args.rate and args.half_peak:
+        parser.error("--half-peak chooses its own rates; it does not combine with --rate")
+    if (args.rate or args.half_peak) and args.sessions_sweep:
+        parser.error("--sessions-sweep measures peak throughput; no --rate or --half-peak")
     return args
 
 
@@ -1079,16 +1330,17 @@ def loads_of(args: argparse.Namespace) -> list[Load]:
         per = (args.per_connection or [0])[0]
         rcpts = (args.recipients or [1])[0]
         return [Load(size, per, rcpts, s, messages) for s in args.sessions_sweep]
+    rate = args.rate or 0.0
     if not any((args.size, args.per_connection, args.recipients, args.sessions)):
         # the issue's target load, then one factor changed at a time
         return [
-            Load(4096, 0, 1, 20, messages),
-            Load(4096, 1, 1, 20, messages),
-            Load(4096, 0, 20, 20, messages),
-            Load(102400, 0, 1, 20, messages),
+            Load(4096, 0, 1, 20, messages, rate),
+            Load(4096, 1, 1, 20, messages, rate),
+            Load(4096, 0, 20, 20, messages, rate),
+            Load(102400, 0, 1, 20, messages, rate),
         ]
     return [
-        Load(size, per, rcpts, sessions, messages)
+        Load(size, per, rcpts, sessions, messages, rate)
         for size, per, rcpts, sessions in itertools.product(
             args.size or [4096],
             args.per_connection or [0],
@@ -1128,7 +1380,25 @@ def main(argv: list[str] | None = None) -> int:
             ours_runs, their_runs = bench_load(load, args, tmp, key, turn)
             pairs.append((median_run(ours_runs), median_run(their_runs)))
             failed = failed or any(r.error for r in ours_runs + their_runs)
-        report(pairs, args.rounds)
+        report(pairs, args.rounds, args.rate or 0.0)
+        if args.rate:
+            for load, (ours, theirs) in zip(loads, pairs, strict=True):
+                paced_report(
+                    f"paced, open loop: {load.label()}, {load.messages} messages",
+                    [PacedRow("--rate", run) for run in (ours, theirs) if run is not None],
+                    args.rounds,
+                )
+        if args.half_peak:
+            load = loads[0]
+            print(f"half peak: {load.label()} ...", file=sys.stderr, flush=True)
+            rows = half_peak(load, pairs[0], args, tmp, key, len(loads))
+            failed = failed or any(r.run is None or r.run.error for r in rows)
+            paced_report(
+                f"half of peak load, open loop: {load.label()}, {load.messages} messages "
+                "(peak = delivered/s of the unpaced run above)",
+                rows,
+                args.rounds,
+            )
         if args.sessions_sweep:
             sweep_report(
                 [(load.sessions, o, t) for load, (o, t) in zip(loads, pairs, strict=True)],
