@@ -173,6 +173,10 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     logs.setup(settings.log.level, settings.log.format)
     try:
+        if settings.server.workers > 1:
+            from mta import workers
+
+            return workers.supervise(settings, args.config)
         return daemon.serve(settings, args.config)
     except daemon.StartupError as error:
         logging.getLogger("mta").error("%s", error)
@@ -181,15 +185,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_check_config(args: argparse.Namespace) -> int:
     from mta import daemon
-    from mta.inbound.auth import read_users
 
     settings = config.load(args.config)
-    keys = daemon.load_keys(settings)
-    daemon.tls_context(settings.server)
-    daemon.resolver(settings)
-    if settings.server.users_file:
-        read_users(settings.server.users_file)
-    print(f"{args.config}: ok ({len(keys)} DKIM key(s))")
+    print(f"{args.config}: ok ({daemon.check(settings)} DKIM key(s))")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -158,6 +159,7 @@ class ServerConfig:
     tls_cert: str | None = setting(str, None, parse=non_empty)
     tls_key: str | None = setting(str, None, parse=non_empty)
     users_file: str | None = setting(str, None, parse=non_empty)
+    workers: int = setting(int, os.cpu_count() or 1, parse=positive)
 
     def __post_init__(self) -> None:
         if not self.listen:

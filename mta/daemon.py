@@ -4,16 +4,23 @@ SIGTERM or SIGINT: stop listening, close idle sessions, let sessions in a
 transaction finish (up to ``[server] shutdown_timeout``), let the webhook
 finish the POST under way (events not yet posted stay in the spool for the
 next start), commit what was handed to the spool writer, exit 0.
+
+With ``[server] workers`` above 1, `mta serve` is mta.workers' supervisor and
+each worker process runs a ``Daemon`` with a ``WorkerRole``: it listens with
+SO_REUSEPORT, delivers only the domains it owns (mta.ownership), leaves
+/metrics to the supervisor, and only worker 0 posts to the webhook.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +36,11 @@ from mta.outbound.attempt import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.resolver import Resolver
 from mta.outbound.scheduler import Scheduler
+from mta.ownership import Peers
 from mta.policy.retry import RetrySchedule
 from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
+from mta.queue.records import Message, jobs_for
 from mta.queue.store import Spool
 
 log = logging.getLogger("mta")
@@ -41,13 +50,41 @@ class StartupError(Exception):
     """The daemon cannot start; str() says why in one sentence."""
 
 
-def serve(config: Config, path: str) -> int:
+@dataclass
+class WorkerRole:
+    """What makes a Daemon one worker among several (see mta.workers)."""
+
+    peers: Peers
+    ready_fd: int  # written to once the listeners are open
+
+    @property
+    def index(self) -> int:
+        return self.peers.index
+
+    def announce_ready(self) -> None:
+        os.write(self.ready_fd, b"ready")
+        os.close(self.ready_fd)
+
+
+def serve(config: Config, path: str, role: WorkerRole | None = None) -> int:
     """Run the daemon with ``config``, read from ``path`` (read again on SIGHUP)."""
 
     async def main() -> int:
-        return await Daemon(config, path).run()
+        return await Daemon(config, path, role).run()
 
     return uvloop.run(main())
+
+
+def check(config: Config) -> int:
+    """Everything `mta serve` loads besides the spool, so that a bad key, certificate,
+    route or users file is one clear error before anything starts; the number of
+    DKIM keys."""
+    keys = load_keys(config)
+    tls_context(config.server)
+    resolver(config)
+    if config.server.users_file:
+        read_users(config.server.users_file)
+    return len(keys)
 
 
 def load_keys(config: Config) -> list[signing.DkimKey]:
@@ -72,8 +109,9 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
 class Daemon:
     """The running MTA: its parts, built from one configuration, reloaded on SIGHUP."""
 
-    def __init__(self, config: Config, path: str) -> None:
-        self.config, self.path = config, path
+    def __init__(self, config: Config, path: str, role: WorkerRole | None = None) -> None:
+        self.config, self.path, self.role = config, path, role
+        self.peers = role.peers if role is not None else None
         keys = load_keys(config)
         self.tls = tls_context(config.server)
         self.authenticator = (
@@ -86,7 +124,7 @@ class Daemon:
         self.events = event_log(config, self.spool)
         self.webhook = (
             Webhook(self.spool, self.committer, config.events)
-            if config.events.webhook_url
+            if config.events.webhook_url and (role is None or role.index == 0)
             else None
         )
         if self.webhook is not None:
@@ -99,6 +137,7 @@ class Daemon:
             lambda key: self.attempter(key),
             config.delivery.max_concurrent,
             config.delivery.max_concurrent_per_domain,
+            owns=self.peers.owns if self.peers is not None else lambda domain: True,
         )
         self.attempter = Attempter(
             spool=self.spool,
@@ -110,7 +149,7 @@ class Daemon:
             new_id=new_id,
             schedule=retry_schedule(config),
             hostname=config.server.hostname,
-            on_queued=self.scheduler.queued,
+            on_queued=self.queued,
             suppression_config=config.suppression,
             events=self.events,
         )
@@ -122,7 +161,7 @@ class Daemon:
             signer,
             self.sign_pool,
             new_id,
-            self.scheduler.queued,
+            self.queued,
             suppression=config.suppression,
             events=self.events,
         )
@@ -131,6 +170,12 @@ class Daemon:
         )
         self.stopping = asyncio.Event()
         self.key_count = len(keys)
+
+    def queued(self, message: Message) -> None:
+        """A message was committed: its jobs go to our scheduler or their owners."""
+        self.scheduler.queued(message)
+        if self.peers is not None:
+            self.peers.forward(job.key for job in jobs_for(message))
 
     def new_session(self) -> Session:
         server = self.config.server  # read per connection, so a reload applies to new sessions
@@ -154,26 +199,32 @@ class Daemon:
 
     async def run(self) -> int:
         config = self.config
+        stop = handle_signals(on_reload=self.reload)
         try:
-            listeners = await _listen(self.new_session, config.server)
-            try:
-                metrics.serve(config.metrics.listen, self.spool, self.not_ready)
-            except OSError as error:
-                raise StartupError(
-                    f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
-                ) from None
+            listeners = await listen(
+                self.new_session, config.server, reuse_port=self.role is not None
+            )
+            if self.role is None:
+                serve_metrics(config, self.spool, self.not_ready)
             loop = asyncio.get_running_loop()
             delivering = loop.create_task(self.scheduler.run())
             posting = loop.create_task(self.webhook.run()) if self.webhook else None
-            self._warn_orphan_events()
-            log.info(
-                "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
-                " ".join(str(address) for address in config.server.listen),
-                config.metrics.listen,
-                Path(config.spool.path).resolve(),
-                self.key_count,
-            )
-            await _wait_for_stop_signal(on_reload=self.reload)
+            if self.peers is not None:
+                self.peers.listen(self.scheduler.offer)
+            if self.role is None or self.role.index == 0:
+                self._warn_orphan_events()
+            if self.role is None:
+                log.info(
+                    "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
+                    " ".join(str(address) for address in config.server.listen),
+                    config.metrics.listen,
+                    Path(config.spool.path).resolve(),
+                    self.key_count,
+                )
+            else:
+                log.info("worker %d started", self.role.index)
+                self.role.announce_ready()
+            await stop.wait()
             self.stopping.set()
             log.info("stopping: no new connections; finishing open transactions and deliveries")
             if self.webhook is not None:
@@ -187,6 +238,8 @@ class Daemon:
             if posting is not None:
                 await posting
         finally:
+            if self.peers is not None:
+                self.peers.close()
             await self.egress.close()
             self.committer.close()
             self.events.close()
@@ -218,6 +271,7 @@ class Daemon:
             ("[spool]", old.spool, new.spool),
             ("[metrics] listen", old.metrics.listen, new.metrics.listen),
             ("[events]", old.events, new.events),
+            ("[server] workers", old.server.workers, new.server.workers),
             (
                 "AUTH on or off ([server] users_file)",
                 bool(self.authenticator),
@@ -262,8 +316,10 @@ class Daemon:
             )
 
 
-async def _wait_for_stop_signal(on_reload: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Until SIGTERM or SIGINT; each SIGHUP runs ``on_reload`` meanwhile."""
+def handle_signals(on_reload: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Event:
+    """From now on each SIGHUP runs ``on_reload``, and SIGTERM or SIGINT sets the
+    event returned. Called first thing, so that a signal during startup is not
+    the default action (death) but a reload, or a stop once started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -276,7 +332,7 @@ async def _wait_for_stop_signal(on_reload: Callable[[], Coroutine[Any, Any, None
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
+    return stop
 
 
 def event_log(config: Config, spool: Spool) -> EventLog:
@@ -311,12 +367,32 @@ def retry_schedule(config: Config) -> RetrySchedule:
     )
 
 
-async def _listen(factory: Callable[[], Session], server: ServerConfig) -> list[asyncio.Server]:
+def serve_metrics(
+    config: Config,
+    spool: Spool,
+    not_ready: metrics.Readiness,
+    registry: metrics.CollectorRegistry = metrics.REGISTRY,
+) -> None:
+    try:
+        metrics.serve(config.metrics.listen, spool, not_ready, registry)
+    except OSError as error:
+        raise StartupError(
+            f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"
+        ) from None
+
+
+async def listen(
+    factory: Callable[[], asyncio.Protocol], server: ServerConfig, reuse_port: bool = False
+) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     listeners = []
     for address in server.listen:
         try:
-            listeners.append(await loop.create_server(factory, address.host, address.port))
+            listeners.append(
+                await loop.create_server(
+                    factory, address.host, address.port, reuse_port=reuse_port or None
+                )
+            )
         except OSError as error:
             for listener in listeners:
                 listener.close()

@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fcntl
 import http.client
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import random
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lmdb
 
@@ -212,7 +214,7 @@ class EventLog:
         self._listener: logging.handlers.QueueListener | None = None
         if config.file:
             # Raises OSError when the file cannot be opened: the caller says so at startup.
-            handler = _RotatingFile(
+            handler = RotatingFile(
                 config.file,
                 maxBytes=config.max_file_bytes,
                 backupCount=config.backups,
@@ -268,14 +270,53 @@ class EventLog:
             self._writer = None
 
 
-class _RotatingFile(logging.handlers.RotatingFileHandler):
-    """RotatingFileHandler where ``backupCount=0`` means "start the file again"
-    at ``maxBytes`` (the standard one would then let it grow for ever)."""
+class RotatingFile(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler that worker processes can share, and where
+    ``backupCount=0`` means "start the file again" at ``maxBytes`` (the
+    standard one would then let it grow for ever).
+
+    Every worker appends to the same file. Each line is written under an
+    exclusive lock (flock) on the file's directory, which rotation does not
+    rename, after reopening the file if another worker rotated it meanwhile:
+    one worker rotates at a time and nobody keeps writing into a file that
+    was renamed away.
+    """
+
+    def __init__(self, filename: str, **kwargs: Any) -> None:
+        super().__init__(filename, **kwargs)
+        self._directory = os.open(os.path.dirname(self.baseFilename), os.O_RDONLY)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fcntl.flock(self._directory, fcntl.LOCK_EX)
+        try:
+            self._reopen_if_rotated()
+            super().emit(record)
+        finally:
+            fcntl.flock(self._directory, fcntl.LOCK_UN)
+
+    def _reopen_if_rotated(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            current = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(self.stream.fileno())
+        if current is None or (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            self.stream.close()
+            self.stream = self._open()
+
+    def close(self) -> None:
+        super().close()
+        if self._directory >= 0:  # logging may close a handler twice
+            os.close(self._directory)
+            self._directory = -1
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802
         if self.backupCount == 0 and self.maxBytes > 0:
             if self.stream is None:
                 self.stream = self._open()
+            self.stream.seek(0, os.SEEK_END)  # other workers append too
             return self.stream.tell() + len(self.format(record)) + 1 >= self.maxBytes
         return bool(super().shouldRollover(record))
 
@@ -285,6 +326,7 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
             return
         if self.stream:
             self.stream.close()
+        # Truncate in place: another worker may hold the file open.
         self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
 
 

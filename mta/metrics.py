@@ -13,7 +13,14 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+)
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,7 +38,11 @@ MESSAGES_REJECTED = Counter(
 # Sub-millisecond to a second: signing and fsync live in this range.
 _FAST_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-SESSIONS_ACTIVE = Gauge("mta_smtp_sessions_active", "SMTP sessions now open.")
+# Gauges say how worker processes combine (prometheus_client's multiprocess
+# mode, used when [server] workers > 1; ignored with one process).
+SESSIONS_ACTIVE = Gauge(
+    "mta_smtp_sessions_active", "SMTP sessions now open.", multiprocess_mode="livesum"
+)
 DKIM_SIGN_SECONDS = Histogram(
     "mta_dkim_sign_seconds",
     "Time to DKIM-sign one message (all its signatures).",
@@ -77,14 +88,18 @@ EGRESS_CONNECTIONS = Gauge(
     "mta_egress_connections",
     "Deliveries under way per source and site (a configured provider, or other).",
     ["source", "site"],
+    multiprocess_mode="livesum",
 )
 WARMUP_REMAINING = Gauge(
     "mta_warmup_remaining",
     "Messages a warming-up source may still send today, per provider.",
     ["source", "provider"],
+    multiprocess_mode="livemin",
 )
 SUSPENSIONS_ACTIVE = Gauge(
-    "mta_suspensions_active", "Paths (source, site) suspended now, by a rule or an operator."
+    "mta_suspensions_active",
+    "Paths (source, site) suspended now, by a rule or an operator.",
+    multiprocess_mode="livemax",
 )
 THROTTLE_EVENTS = Counter(
     "mta_throttle_events_total",
@@ -138,19 +153,30 @@ class SpoolCollector(Collector):
         )
 
 
+def worker_registry(directory: str) -> CollectorRegistry:
+    """A registry that sums the metrics the worker processes write to ``directory``
+    (their PROMETHEUS_MULTIPROC_DIR)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return registry
+
+
 Readiness = Callable[[], str | None]  # why the daemon should not get traffic now, or None
 
 
-def serve(listen: HostPort, spool: Spool, not_ready: Readiness) -> None:
+def serve(
+    listen: HostPort, spool: Spool, not_ready: Readiness, registry: CollectorRegistry = REGISTRY
+) -> None:
     """/metrics, /healthz and /readyz over HTTP on ``listen``, in a background thread.
 
     /healthz answers 200 while the process can answer at all (a liveness
     probe); /readyz answers 200 only while the daemon accepts mail it can
     keep (listening, spool below its limits), else 503 with the reason, so a
-    load balancer sends new mail elsewhere.
+    load balancer sends new mail elsewhere. With worker processes, the
+    supervisor serves ``worker_registry``'s sum of what the workers count.
     """
-    REGISTRY.register(SpoolCollector(spool))
-    metrics_app = make_wsgi_app()
+    registry.register(SpoolCollector(spool))
+    metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from mta.queue.records import Message, jobs_for, split_job_key
@@ -43,6 +43,7 @@ class Scheduler:
         max_per_domain: int,
         clock: Callable[[], float] = time.time,
         poll: float = 1.0,
+        owns: Callable[[str], bool] = lambda domain: True,
     ) -> None:
         self.spool = spool
         self.attempt = attempt
@@ -50,6 +51,7 @@ class Scheduler:
         self.max_per_domain = max_per_domain
         self.clock = clock
         self.poll = poll
+        self.owns = owns
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
         self._per_domain: Counter[str] = Counter()
         self._crashed: dict[bytes, float] = {}  # job key -> when to try it again
@@ -64,11 +66,17 @@ class Scheduler:
     def queued(self, message: Message) -> None:
         """A message was committed: try its jobs at once, limits permitting. One that
         must wait starts when its domain has a free slot (``_refill``)."""
+        self.offer([job.key for job in jobs_for(message)])
+
+    def offer(self, keys: Iterable[bytes]) -> None:
+        """Committed jobs (by key) to try at once if this worker owns their domain."""
         if self._stopping:
             return
         now = self.clock()
-        for job in jobs_for(message):
-            self._try_start(job.key, job.domain, now)
+        for key in keys:
+            domain = split_job_key(key)[1]
+            if self.owns(domain):
+                self._try_start(key, domain, now)
 
     async def run(self) -> None:
         while not self._stopping:
@@ -88,7 +96,9 @@ class Scheduler:
                 if len(self.in_flight) >= self.max_concurrent:
                     self._full = True
                     return None  # a finishing attempt scans again
-                self._try_start(key, split_job_key(key)[1], now)
+                domain = split_job_key(key)[1]
+                if self.owns(domain):
+                    self._try_start(key, domain, now)
         return None
 
     def _try_start(self, key: bytes, domain: str, now: float) -> bool:

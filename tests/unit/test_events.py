@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,6 +24,7 @@ from mta.events import (
     Backoff,
     Event,
     EventLog,
+    RotatingFile,
     Webhook,
     attempt_events,
     batch_body,
@@ -487,3 +489,24 @@ def test_stop_leaves_what_was_not_posted_in_the_spool(tmp_path: Path) -> None:
     asyncio.run(main())
     assert post.bodies == []
     assert pending(spool) == 5
+
+
+def test_two_workers_share_the_file_and_its_rotation_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    # Two handlers on one file, as two worker processes have: each keeps its
+    # own open file, so each must notice when the other rotated it.
+    workers = [RotatingFile(str(path), maxBytes=500, backupCount=100) for _ in range(2)]
+    for number in range(120):
+        line = f"{number:099}"  # 100 bytes with its newline
+        workers[number % 2].emit(logging.LogRecord("e", logging.INFO, "", 0, line, None, None))
+    for worker in workers:
+        worker.close()
+    def age(file: Path) -> int:  # events.jsonl.N is older for a larger N
+        suffix = file.name.rpartition(".")[2]
+        return int(suffix) if suffix.isdigit() else 0
+
+    oldest_first = sorted(tmp_path.iterdir(), key=age, reverse=True)
+    assert [path.name for path in oldest_first][-1] == "events.jsonl"
+    lines = [int(line) for file in oldest_first for line in file.read_text().splitlines()]
+    assert lines == list(range(120))  # none lost, none written into a rotated file
+    assert all(file.stat().st_size <= 500 for file in oldest_first)

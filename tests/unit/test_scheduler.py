@@ -185,3 +185,33 @@ def test_due_in_finds_a_domains_due_jobs_by_seek(tmp_path: Path) -> None:
         assert len(spool.due_in(txn, "one.test", NOW + 60, 10)) == 2
         assert spool.due_in(txn, "one.test", NOW + 60, 1) == [job_key(early, "one.test")]
         assert spool.due_in(txn, "on", NOW + 60, 10) == []  # a prefix is not a domain
+
+
+def test_a_worker_starts_only_the_domains_it_owns(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock, attempts = Clock(), Attempts()
+        spool = Spool(tmp_path / "spool", max_size=2**20)
+        attempts.spool = spool
+        scheduler = Scheduler(
+            spool, attempts, 10, 10, clock=clock, owns=lambda domain: domain == "mine.test"
+        )
+        new_id = IdGenerator(clock=clock)
+        mine = queue(spool, new_id, "a@mine.test", "b@theirs.test")
+        scheduler.start_due()  # the periodic scan
+        assert list(scheduler.in_flight) == [job_key(mine, "mine.test")]
+        # Keys another worker hands over: only owned ones start, none twice.
+        later = queue(spool, new_id, "c@mine.test", "d@theirs.test")
+        scheduler.offer([job_key(later, "mine.test"), job_key(later, "theirs.test")])
+        scheduler.offer([job_key(later, "mine.test")])
+        assert sorted(scheduler.in_flight) == sorted(
+            [job_key(mine, "mine.test"), job_key(later, "mine.test")]
+        )
+        attempts.release.set()
+        await asyncio.gather(*scheduler.in_flight.values())
+        with spool.read() as txn:
+            left = sorted(
+                job.domain for job in spool.jobs_of(txn, mine) + spool.jobs_of(txn, later)
+            )
+        assert left == ["theirs.test", "theirs.test"]  # for the worker that owns them
+
+    asyncio.run(main())
