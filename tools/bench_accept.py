@@ -367,6 +367,7 @@ def py_spy(pid: int, out: str | None) -> Iterator[None]:
             "200",
             "--threads",
             "--nonblocking",
+            "--subprocesses",  # worker processes too
             "--format",
             fmt,
             "--output",
