@@ -7,12 +7,15 @@ deliver them, so these tests also prove the published records are right.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from email.utils import getaddresses
 from pathlib import Path
 
 import dkim
@@ -20,15 +23,21 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from hypothesis import HealthCheck, given, settings
+from dkim.canonicalization import Relaxed, Simple, strip_trailing_lines
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mta import signing
 from mta.signing import (
     ED25519_SHA256,
     RSA_SHA256,
+    SIGNED_HEADERS,
     DkimKey,
     Signer,
     SigningError,
+    canonicalize_body_relaxed,
+    canonicalize_body_simple,
+    canonicalize_header_relaxed,
     dns_record_line,
     generate_key,
     load_key,
@@ -113,6 +122,78 @@ def literal_verify(message: bytes, key: DkimKey) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+class OpenDkim:
+    """OpenDKIM's verifier: libopendkim, the library opendkim-testmsg runs, via ctypes.
+
+    Public keys come from a file (libopendkim's DKIM_QUERY_FILE test method)
+    instead of DNS, so no socket is opened.  Constants are from its dkim.h.
+    """
+
+    SETOPT, OPT_FLAGS, OPT_QUERYMETHOD, OPT_QUERYINFO = 1, 0, 6, 7
+    QUERY_FILE = 1
+    FLAG_PASSED, BH_MATCH = 0x04, 0
+
+    def __init__(self, path: str, keys_file: Path) -> None:
+        lib = ctypes.CDLL(path)
+        handle, void_p, size_t = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+        lib.dkim_init.restype = handle
+        lib.dkim_init.argtypes = [void_p, void_p]
+        lib.dkim_options.argtypes = [handle, ctypes.c_int, ctypes.c_int, void_p, size_t]
+        lib.dkim_verify.restype = handle
+        lib.dkim_verify.argtypes = [handle, ctypes.c_char_p, void_p, ctypes.POINTER(ctypes.c_int)]
+        lib.dkim_chunk.argtypes = [handle, ctypes.c_char_p, size_t]
+        lib.dkim_eom.argtypes = [handle, void_p]
+        lib.dkim_getsiglist.argtypes = [
+            handle,
+            ctypes.POINTER(ctypes.POINTER(handle)),
+            ctypes.POINTER(ctypes.c_int),
+        ]
+        lib.dkim_sig_getflags.argtypes = [handle]
+        lib.dkim_sig_getflags.restype = ctypes.c_uint
+        lib.dkim_sig_getbh.argtypes = [handle]
+        lib.dkim_sig_geterror.argtypes = [handle]
+        lib.dkim_free.argtypes = [handle]
+        self.lib = lib
+        self.handle = lib.dkim_init(None, None)
+        method = ctypes.c_int(self.QUERY_FILE)
+        self._option(self.OPT_QUERYMETHOD, ctypes.byref(method), ctypes.sizeof(method))
+        # libopendkim keeps this pointer: the buffer must live as long as we do.
+        self._keys_file = ctypes.create_string_buffer(bytes(keys_file))
+        self._option(self.OPT_QUERYINFO, self._keys_file, len(bytes(keys_file)))
+        no_flags = ctypes.c_uint(0)
+        self._option(self.OPT_FLAGS, ctypes.byref(no_flags), ctypes.sizeof(no_flags))
+
+    def _option(self, option: int, value: object, size: int) -> None:
+        assert self.lib.dkim_options(self.handle, self.SETOPT, option, value, size) == 0
+
+    def verify(self, message: bytes) -> list[bool]:
+        """One verdict per DKIM-Signature, topmost first: header signature and bh= both good."""
+        status = ctypes.c_int()
+        dkim_handle = self.lib.dkim_verify(self.handle, b"test", None, ctypes.byref(status))
+        assert dkim_handle and status.value == 0
+        try:
+            self.lib.dkim_chunk(dkim_handle, message, len(message))
+            self.lib.dkim_chunk(dkim_handle, None, 0)
+            self.lib.dkim_eom(dkim_handle, None)
+            sigs = ctypes.POINTER(ctypes.c_void_p)()
+            count = ctypes.c_int()
+            if self.lib.dkim_getsiglist(dkim_handle, ctypes.byref(sigs), ctypes.byref(count)):
+                return []
+            return [
+                bool(self.lib.dkim_sig_getflags(sigs[i]) & self.FLAG_PASSED)
+                and self.lib.dkim_sig_getbh(sigs[i]) == self.BH_MATCH
+                and self.lib.dkim_sig_geterror(sigs[i]) == 0
+                for i in range(count.value)
+            ]
+        finally:
+            self.lib.dkim_free(dkim_handle)
+
+
+def on_the_wire(message: bytes) -> bytes:
+    """The message as SMTP carries it: every line ending CRLF."""
+    return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def tags(message: bytes, idx: int = 0) -> dict[bytes, bytes]:
@@ -202,27 +283,45 @@ def rsa_signer(rsa_key: DkimKey) -> Signer:
     return Signer([rsa_key], clock=lambda: NOW)
 
 
+@pytest.fixture(scope="module")
+def opendkim(keydir: Path, rsa_key: DkimKey, ed_key: DkimKey, news_key: DkimKey) -> OpenDkim:
+    """OpenDKIM's verifier knowing the module's keys; skipped where libopendkim is missing."""
+    path = ctypes.util.find_library("opendkim")
+    if path is None:
+        pytest.skip("libopendkim is not installed (apt-get install opendkim-tools)")
+    keys_file = keydir / "opendkim-keys"
+    keys_file.write_text(
+        "".join(
+            f"{k.selector}._domainkey.{k.domain} {k.txt_record()}\n"
+            for k in (rsa_key, ed_key, news_key)
+        )
+    )
+    return OpenDkim(path, keys_file)
+
+
 # --- signatures verify ----------------------------------------------------
 
 
-def test_rsa_signature_verifies(rsa_signer: Signer, rsa_key: DkimKey) -> None:
+def test_rsa_signature_verifies(rsa_signer: Signer, rsa_key: DkimKey, opendkim: OpenDkim) -> None:
     result = rsa_signer.sign(MESSAGE)
     assert result.domain == "example.com"
     assert result.selectors == ("rsa1",)
     assert result.message.endswith(MESSAGE)
     assert dkim.verify(result.message, dnsfunc=dns_for(rsa_key))
+    assert opendkim.verify(result.message) == [True]
     assert tags(result.message)[b"a"] == b"rsa-sha256"
 
 
-def test_ed25519_signature_verifies(ed_key: DkimKey) -> None:
+def test_ed25519_signature_verifies(ed_key: DkimKey, opendkim: OpenDkim) -> None:
     result = Signer([ed_key], clock=lambda: NOW).sign(MESSAGE)
     assert result.selectors == ("ed1",)
     assert dkim.verify(result.message, dnsfunc=dns_for(ed_key))
+    assert opendkim.verify(result.message) == [True]
     assert tags(result.message)[b"a"] == b"ed25519-sha256"
 
 
 def test_two_keys_for_a_domain_give_two_signatures_that_both_verify(
-    rsa_key: DkimKey, ed_key: DkimKey
+    rsa_key: DkimKey, ed_key: DkimKey, opendkim: OpenDkim
 ) -> None:
     result = Signer([ed_key, rsa_key], clock=lambda: NOW).sign(MESSAGE)
     assert result.selectors == ("rsa1", "ed1")  # RSA first
@@ -230,6 +329,7 @@ def test_two_keys_for_a_domain_give_two_signatures_that_both_verify(
     assert [tags(result.message, i)[b"s"] for i in (0, 1)] == [b"rsa1", b"ed1"]
     assert verify(result.message, [rsa_key, ed_key], idx=0)
     assert verify(result.message, [rsa_key, ed_key], idx=1)
+    assert opendkim.verify(result.message) == [True, True]
 
 
 def test_relaxed_canonicalization_survives_refolding(rsa_signer: Signer, rsa_key: DkimKey) -> None:
@@ -241,9 +341,12 @@ def test_relaxed_canonicalization_survives_refolding(rsa_signer: Signer, rsa_key
     assert dkim.verify(refolded, dnsfunc=dns_for(rsa_key))
 
 
-def test_lf_only_message_still_verifies(rsa_signer: Signer, rsa_key: DkimKey) -> None:
+def test_lf_only_message_still_verifies(
+    rsa_signer: Signer, rsa_key: DkimKey, opendkim: OpenDkim
+) -> None:
     signed = rsa_signer.sign(MESSAGE.replace(b"\r\n", b"\n")).message
     assert dkim.verify(signed, dnsfunc=dns_for(rsa_key))
+    assert opendkim.verify(on_the_wire(signed)) == [True]
 
 
 def test_concurrent_signing_from_threads(rsa_signer: Signer, rsa_key: DkimKey) -> None:
@@ -317,7 +420,9 @@ ALL_SIGNED = [
 ]
 
 
-def test_long_h_tag_folds_into_short_lines_and_verifies(rsa_key: DkimKey, ed_key: DkimKey) -> None:
+def test_long_h_tag_folds_into_short_lines_and_verifies(
+    rsa_key: DkimKey, ed_key: DkimKey, opendkim: OpenDkim
+) -> None:
     head = "".join(f"{name.upper()}: value of {name}\r\n" for name in ALL_SIGNED[1:])
     message = f"From: a@example.com\r\n{head}\r\nbody\r\n".encode("ascii")
     result = Signer([rsa_key, ed_key], clock=lambda: NOW).sign(message)
@@ -326,6 +431,7 @@ def test_long_h_tag_folds_into_short_lines_and_verifies(rsa_key: DkimKey, ed_key
     assert all(len(line) <= 78 for line in added.split(b"\r\n"))
     assert verify(result.message, [rsa_key, ed_key], idx=0)
     assert verify(result.message, [rsa_key, ed_key], idx=1)
+    assert opendkim.verify(result.message) == [True, True]
 
 
 def test_t_tag_is_the_injected_clock(rsa_key: DkimKey) -> None:
@@ -338,7 +444,7 @@ def test_t_tag_is_the_injected_clock(rsa_key: DkimKey) -> None:
 
 @pytest.mark.parametrize("key_name", ["rsa_key", "ed_key"])
 def test_adding_a_second_from_breaks_the_signature(
-    request: pytest.FixtureRequest, key_name: str
+    request: pytest.FixtureRequest, key_name: str, opendkim: OpenDkim
 ) -> None:
     key = request.getfixturevalue(key_name)
     signed = Signer([key], clock=lambda: NOW).sign(MESSAGE).message
@@ -351,6 +457,7 @@ def test_adding_a_second_from_breaks_the_signature(
         assert not dkim.verify(forged, dnsfunc=dns_for(key))
         # The oversigned "from" is what breaks it for a verifier that follows h=.
         assert not literal_verify(forged, key)
+        assert opendkim.verify(forged) == [False]
 
 
 def test_literal_verifier_catches_a_missing_oversign(rsa_key: DkimKey) -> None:
@@ -377,10 +484,13 @@ def test_literal_verifier_catches_a_missing_oversign(rsa_key: DkimKey) -> None:
     assert not dkim.verify(forged, dnsfunc=dns_for(rsa_key))
 
 
-def test_modified_body_breaks_the_signature(rsa_signer: Signer, rsa_key: DkimKey) -> None:
+def test_modified_body_breaks_the_signature(
+    rsa_signer: Signer, rsa_key: DkimKey, opendkim: OpenDkim
+) -> None:
     signed = rsa_signer.sign(MESSAGE).message
-    assert not dkim.verify(signed.replace(b"some", b"more"), dnsfunc=dns_for(rsa_key))
-    assert not dkim.verify(signed + b"P.S. appended\r\n", dnsfunc=dns_for(rsa_key))
+    for forged in (signed.replace(b"some", b"more"), signed + b"P.S. appended\r\n"):
+        assert not dkim.verify(forged, dnsfunc=dns_for(rsa_key))
+        assert opendkim.verify(forged) == [False]
 
 
 def test_modified_subject_breaks_the_signature(rsa_signer: Signer, rsa_key: DkimKey) -> None:
@@ -679,3 +789,194 @@ def test_property_signed_messages_verify(
     assert verify(result.message, [rsa_key, ed_key], idx=1)  # Ed25519
     from_count = sum(1 for line in lines if line.lower().startswith("from:"))
     assert h_names(result.message).count(b"from") == from_count + 1
+
+
+# --- our canonicalisation is dkimpy's, byte for byte ----------------------
+
+# Pieces that exercise every rule: whitespace runs, tabs, line ends (CRLF,
+# bare CR, bare LF), empty lines, long lines, 8-bit bytes.
+_body_piece = st.sampled_from(
+    [b"a", b"word", b" ", b"  ", b"\t", b" \t ", b"\r\n", b"\r\n\r\n", b"\r", b"\n"]
+    + [b"x" * 998, b"\x00", b"\xff", b"\x0b", b"\x0c"]
+)
+_bodies = st.one_of(st.lists(_body_piece, max_size=40).map(b"".join), st.binary(max_size=300))
+
+
+@given(body=_bodies)
+@example(body=b"")
+@example(body=b"\r\n")
+@example(body=b"\r\n\r\n\r\n")
+@example(body=b"text\r\n\r\r\n\r\n")
+@example(body=b"text \t \r\n \r\n\t\r\n")
+@example(body=b"no final line end  ")
+def test_body_canonicalisation_equals_dkimpy(body: bytes) -> None:
+    assert signing._strip_trailing_lines(body) == strip_trailing_lines(body)
+    assert canonicalize_body_simple(body) == Simple.canonicalize_body(body)
+    assert canonicalize_body_relaxed(body) == Relaxed.canonicalize_body(body)
+
+
+_value_piece = st.sampled_from(
+    [b"v", b"x y", b" ", b"  ", b"\t", b"\r\n ", b"\r\n\t", b":", b";", b"\xc3\xa9"]
+    + [b"\x0b", b"\x0c", b"\r", b"\n"]
+)
+_header_values = st.lists(_value_piece, max_size=20).map(lambda p: b"".join(p) + b"\r\n")
+_header_names = st.sampled_from([b"Subject", b"FROM", b"to", b"X-Tag", b"Cc", b"MIME-Version"])
+
+
+@given(name=_header_names, value=_header_values)
+@example(name=b"Subject", value=b" \t folded\r\n  \t line \t\r\n")
+def test_header_canonicalisation_equals_dkimpy(name: bytes, value: bytes) -> None:
+    [(expected_name, expected_value)] = Relaxed.canonicalize_headers([(name, value)])
+    assert canonicalize_header_relaxed(name, value) == expected_name + b":" + expected_value
+
+
+def _dkimpy_parse(message: bytes) -> tuple[list[list[bytes]], bytes] | None:
+    try:
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    except (dkim.MessageFormatError, IndexError):
+        return None
+
+
+_header_line = st.one_of(
+    st.tuples(_header_names, st.lists(_value_piece.filter(lambda p: b"\n" not in p))).map(
+        lambda nv: nv[0] + b":" + b"".join(nv[1])
+    ),
+    st.sampled_from(
+        [b" continued", b"\tcontinued", b"From mbox line", b"no colon", b"Bad Name: x"]
+        + [b":odd:name", b"::", b"X-Empty:", b""]
+    ),
+)
+_line_end = st.sampled_from([b"\r\n", b"\n"])
+
+
+@given(
+    lines=st.lists(_header_line, max_size=12),
+    body=_bodies,
+    header_end=_line_end,
+    separator=st.sampled_from([b"\r\n\r\n", b"\n\n", b"\r\n\n", b""]),
+)
+def test_message_split_equals_dkimpy(
+    lines: list[bytes], body: bytes, header_end: bytes, separator: bytes
+) -> None:
+    message = header_end.join(lines) + separator + body
+    ours = signing._split_message(message)
+    expected = _dkimpy_parse(message)
+    if expected is None:
+        assert ours is None
+    else:
+        assert ours is not None
+        assert [list(h) for h in ours[0]] == expected[0]
+        assert ours[1] == expected[1]
+
+
+_field = st.tuples(
+    st.sampled_from([b"From", b"from", b"To", b"CC", b"cc", b"Subject", b"X-Other", b"Received"]),
+    _header_values,
+)
+
+
+@given(fields=st.lists(_field, max_size=12))
+def test_hashed_fields_equal_dkimpys_selection(fields: list[tuple[bytes, bytes]]) -> None:
+    headers = [[name, value] for name, value in fields]
+    names, hashed = signing._select_headers(headers)
+    assert names == [n.lower() for n, _ in fields if n.lower() in SIGNED_HEADERS] + [b"from"]
+    selected = dkim.select_headers(Relaxed.canonicalize_headers(fields), names)
+    assert hashed == b"".join(name + b":" + value for name, value in selected)
+
+
+def _getaddresses_domain(text: str) -> str | None:
+    """The From domain the way the signer found it before its plain-mailbox fast path."""
+    addresses = getaddresses([text])
+    local, at, domain = addresses[0][1].rpartition("@") if addresses else ("", "", "")
+    return domain if local and at else None
+
+
+_address_piece = st.sampled_from(
+    ["Name", "Q.", " ", "\t", '"', "<", ">", "@", ".", "..", ",", "(", ")", ":", ";", "\\"]
+    + ["a", "news", "example.com", "-", "_", "é", "=?utf-8?q?J=C3=B6rg?=", "[1.2.3.4]", "'"]
+)
+_address_text = st.lists(_address_piece, max_size=12).map("".join)
+# Local and domain parts: mostly well-formed dot-atoms (the fast path), some not.
+_local_part = st.one_of(
+    st.lists(st.sampled_from(["a", "news", "b+c", "x-y", "o'k", "_"]), min_size=1, max_size=3).map(
+        ".".join
+    ),
+    st.lists(st.sampled_from(["a", ".", "+", " ", "é", '"', "("]), max_size=5).map("".join),
+)
+_domain_part = st.one_of(
+    st.lists(st.sampled_from(["example", "com", "x-1", "_dmarc"]), min_size=1, max_size=3).map(
+        ".".join
+    ),
+    st.lists(st.sampled_from(["example", ".", "-", "é", "[1.2.3.4]", " "]), max_size=5).map(
+        "".join
+    ),
+)
+_plain_mailbox = st.tuples(
+    st.sampled_from(["", " ", "Name ", '"Shop" ', ' "A, B" ', "J. Q. ", "x\t", "\t"]),
+    _local_part,
+    _domain_part,
+    st.sampled_from(["<{}@{}>", "{}@{}", " <{}@{}> ", "<{}@{}>,x@y", "{}@{} (c)"]),
+).map(lambda p: p[0] + p[3].format(p[1], p[2]))
+
+
+@given(text=st.one_of(_address_text, _plain_mailbox))
+@example(text=' "Example Shop" <news@example.com>')
+@example(text="news@example.com")
+@example(text="a..b@example.com")
+@example(text="<.a@example.com.>")
+def test_from_domain_fast_path_equals_getaddresses(text: str) -> None:
+    assert signing._address_domain(text) == _getaddresses_domain(text)
+
+
+# --- property: messages with awkward bodies verify with dkimpy and OpenDKIM --
+
+_body_text = st.lists(
+    st.sampled_from(list("abc xyz.=-") + ["  ", "\t", " \t", "é"]), max_size=60
+).map("".join)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lines=st.lists(st.one_of(_body_text, st.just(""), st.just("x" * 990)), max_size=25),
+    trailing_blank_lines=st.integers(min_value=0, max_value=3),
+    folded_subject=st.booleans(),
+)
+def test_property_awkward_bodies_verify_with_dkimpy_and_opendkim(
+    rsa_key: DkimKey,
+    ed_key: DkimKey,
+    opendkim: OpenDkim,
+    lines: list[str],
+    trailing_blank_lines: int,
+    folded_subject: bool,
+) -> None:
+    subject = "a\r\n\t  folded \t subject  " if folded_subject else "plain"
+    head = f"From: Sender <sender@example.com>\r\nSubject: {subject}\r\nTo: x@example.org\r\n"
+    body = "".join(f"{line}\r\n" for line in lines) + "\r\n" * trailing_blank_lines
+    message = (head + "\r\n" + body).encode("utf-8")
+    result = Signer([rsa_key, ed_key], clock=lambda: NOW).sign(message)
+    assert result.message.endswith(message)
+    assert verify(result.message, [rsa_key, ed_key], idx=0)
+    assert verify(result.message, [rsa_key, ed_key], idx=1)
+    assert opendkim.verify(result.message) == [True, True]
+
+
+def test_large_message_verifies_with_dkimpy_and_opendkim(
+    rsa_signer: Signer, rsa_key: DkimKey, opendkim: OpenDkim
+) -> None:
+    line = b"Lorem ipsum  dolor\tsit amet, consectetur adipiscing elit, sed do eiusmod. \r\n"
+    message = MESSAGE + line * 1300 + b"\r\n\r\n"
+    signed = rsa_signer.sign(message).message
+    assert dkim.verify(signed, dnsfunc=dns_for(rsa_key))
+    assert opendkim.verify(signed) == [True]
+
+
+def test_signature_field_layout(rsa_signer: Signer) -> None:
+    added = rsa_signer.sign(MESSAGE).message[: -len(MESSAGE)]
+    lines = added.split(b"\r\n")
+    assert lines[0].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+    assert lines[-1] == b""  # ends with CRLF
+    assert all(line.startswith(b" ") for line in lines[1:-1])  # folded, never a new field
+    assert any(line.startswith(b" b=") for line in lines)  # b= starts its own line
+    assert all(len(line) <= 78 for line in lines)
