@@ -501,6 +501,7 @@ def test_two_workers_share_the_file_and_its_rotation_in_order(tmp_path: Path) ->
         workers[number % 2].emit(logging.LogRecord("e", logging.INFO, "", 0, line, None, None))
     for worker in workers:
         worker.close()
+
     def age(file: Path) -> int:  # events.jsonl.N is older for a larger N
         suffix = file.name.rpartition(".")[2]
         return int(suffix) if suffix.isdigit() else 0
