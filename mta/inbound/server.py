@@ -216,6 +216,41 @@ class DataParser:
         self._parts = []  # free the memory at once
 
 
+# RFC 5322 atext; the usual MAIL/RCPT argument: <dot-atom@dot-atom>, then the
+# parameters after one space or none.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})> ?((?![ \t(]).*)", re.DOTALL)
+
+
+def parse_address(arg: str) -> tuple[str | None, str | None]:
+    """The address and the rest of a MAIL or RCPT argument, as aiosmtpd's
+    ``_getaddr`` gives them: ("", "") for none, (None, None) if malformed.
+
+    The usual form is matched with one regular expression; anything else goes
+    to the email package's parser, as in aiosmtpd (which also defined a
+    typing.Protocol class on every call), at about 20 times the cost. A
+    property test checks that both give the same for any argument.
+    """
+    plain = _PLAIN_ADDRESS.fullmatch(arg)
+    if plain is not None:
+        return plain[1], plain[2]
+    return _parse_address(arg)
+
+
+def _parse_address(arg: str) -> tuple[str | None, str | None]:
+    if not arg:
+        return "", ""
+    try:
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        address, rest = parse(arg)
+        return address.addr_spec, rest
+    except (HeaderParseError, IndexError, AttributeError):
+        # The parser fails on cut-off input ("<", "<a@", "<a@[") with these
+        # too; aiosmtpd let them through, to a 451 and a logged traceback.
+        return None, None
+
+
 class _LineReader(asyncio.StreamReader):
     """aiosmtpd's stream reader, checking the line endings and bytes of commands,
     and reading DATA for ``Session.smtp_DATA`` (``read_data``).
@@ -293,16 +328,7 @@ class Session(SMTP):
     line_length_limit = 1000
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's address parsing at MAIL and RCPT, minus the typing.Protocol
-        class it defines on every call (6% of the accept path's CPU, profiled)."""
-        if not arg:
-            return "", ""
-        try:
-            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-            address, rest = parse(arg)
-        except HeaderParseError:
-            return None, None
-        return address.addr_spec, rest
+        return parse_address(arg)
 
     def __init__(self, handler: Any, sessions: Sessions, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)

@@ -1,4 +1,5 @@
-"""DATA read in chunks (mta.inbound.server.DataParser) against aiosmtpd's own reader.
+"""The listener's fast paths against aiosmtpd's own code: DATA read in chunks
+(mta.inbound.server.DataParser), and MAIL/RCPT addresses (parse_address).
 
 The reference is aiosmtpd 1.4's ``SMTP.smtp_DATA`` itself, run on a small
 stand-in session over a real ``asyncio.StreamReader``: for any data, cut into
@@ -6,6 +7,9 @@ any chunks, the parser must give the same reply (500 line too long, 552 too
 much data, or the handler's), the same content after dot-unstuffing, and leave
 the same bytes (pipelined commands) for the next command. Coroutines are
 stepped by hand, one chunk per step: no event loop runs, nothing sleeps.
+
+MAIL and RCPT arguments are compared with aiosmtpd's ``_getaddr``, which
+parses every address with the email package's header parser.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from mta.inbound.server import (
     TOO_MUCH_DATA,
     DataParser,
     _LineReader,
+    parse_address,
 )
 
 CRLF = b"\r\n"
@@ -270,3 +275,66 @@ def test_a_message_over_the_size_limit_is_not_kept() -> None:
     assert parser.refusal is None
     parser.feed(line * 2)
     assert parser.refusal == TOO_MUCH_DATA and not parser._parts
+
+
+# --- MAIL and RCPT addresses -------------------------------------------------
+
+
+class _NoLimit:
+    local_part_limit = 0
+
+
+def aiosmtpds_getaddr(arg: str) -> tuple[str | None, str | None]:
+    try:
+        return SMTP._getaddr(_NoLimit(), arg)  # type: ignore[arg-type]
+    except (IndexError, AttributeError):  # cut-off input: now refused as malformed
+        return None, None
+
+
+# RFC 5322's specials, and every printable ASCII character, and some that are not.
+_ODD = st.sampled_from(list('\\"(),.:;<>@[] ')) | st.sampled_from(
+    [chr(code) for code in range(32, 127)] + ["\t", "\x00", "\x7f", "é"]
+)
+_PLAIN_PART = st.from_regex(r"[a-z0-9]{1,8}(\.[a-z0-9+_-]{1,8}){0,3}", fullmatch=True)
+
+
+@st.composite
+def _address_parts(draw: st.DrawFn) -> str:
+    """Mostly a usual local part or domain, sometimes with odd characters in it."""
+    part = draw(_PLAIN_PART)
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(part)))
+        part = part[:at] + draw(_ODD) + part[at:]
+    return part
+
+
+@st.composite
+def mail_arguments(draw: st.DrawFn) -> str:
+    """MAIL/RCPT arguments, most of them near the usual <local@domain> SIZE=n."""
+    local = draw(_address_parts())
+    domain = draw(_address_parts())
+    rest = draw(
+        st.sampled_from(["", " SIZE=100", "SIZE=1", "  X", " (c) X", "\tX", " ", ">", ",x"])
+        | _address_parts()
+    )
+    start, end = draw(st.sampled_from([("<", ">"), ("<", ">"), ("<", ""), ("", ""), (" <", ">")]))
+    return f"{start}{local}@{domain}{end}{rest}"
+
+
+@settings(max_examples=1000)
+@given(mail_arguments() | st.text(max_size=30))
+@example("<user@example.net>")
+@example("<user@example.net> SIZE=100 BODY=8BITMIME")
+@example("<a.b@c.d>  SIZE=1")
+@example("<a@b.>")
+@example("<a..b@c>")
+@example("<>")
+@example("<a\\b@c>")  # a quoted-pair: the parser quotes the local part
+@example('<"a"@c>')
+def test_addresses_are_aiosmtpds(arg: str) -> None:
+    assert parse_address(arg) == aiosmtpds_getaddr(arg)
+
+
+def test_cut_off_addresses_are_malformed_not_an_error() -> None:
+    for arg in ("<", "<a@", "<@", "<a@["):
+        assert parse_address(arg) == (None, None), arg
