@@ -99,8 +99,9 @@ class Sessions:
 # C0 controls and DEL, except HT; a command line holds none of them.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-# Octets of DATA buffered before the transport is paused (aiosmtpd's: 2 x 1000).
-DATA_BUFFER = 256 * 1024
+# Octets of DATA buffered unread before the transport is paused (for commands: 2 x
+# the line limit, so a 4 KB message would pause and resume it every time).
+DATA_BUFFER = 64 * 1024
 
 # aiosmtpd's refusals at the end of DATA, word for word (push adds the enhanced codes).
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
@@ -283,7 +284,7 @@ class _LineReader(asyncio.StreamReader):
         the transport is paused only past ``DATA_BUFFER`` octets rather than
         past twice the line limit.
         """
-        limit, self._limit = self._limit, max(self._limit, DATA_BUFFER)
+        limit, self._limit = self._limit, max(self._limit, DATA_BUFFER // 2)
         try:
             buffer = self._buffer
             while True:
