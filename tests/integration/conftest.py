@@ -139,7 +139,7 @@ class Mta:
             "tls_key": str(key),
             "users_file": str(self.users_file),
             "shutdown_timeout": 10,
-            "workers": 1,  # the default is cores + 1; test_workers.py runs several
+            "workers": 1,  # the default is one per core; test_workers.py runs several
         } | self.server
         self.spool = {"path": str(self.root / "spool"), "min_free_disk": 0} | self.spool
         self.delivery = {"retry_first": 3600, "retry_max": 3600} | self.delivery
