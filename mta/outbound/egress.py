@@ -179,6 +179,11 @@ class Egress:
             self._refresh(now)
             usable, waits = self._usable(pool, site, domain, now)
             if not usable:
+                # Before a job waits for hours, make sure an operator has not
+                # just resumed the path (`mta policy resume`, then a flush).
+                self._refresh(now, force=True)
+                usable, waits = self._usable(pool, site, domain, now)
+            if not usable:
                 until, reason = min(waits)
                 return Wait(until, reason)
             ready = [u for u in usable if u[2].has_slot(u[3]) and u[2].rate_wait(u[3], now) == 0]
@@ -317,9 +322,10 @@ class Egress:
             stored.throttle(key, state.factor, state.throttled_until, state.reason)
         save_throttles(self.spool, txn, stored)
 
-    def _refresh(self, now: float) -> None:
-        """Pick up suspensions the admin tool changed, at most every REFRESH seconds."""
-        if now - self._read_at < REFRESH:
+    def _refresh(self, now: float, force: bool = False) -> None:
+        """Pick up suspensions the admin tool (or another worker) changed, at most
+        every REFRESH seconds unless ``force``."""
+        if not force and now - self._read_at < REFRESH:
             return
         self._read_at = now
         with self.spool.read() as txn:
