@@ -245,7 +245,10 @@ class Daemon:
             self.events.close()
             self.sign_pool.shutdown()
             self.spool.close()
-        log.info("mta stopped")
+        if self.role is None:
+            log.info("mta stopped")
+        else:
+            log.info("worker %d stopped", self.role.index)
         return 0
 
     async def reload(self) -> None:
