@@ -173,9 +173,10 @@ class Daemon:
 
     def queued(self, message: Message) -> None:
         """A message was committed: its jobs go to our scheduler or their owners."""
-        self.scheduler.queued(message)
+        keys = [job.key for job in jobs_for(message)]
+        self.scheduler.offer(keys)
         if self.peers is not None:
-            self.peers.forward(job.key for job in jobs_for(message))
+            self.peers.forward(keys)
 
     def new_session(self) -> Session:
         server = self.config.server  # read per connection, so a reload applies to new sessions

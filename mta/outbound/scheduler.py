@@ -8,7 +8,7 @@ domain and the whole node are under their concurrency limits.
 
 In-flight jobs are leased in memory only: their index entries stay put, so a
 crash or restart simply finds them due again (at least once, DESIGN
-invariant 3). A committed message's jobs are offered directly (``queued``: no
+invariant 3). A committed message's jobs are offered directly (``offer``: no
 polling delay in the normal path); a finished attempt looks up its domain's
 next due job with a seek in the per-domain index; a full scan runs at least
 every ``poll`` seconds (retries coming due, and ``mta queue flush|release``
@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from mta.queue.records import Message, jobs_for, split_job_key
+from mta.queue.records import split_job_key
 from mta.queue.store import Spool
 
 log = logging.getLogger("mta.scheduler")
@@ -63,13 +63,10 @@ class Scheduler:
         """Scan the whole due index now (an operator flushed or released jobs)."""
         self._wakeup.set()
 
-    def queued(self, message: Message) -> None:
-        """A message was committed: try its jobs at once, limits permitting. One that
-        must wait starts when its domain has a free slot (``_refill``)."""
-        self.offer([job.key for job in jobs_for(message)])
-
     def offer(self, keys: Iterable[bytes]) -> None:
-        """Committed jobs (by key) to try at once if this worker owns their domain."""
+        """Committed jobs (by key): try those of domains this worker owns at once,
+        limits permitting. One that must wait starts when its domain has a free
+        slot (``_refill``)."""
         if self._stopping:
             return
         now = self.clock()

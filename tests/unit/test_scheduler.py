@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mta.outbound.scheduler import Scheduler
 from mta.queue.ids import IdGenerator
-from mta.queue.records import JobState, Message, job_key
+from mta.queue.records import JobState, Message, job_key, jobs_for
 from mta.queue.store import Spool
 
 NOW = 1_800_000_000.0
@@ -160,7 +160,8 @@ def test_a_queued_message_starts_at_once_and_a_free_slot_refills_its_domain(
         for message in (first, second):
             with spool.write() as txn:
                 spool.add(txn, message, b"x")
-            scheduler.queued(message)  # what the SMTP handler calls after its commit
+            # What the daemon does after the SMTP handler's commit:
+            scheduler.offer([job.key for job in jobs_for(message)])
         assert list(scheduler.in_flight) == [job_key(first.id, "busy.test")]  # limit 1
         # The first finishes (and, as a real attempt would, leaves the spool):
         with spool.write() as txn:
