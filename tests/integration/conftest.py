@@ -197,12 +197,27 @@ class Mta:
             assert time.monotonic() < deadline, "sessions still open, or no /metrics"
             time.sleep(0.02)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def worker_pids(self) -> list[int]:
+        """The worker processes of `mta serve` (none with ``workers = 1``)."""
         assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return sorted(int(child) for child in children.split())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal `mta serve` and wait for it and its workers to be gone (after
+        a SIGKILL they die with it, a moment later), so a restart finds the
+        port free."""
+        assert self.process is not None
+        workers = self.worker_pids() if self.process.poll() is None else []
         if self.process.poll() is None:
             self.process.send_signal(sig)
         code = self.process.wait(timeout=timeout)
         self.process = None
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, f"workers {workers} outlived `mta serve`"
+            time.sleep(0.01)
         return code
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -63,14 +63,6 @@ def send_to_every_domain(mta: Mta, count: int) -> None:
         send(mta, message(number), [f"user{number}@{DOMAINS[number % len(DOMAINS)]}"])
 
 
-def worker_pids(mta: Mta) -> list[int]:
-    assert mta.process is not None
-    found = subprocess.run(
-        ["pgrep", "-P", str(mta.process.pid)], capture_output=True, text=True, timeout=10
-    )
-    return sorted(int(pid) for pid in found.stdout.split())
-
-
 def metric(mta: Mta, name: str) -> float:
     found = re.search(rf"^{name} (\S+)$", mta.metrics(), re.MULTILINE)
     return float(found.group(1)) if found else 0.0
@@ -87,7 +79,7 @@ def readyz(mta: Mta) -> int:
 def test_each_message_arrives_once_signed_and_each_domain_has_one_worker(
     workers: Mta, sink: Sink
 ) -> None:
-    assert len(worker_pids(workers)) == 2
+    assert len(workers.worker_pids()) == 2
     send_to_every_domain(workers, 40)
     dumped = sink.wait_for_messages(40, timeout=30)
     workers.wait_for_empty_spool()
@@ -111,11 +103,11 @@ def test_each_message_arrives_once_signed_and_each_domain_has_one_worker(
 
 
 def test_a_killed_worker_starts_again_and_mail_still_flows(workers: Mta, sink: Sink) -> None:
-    before = worker_pids(workers)
+    before = workers.worker_pids()
     os.kill(before[0], signal.SIGKILL)
     wait_until(lambda: readyz(workers) == 503, 10, "/readyz to say a worker is down")
     wait_until(lambda: readyz(workers) == 200, 20, "the worker to be back")
-    after = worker_pids(workers)
+    after = workers.worker_pids()
     assert len(after) == 2 and before[0] not in after and before[1] in after
     assert f"(pid {before[0]}) exited with signal SIGKILL" in workers.log()
     send_to_every_domain(workers, 16)
@@ -129,13 +121,9 @@ def test_sigkill_of_the_supervisor_takes_the_workers_and_loses_nothing(
     mta.server["workers"] = 2
     mta.start()  # mail parked: it waits in the spool
     send_to_every_domain(mta, 16)
-    pids = worker_pids(mta)
-    mta.stop(signal.SIGKILL)
-    wait_until(
-        lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
-        10,
-        "the workers to die with the supervisor",
-    )
+    pids = mta.worker_pids()
+    assert mta.stop(signal.SIGKILL) == -signal.SIGKILL  # waits for the workers to go
+    assert pids and not any(Path(f"/proc/{pid}").exists() for pid in pids)
     mta.park_mail = False
     mta.routes = {"*": f"{sink.host}:{sink.port}"}
     mta.delivery["retry_first"] = 1
@@ -161,7 +149,7 @@ def test_a_second_mta_on_the_same_port_is_refused(workers: Mta) -> None:
 
 def test_sighup_reloads_every_worker_and_sigterm_stops_them(workers: Mta) -> None:
     assert workers.process is not None
-    pids = worker_pids(workers)
+    pids = workers.worker_pids()
     workers.process.send_signal(signal.SIGHUP)
     wait_until(lambda: workers.log().count("reloaded ") == 2, 10, "both workers to reload")
     assert workers.stop() == 0

@@ -122,23 +122,6 @@ def drain(mta: Mta, sink: Sink, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def worker_pids(mta: Mta) -> list[int]:
-    assert mta.process is not None
-    children = Path(f"/proc/{mta.process.pid}/task/{mta.process.pid}/children")
-    return [int(pid) for pid in children.read_text().split()]
-
-
-def kill_9(mta: Mta) -> None:
-    """SIGKILL `mta serve`; with worker processes, until they died with it (as
-    systemd's RestartSec would wait), so the restart finds the port free."""
-    workers = worker_pids(mta)
-    assert mta.stop(signal.SIGKILL) == -signal.SIGKILL
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in workers):
-        assert time.monotonic() < deadline, "workers outlived the supervisor"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_under_load_in_both_directions(
     mta: Mta, tmp_path: Path, scenario: Scenario, workers: int
@@ -177,7 +160,7 @@ def test_kill_9_under_load_in_both_directions(
                 assert time.monotonic() < deadline, f"seed {seed}: load stalled at {point}"
                 time.sleep(0.005)
             up.clear()
-            kill_9(mta)
+            assert mta.stop(signal.SIGKILL) == -signal.SIGKILL  # workers die with it
             mta.start()
             up.set()
         for thread in senders:
