@@ -39,23 +39,23 @@ transactions and closes (QUIT) after ``idle_timeout`` unused. A pooled
 connection the server closed meanwhile is replaced silently. A connection is
 checked out of the pool while in use, so concurrent deliveries never share one.
 
-No PIPELINING: aiosmtplib's protocol keeps one pending response and drops any
-reply bytes that arrive while none is expected, so sending MAIL, RCPT and DATA
-before reading their replies would lose replies. Every command costs one round
-trip; connection reuse is what saves the most.
+PIPELINING (RFC 2920) when the server offers it: MAIL FROM, every RCPT TO and
+DATA go in one write and their replies are read in order, then the message;
+two round trips per message instead of three plus one per recipient. The
+wire (mta.outbound.wire) is our own: aiosmtplib's protocol keeps a single
+pending reply and drops reply bytes it does not expect, so it cannot pipeline.
 
 Timeouts (RFC 5321 4.5.3.2 suggests 5 minutes for the greeting and most
 commands, 10 for the reply after the data): ``connect_timeout`` for the TCP
-connection, ``command_timeout`` for the greeting and every command, and
-``data_timeout`` (by default twice ``command_timeout``) for the reply to DATA
-and the reply to the message, because aiosmtplib sends DATA, the message and
-the final dot in one call.
+connection, ``command_timeout`` for the greeting and every reply before
+DATA's, and ``data_timeout`` (by default twice ``command_timeout``) for the
+reply to DATA and the reply to the message.
 
-``data`` must have CRLF line endings, as stored messages do: aiosmtplib
-dot-stuffs it, but also turns any bare CR or LF into CRLF. MAIL carries SIZE
-when the server offers it, BODY=8BITMIME when offered and the data has 8-bit
-bytes (8-bit data goes as it is to a server without 8BITMIME), and SMTPUTF8
-when an address needs it. Message bodies are never logged.
+``data`` must have CRLF line endings, as stored messages do (``dot_stuffed``
+repairs nothing). MAIL carries SIZE when the server
+offers it, BODY=8BITMIME when offered and the data has 8-bit bytes (8-bit
+data goes as it is to a server without 8BITMIME), and SMTPUTF8 when an
+address needs it. Message bodies are never logged.
 """
 
 from __future__ import annotations
@@ -70,16 +70,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
-from aiosmtplib import (
-    SMTPDataError,
-    SMTPException,
-    SMTPHeloError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-)
-
 from mta.outbound.resolver import MxHost, Route
+from mta.outbound.wire import Garbled, Lost, Response, Wire, extensions
 from mta.policy.replies import Reply
 
 log = logging.getLogger("mta.outbound.client")
@@ -136,7 +128,7 @@ class _Target:
 
 @dataclass(eq=False)
 class _Connection:
-    smtp: aiosmtplib.SMTP
+    wire: Wire
     key: tuple[str, int]
     relay: str  # as named when opened, for logs
     tls: bool
@@ -191,11 +183,8 @@ def malformed(relay: str, command: str, text: str) -> Reply:
     )
 
 
-def server_reply(relay: str, command: str, code: int, text: str) -> Reply:
-    """The server's reply, or a malformed-reply error if its code is not 100..999."""
-    if 100 <= code <= 999:
-        return Reply(code, text)
-    return malformed(relay, command, text)
+def as_reply(response: Response) -> Reply:
+    return Reply(response.code, response.text)
 
 
 def dot_stuffed(message: bytes) -> bytes:
@@ -343,31 +332,26 @@ class Deliverer:
         self, target: _Target, tls_required: bool, plaintext: bool = False
     ) -> _Connection:
         """A connected, greeted, EHLO'd (and if offered, encrypted) connection."""
-        settings = self.settings
         relay = target.relay
         sock = await self._connect_socket(target)
-        smtp = aiosmtplib.SMTP(
-            sock=sock,
-            local_hostname=settings.helo,
-            timeout=settings.command_timeout,
-            start_tls=False,
-        )
         try:
-            try:
-                await smtp.connect(timeout=settings.command_timeout)
-            except (SMTPException, OSError) as error:
-                raise self._failed(
-                    relay, error, "receiving the initial server greeting", "the greeting"
-                ) from None
-            await self._hello(smtp, relay)
+            wire = await Wire.over(sock)
+        except OSError as error:
+            sock.close()
+            raise self._lost(relay, error, "receiving the initial server greeting") from None
+        try:
+            greeting = await self._read(
+                wire, relay, "the greeting", "receiving the initial server greeting"
+            )
+            if greeting.code != 220:
+                raise _Unavailable(refused(relay, as_reply(greeting), "the greeting"), relay)
+            await self._hello(wire, relay)
             tls = False
-            if plaintext:
-                pass
-            elif smtp.supports_extension("starttls"):
+            if not plaintext and "starttls" in wire.extensions:
                 try:
-                    tls = await self._starttls(smtp, relay, tls_required)
+                    tls = await self._starttls(wire, relay, tls_required)
                 except _TlsBroken as broken:
-                    smtp.close()
+                    wire.close()
                     if tls_required:
                         raise _Unavailable(
                             temporary("4.7.5", f"TLS handshake with {relay} failed: {broken.why}"),
@@ -381,10 +365,10 @@ class Deliverer:
                     relay,
                 )
         except BaseException:
-            smtp.close()
+            wire.close()
             raise
         log.debug("connected to %s tls=%s", relay, "yes" if tls else "no")
-        return _Connection(smtp, target.key, relay, tls)
+        return _Connection(wire, target.key, relay, tls)
 
     async def _connect_socket(self, target: _Target) -> socket.socket:
         """A TCP connection to the target, from our source address if set."""
@@ -424,49 +408,60 @@ class Deliverer:
             raise
         return sock
 
-    async def _hello(self, smtp: aiosmtplib.SMTP, relay: str) -> None:
+    async def _hello(self, wire: Wire, relay: str) -> None:
         """EHLO, or HELO when a server refuses EHLO permanently (RFC 5321 3.2)."""
-        try:
-            await smtp.ehlo()
+        wire.write(b"EHLO %s\r\n" % self.settings.helo.encode())
+        response = await self._read(wire, relay, "EHLO", "sending EHLO")
+        if response.code == 250:
+            wire.extensions = extensions(response)
             return
-        except (SMTPException, OSError) as error:
-            permanent = isinstance(error, SMTPHeloError) and 500 <= error.code <= 599
-            if not (permanent and smtp.is_connected):
-                raise self._failed(relay, error, "sending EHLO", "EHLO") from None
-        try:
-            await smtp.helo()
-        except (SMTPException, OSError) as error:
-            raise self._failed(relay, error, "sending HELO", "HELO") from None
+        if not (500 <= response.code <= 599 and wire.is_connected):
+            raise _Unavailable(refused(relay, as_reply(response), "EHLO"), relay)
+        wire.write(b"HELO %s\r\n" % self.settings.helo.encode())
+        response = await self._read(wire, relay, "HELO", "sending HELO")
+        if response.code != 250:
+            raise _Unavailable(refused(relay, as_reply(response), "HELO"), relay)
+        wire.extensions = {}
 
-    async def _starttls(self, smtp: aiosmtplib.SMTP, relay: str, tls_required: bool) -> bool:
+    async def _starttls(self, wire: Wire, relay: str, tls_required: bool) -> bool:
         """STARTTLS and EHLO again; False if the server refused STARTTLS (plaintext goes on)."""
+        wire.write(b"STARTTLS\r\n")
         try:
-            await smtp.starttls(tls_context=self._tls, timeout=self.settings.command_timeout)
-        except SMTPResponseException as error:
-            if not 100 <= error.code <= 999:
-                raise _TlsBroken(f"malformed reply to STARTTLS: {error.message[:200]!r}") from None
-            reply = Reply(error.code, error.message)
-            if error.code == SERVICE_UNAVAILABLE:
-                raise _Unavailable(refused(relay, reply, "STARTTLS"), relay) from None
+            response = await wire.read_reply(self.settings.command_timeout)
+        except Garbled as garbled:
+            raise _TlsBroken(f"malformed reply to STARTTLS: {garbled.text[:200]!r}") from None
+        except (Lost, TimeoutError) as error:
+            raise _TlsBroken(str(error) or type(error).__name__) from None
+        if response.code != 220:
+            reply = as_reply(response)
+            if response.code == SERVICE_UNAVAILABLE:
+                raise _Unavailable(refused(relay, reply, "STARTTLS"), relay)
             if tls_required:
                 raise _Unavailable(
                     temporary("4.7.5", f"host {relay} refused STARTTLS: {reply}"), relay
-                ) from None
+                )
             return False
-        except (SMTPException, OSError) as error:
-            # OSError covers ssl.SSLError, which aiosmtplib lets through.
+        try:
+            await wire.start_tls(self._tls, self.settings.command_timeout)
+        except (OSError, Lost) as error:  # OSError covers ssl.SSLError and TimeoutError
             raise _TlsBroken(str(error) or type(error).__name__) from None
-        await self._hello(smtp, relay)
+        await self._hello(wire, relay)
         return True
 
-    def _failed(self, relay: str, error: BaseException, doing: str, command: str) -> _Unavailable:
-        """The _Unavailable for an exception aiosmtplib raised during ``command``."""
-        if isinstance(error, SMTPResponseException):
-            reply = server_reply(relay, command, error.code, error.message)
-            if reply.code != error.code:
-                return _Unavailable(reply, relay)  # garbled
-            return _Unavailable(refused(relay, reply, command), relay)
-        return self._lost(relay, error, doing)
+    async def _read(
+        self, wire: Wire, relay: str, name: str, doing: str, untested: bool = False
+    ) -> Response:
+        """The next reply before DATA's. Lost, timed out or garbled: try the next
+        address (the server gave no answer about this message); on a reused
+        connection not yet heard from, a lost connection is ``_Stale``."""
+        try:
+            return await wire.read_reply(self.settings.command_timeout)
+        except Garbled as garbled:
+            raise _Unavailable(malformed(relay, name, garbled.text), relay) from None
+        except (Lost, TimeoutError) as error:
+            if untested and isinstance(error, Lost):
+                raise _Stale from None
+            raise self._lost(relay, error, doing) from None
 
     def _lost(self, relay: str, error: BaseException, doing: str) -> _Unavailable:
         if isinstance(error, TimeoutError):
@@ -488,19 +483,18 @@ class Deliverer:
     ) -> Attempt:
         """MAIL, RCPT..., DATA on ``connection``; hands it back to the pool or closes it."""
         relay = target.relay
-        smtp = connection.smtp
         try:
             if connection.needs_rset:
-                await self._command(connection, relay, "RSET", b"RSET")
+                await self._command(connection, relay, "RSET", b"RSET\r\n")
                 connection.needs_rset = False
             replies = await self._mail_rcpt_data(connection, relay, sender, rcpts, data)
         except _Stale:
-            smtp.close()
+            connection.wire.close()
             self._log_close(connection, "stale: closed by the server while pooled")
             raise
         except BaseException:
             # _Unavailable, or cancelled mid-command: the session's state is unknown.
-            smtp.close()
+            connection.wire.close()
             self._log_close(connection, "failed")
             raise
         self._checkin(connection, max_messages)
@@ -509,63 +503,118 @@ class Deliverer:
     async def _mail_rcpt_data(
         self, connection: _Connection, relay: str, sender: str, rcpts: list[str], data: bytes
     ) -> dict[str, Reply]:
-        smtp = connection.smtp
-        replies: dict[str, Reply] = {}
-        smtputf8_offered = smtp.supports_extension("smtputf8")
+        offered = connection.wire.extensions
+        smtputf8_offered = "smtputf8" in offered
         problem = address_problem(sender, smtputf8_offered, relay)
         if problem is not None:
             return dict.fromkeys(rcpts, problem)
-        connection.needs_rset = True  # until the message is accepted
-        smtputf8 = smtputf8_offered and not all(a.isascii() for a in [sender, *rcpts])
-        parameters = mail_parameters(smtp.esmtp_extensions, data, smtputf8)
-        mail = await self._command(
-            connection, relay, "MAIL FROM", b"MAIL", b"FROM:<%s>" % sender.encode(), *parameters
-        )
-        connection.transactions += 1
-        if mail.code // 100 != 2:
-            return dict.fromkeys(rcpts, mail)
-        accepted = []
+        replies: dict[str, Reply] = {}
+        sendable = []
         for rcpt in rcpts:
             problem = address_problem(rcpt, smtputf8_offered, relay)
-            if problem is not None:
+            if problem is None:
+                sendable.append(rcpt)
+            else:
                 replies[rcpt] = problem
-                continue
-            reply = await self._command(
-                connection, relay, "RCPT TO", b"RCPT", b"TO:<%s>" % rcpt.encode()
-            )
-            replies[rcpt] = reply
-            if reply.code // 100 == 2:
-                accepted.append(rcpt)
-        if not accepted:
-            try:
-                await self._command(connection, relay, "RSET", b"RSET")
-                connection.needs_rset = False
-            except _Unavailable:
-                pass  # closed; the RCPT replies stand
+        if not sendable:
             return replies
-        final = await self._data(connection, relay, data)
-        if final.code // 100 == 2:
-            connection.needs_rset = False
-        for rcpt in accepted:
-            replies[rcpt] = final
+        smtputf8 = smtputf8_offered and not all(a.isascii() for a in [sender, *sendable])
+        mail = b" ".join(
+            [b"MAIL FROM:<%s>" % sender.encode(), *mail_parameters(offered, data, smtputf8)]
+        )
+        commands = [mail + b"\r\n", *(b"RCPT TO:<%s>\r\n" % r.encode() for r in sendable)]
+        connection.needs_rset = True  # until the message is accepted
+        connection.transactions += 1
+        if "pipelining" in offered:
+            replies |= await self._pipelined(connection, relay, commands, sendable, data)
+        else:
+            replies |= await self._lockstep(connection, relay, commands, sendable, data)
         return replies
 
-    async def _command(self, connection: _Connection, relay: str, name: str, *args: bytes) -> Reply:
-        """One command and its reply; 421, a lost connection or a timeout raise."""
+    async def _lockstep(
+        self,
+        connection: _Connection,
+        relay: str,
+        commands: list[bytes],
+        rcpts: list[str],
+        data: bytes,
+    ) -> dict[str, Reply]:
+        """MAIL, each RCPT and DATA, each waiting for the reply to the one before."""
+        mail = await self._command(connection, relay, "MAIL FROM", commands[0])
+        if mail.code // 100 != 2:
+            return dict.fromkeys(rcpts, mail)
+        replies = {
+            rcpt: await self._command(connection, relay, "RCPT TO", command)
+            for rcpt, command in zip(rcpts, commands[1:], strict=True)
+        }
+        accepted = [rcpt for rcpt in rcpts if replies[rcpt].code // 100 == 2]
+        if not accepted:
+            await self._reset(connection, relay)
+            return replies
+        connection.wire.write(b"DATA\r\n")
+        return replies | await self._message(connection, relay, accepted, data)
+
+    async def _pipelined(
+        self,
+        connection: _Connection,
+        relay: str,
+        commands: list[bytes],
+        rcpts: list[str],
+        data: bytes,
+    ) -> dict[str, Reply]:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies."""
+        connection.wire.write(b"".join(commands) + b"DATA\r\n")
+        mail = await self._reply(connection, relay, "MAIL FROM")
+        replies = {rcpt: await self._reply(connection, relay, "RCPT TO") for rcpt in rcpts}
+        if mail.code // 100 != 2:
+            replies = dict.fromkeys(rcpts, mail)
+        accepted = [rcpt for rcpt in rcpts if replies[rcpt].code // 100 == 2]
+        if accepted:
+            return replies | await self._message(connection, relay, accepted, data)
+        # DATA was sent all the same: read its reply (a refusal, as no
+        # recipient was accepted), and end the data if a server asked for it
+        # anyway. Then as in lock step: a transaction MAIL opened is reset
+        # now, one refused at MAIL before the next (needs_rset).
+        started = await self._answer_to_data(connection, relay, START_INPUT)
+        if started.code == START_INPUT:
+            connection.wire.write(b".\r\n")
+            await self._answer_to_data(connection, relay, COMPLETED)
+        if mail.code // 100 == 2 and connection.wire.is_connected:
+            await self._reset(connection, relay)
+        return replies
+
+    async def _message(
+        self, connection: _Connection, relay: str, accepted: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        """The reply to DATA (already sent), the message, and the final reply,
+        which is every accepted recipient's."""
+        reply = await self._answer_to_data(connection, relay, START_INPUT)
+        if reply.code == START_INPUT:
+            connection.wire.write(dot_stuffed(data))
+            reply = await self._answer_to_data(connection, relay, COMPLETED)
+            if reply.code // 100 == 2:
+                connection.needs_rset = False
+        return dict.fromkeys(accepted, reply)
+
+    async def _reset(self, connection: _Connection, relay: str) -> None:
+        """RSET after a transaction without recipients; a failure closes, the replies stand."""
         try:
-            response = await connection.smtp.execute_command(
-                *args, timeout=self.settings.command_timeout
-            )
-        except SMTPServerDisconnected as error:
-            if connection.untested:
-                raise _Stale from None
-            raise self._lost(relay, error, f"sending {name}") from None
-        except (SMTPException, OSError) as error:
-            # A timeout, or a reply aiosmtplib could not parse: out of step either way.
-            raise self._failed(relay, error, f"sending {name}", name) from None
-        reply = server_reply(relay, name, response.code, response.message)
-        if reply.code != response.code:
-            raise _Unavailable(reply, relay)  # garbled
+            await self._command(connection, relay, "RSET", b"RSET\r\n")
+            connection.needs_rset = False
+        except _Unavailable:
+            pass
+
+    async def _command(self, connection: _Connection, relay: str, name: str, line: bytes) -> Reply:
+        """Write one command and read its reply (see ``_reply``)."""
+        connection.wire.write(line)
+        return await self._reply(connection, relay, name)
+
+    async def _reply(self, connection: _Connection, relay: str, name: str) -> Reply:
+        """The reply to a command before DATA; 421, a lost connection or a timeout raise."""
+        response = await self._read(
+            connection.wire, relay, name, f"sending {name}", untested=connection.untested
+        )
+        reply = as_reply(response)
         if response.code == SERVICE_UNAVAILABLE:
             if connection.untested:
                 raise _Stale  # most likely the server's idle timeout, said on our next command
@@ -573,53 +622,41 @@ class Deliverer:
         connection.untested = False
         return reply
 
-    async def _data(self, connection: _Connection, relay: str, data: bytes) -> Reply:
-        """DATA, the message (dot-stuffed here, not by aiosmtplib's ``data()``,
-        whose line-ending repair costs three times more and has nothing to
-        repair in spooled mail) and the final reply."""
-        smtp = connection.smtp
-        timeout = self.settings.end_of_data_timeout
+    async def _answer_to_data(self, connection: _Connection, relay: str, expected: int) -> Reply:
+        """The reply to DATA or to the message. From DATA on, the message may
+        have arrived, so nothing here tries the next MX (a second copy), except
+        a 421 to DATA: lost, timed out or garbled is this attempt's answer."""
+        wire = connection.wire
         try:
-            response = await smtp.execute_command(b"DATA", timeout=timeout)
-            if response.code != START_INPUT:
-                raise SMTPDataError(response.code, response.message)
-            protocol = smtp.protocol
-            if protocol is None:
-                raise SMTPServerDisconnected("Connection lost")
-            protocol.write(dot_stuffed(data))
-            response = await protocol.read_response(timeout=timeout)
-            if response.code != COMPLETED:
-                raise SMTPDataError(response.code, response.message)
-        except SMTPResponseException as error:
-            # A refusal of DATA or of the message: the destination's answer.
-            if error.code == SERVICE_UNAVAILABLE:
-                reply = Reply(error.code, error.message)
-                raise _Unavailable(refused(relay, reply, "DATA"), relay) from None
-            if 400 <= error.code <= 599:
-                return Reply(error.code, error.message)
-            # Garbled, or a 2xx where 354 was due: out of step, and the message
-            # may or may not have been taken. Never the next MX (a second copy).
-            smtp.close()
-            return malformed(relay, "DATA", f"{error.code} {error.message}")
-        except (SMTPException, OSError) as error:
-            # Lost or timed out: the message may have arrived, so this is the
-            # answer, not a reason to try the next MX.
-            smtp.close()
+            response = await wire.read_reply(self.settings.end_of_data_timeout)
+        except Garbled as garbled:
+            wire.close()
+            return malformed(relay, "DATA", garbled.text)
+        except (Lost, TimeoutError) as error:
+            wire.close()
             return self._lost(relay, error, "sending the message").reply
-        return server_reply(relay, "DATA", response.code, response.message)
+        reply = as_reply(response)
+        if response.code == SERVICE_UNAVAILABLE:
+            raise _Unavailable(refused(relay, reply, "DATA"), relay)
+        if response.code == expected or 400 <= response.code <= 599:
+            return reply  # on, or the destination's refusal of the message
+        # A 2xx where 354 was due, or the like: out of step, and the message
+        # may or may not have been taken.
+        wire.close()
+        return malformed(relay, "DATA", f"{response.code} {reply.text}")
 
     # --- the pool ---
 
     def _has_idle(self, key: tuple[str, int], tls_required: bool) -> bool:
         return any(
-            c.smtp.is_connected and (c.tls or not tls_required) for c in self._idle.get(key, ())
+            c.wire.is_connected and (c.tls or not tls_required) for c in self._idle.get(key, ())
         )
 
     def _checkout(self, key: tuple[str, int], tls_required: bool) -> _Connection | None:
         idle = self._idle.get(key, [])
         # Most recently used first, so that surplus connections age out.
         for connection in reversed(list(idle)):
-            if not connection.smtp.is_connected:
+            if not connection.wire.is_connected:
                 idle.remove(connection)
                 self._unschedule(connection)
                 self._log_close(connection, "closed by server")
@@ -634,7 +671,7 @@ class Deliverer:
         settings = self.settings
         limit = min(settings.max_messages_per_connection, max_messages or sys.maxsize)
         connection.untested = False
-        if not connection.smtp.is_connected:
+        if not connection.wire.is_connected:
             self._log_close(connection, "closed by server")
             return
         if self._closed:
@@ -674,14 +711,15 @@ class Deliverer:
         task.add_done_callback(self._closing.discard)
 
     async def _quit(self, connection: _Connection, reason: str) -> None:
-        smtp = connection.smtp
+        wire = connection.wire
         try:
-            if smtp.is_connected:
-                await smtp.quit(timeout=min(QUIT_TIMEOUT, self.settings.command_timeout))
-        except (aiosmtplib.SMTPException, OSError):
+            if wire.is_connected:
+                wire.write(b"QUIT\r\n")
+                await wire.read_reply(min(QUIT_TIMEOUT, self.settings.command_timeout))
+        except (Lost, Garbled, TimeoutError):
             pass  # closing anyway
         finally:
-            smtp.close()
+            wire.close()
             self._log_close(connection, reason)
 
     def _log_close(self, connection: _Connection, reason: str) -> None:

@@ -44,8 +44,8 @@ def _one_line(text: str) -> str:
 class Reply:
     """An SMTP reply: its 3-digit code and the text after it.
 
-    The text may be given as a client library hands it over (aiosmtplib's
-    SMTPResponse.message joins the lines of a multi-line reply with "\\n"):
+    The text may be given as the client reads it (mta.outbound.wire's
+    Response.text joins the lines of a multi-line reply with "\\n"):
     it is stored as one line, lines joined by single spaces, control
     characters replaced by '?', outer whitespace removed.
     """

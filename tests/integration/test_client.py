@@ -164,6 +164,7 @@ class PeerHandler:
     messages: list[Received] = field(default_factory=list)
     sessions: list[Any] = field(default_factory=list)  # aiosmtpd SMTP objects, one per connection
     resets: int = 0
+    pipelining: bool = False  # offer PIPELINING (aiosmtpd reads commands one by one anyway)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -171,6 +172,8 @@ class PeerHandler:
         if server not in self.sessions:
             self.sessions.append(server)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(
@@ -211,8 +214,8 @@ class PeerHandler:
 class Peer:
     """aiosmtpd in its own thread on PEER:port, optionally offering STARTTLS."""
 
-    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
-        self.handler = PeerHandler()
+    def __init__(self, tls_context: ssl.SSLContext | None = None, pipelining: bool = False) -> None:
+        self.handler = PeerHandler(pipelining=pipelining)
         self.port = free_port(PEER)
         extra: dict[str, Any] = {}
         if tls_context is not None:
@@ -426,9 +429,10 @@ def test_rcpt_refused_for_every_recipient(
     assert sink.messages() == [] and second.messages() == []
 
 
-def test_some_recipients_refused() -> None:
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_some_recipients_refused(pipelining: bool) -> None:
     recipients = ("good1@example.net", "bad2@example.net", "good3@example.net")
-    with Peer() as peer:
+    with Peer(pipelining=pipelining) as peer:
         attempt = run(deliver_once(peer.route(), recipients=recipients))
         (received,) = peer.handler.messages
     assert attempt.replies["good1@example.net"] == attempt.replies["good3@example.net"]
@@ -439,9 +443,10 @@ def test_some_recipients_refused() -> None:
     assert received.recipients == ["good1@example.net", "good3@example.net"]
 
 
-def test_no_recipient_accepted_resets() -> None:
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_no_recipient_accepted_resets(pipelining: bool) -> None:
     recipients = ("bad1@example.net", "bad2@example.net")
-    with Peer() as peer:
+    with Peer(pipelining=pipelining) as peer:
         attempt = run(deliver_once(peer.route(), recipients=recipients))
         assert peer.handler.messages == []
         assert peer.handler.resets == 1
@@ -490,12 +495,16 @@ def test_silent_server_times_out() -> None:
 
 def scripted(
     script: dict[bytes, bytes | None],
+    pipelining: bool = False,
+    seen: list[bytes] | None = None,
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A server answering each verb (b"CONNECT" for the greeting, b"." for the
-    end of data) as ``script`` says, None meaning never; 250 to the rest."""
+    end of data) as ``script`` says, None meaning never; 250 to the rest.
+    Offers PIPELINING if asked; appends every command line it reads to ``seen``."""
+    offer = b"250-PIPELINING\r\n" if pipelining else b""
     defaults: dict[bytes, bytes | None] = {
         b"CONNECT": b"220 scripted.test ESMTP\r\n",
-        b"EHLO": b"250-scripted.test\r\n250 8BITMIME\r\n",
+        b"EHLO": b"250-scripted.test\r\n" + offer + b"250 8BITMIME\r\n",
         b"DATA": b"354 go ahead\r\n",
         b"QUIT": b"221 2.0.0 bye\r\n",
     }
@@ -517,6 +526,8 @@ def scripted(
                     in_data = False
                     await say(b".")
                 continue
+            if seen is not None:
+                seen.append(line)
             verb = line.split(b":")[0].split()[0].upper() if line.strip() else b""
             reply = await say(verb)
             in_data = verb == b"DATA" and reply.startswith(b"354")
@@ -524,6 +535,18 @@ def scripted(
     return serve
 
 
+async def serving(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    scenario: Callable[[Route], Awaitable[T]],
+) -> T:
+    """Run ``scenario`` with a route to ``handler`` served on PEER."""
+    server = await asyncio.start_server(handler, PEER, 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        return await scenario(route(("odd.example.test", PEER, port)))
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
 @pytest.mark.parametrize(
     ("script", "failover", "status", "words"),
     [
@@ -541,12 +564,13 @@ def test_misbehaving_server(
     failover: bool,
     status: str,
     words: str,
+    pipelining: bool,
 ) -> None:
     """Before the message data, the next MX; after it (it may have arrived), temporary."""
     second = sinks(MX2)
 
     async def scenario() -> tuple[Attempt, int]:
-        server = await asyncio.start_server(scripted(script), PEER, 0)
+        server = await asyncio.start_server(scripted(script, pipelining), PEER, 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
             target = route(
@@ -566,6 +590,61 @@ def test_misbehaving_server(
         assert reply.code == 451 and reply.status == status
         assert words in reply.text
         assert second.messages() == []
+
+
+# --- pipelining (RFC 2920) ---
+
+
+def test_pipelining_sends_the_envelope_and_data_in_one_go() -> None:
+    """A server that answers nothing until it has MAIL, both RCPTs and DATA:
+    only a pipelining client gets past it (a lock-step one times out)."""
+    group: list[bytes] = []
+    message: list[bytes] = []
+
+    async def strict(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 strict.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-strict.test\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n")
+        group.extend((await reader.readuntil(b"DATA\r\n")).splitlines(keepends=True))
+        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+        message.append(await reader.readuntil(b"\r\n.\r\n"))
+        writer.write(b"250 2.0.0 queued as X\r\n")
+        await reader.readline()  # QUIT
+        writer.write(b"221 bye\r\n")
+
+    attempt = run(
+        serving(
+            strict,
+            lambda target: deliver_once(
+                target, recipients=("a@example.net", "b@example.net"), command_timeout=0.5
+            ),
+        )
+    )
+    assert {str(reply) for reply in attempt.replies.values()} == {"250 2.0.0 queued as X"}
+    assert group == [
+        b"MAIL FROM:<app@example.test> SIZE=%d\r\n" % len(MESSAGE),
+        b"RCPT TO:<a@example.net>\r\n",
+        b"RCPT TO:<b@example.net>\r\n",
+        b"DATA\r\n",
+    ]
+    assert message == [MESSAGE + b".\r\n"]
+
+
+def test_pipelined_data_accepted_without_recipients_is_ended_and_reset() -> None:
+    """RFC 2920 3.1: a server may answer 354 to a pipelined DATA although it
+    refused every recipient; the client ends the (empty) data and resets."""
+    seen: list[bytes] = []
+    script: dict[bytes, bytes | None] = {b"RCPT": b"550 5.1.1 no such user\r\n"}
+    attempt = run(serving(scripted(script, pipelining=True, seen=seen), deliver_once))
+    assert [str(reply) for reply in attempt.replies.values()] == ["550 5.1.1 no such user"]
+    assert [line.split(b":")[0].split()[0] for line in seen] == [
+        b"EHLO",
+        b"MAIL",
+        b"RCPT",
+        b"DATA",
+        b"RSET",
+        b"QUIT",
+    ]
 
 
 # --- connection reuse ---
@@ -597,8 +676,9 @@ def test_connection_reused(sinks: Callable[..., Sink]) -> None:
     assert (counters.sessions, counters.quits, counters.messages) == (3, 3, 11)
 
 
-def test_reuse_after_a_refusal_starts_with_rset() -> None:
-    with Peer() as peer:
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_reuse_after_a_refusal_starts_with_rset(pipelining: bool) -> None:
+    with Peer(pipelining=pipelining) as peer:
 
         async def scenario() -> list[Attempt]:
             deliverer = Deliverer(settings())

@@ -124,7 +124,7 @@ def test_str() -> None:
 
 
 def test_text_from_a_client_library_is_made_one_line() -> None:
-    # aiosmtplib joins the lines of a multi-line reply with "\n".
+    # The client's wire joins the lines of a multi-line reply with "\n".
     reply = Reply(550, "5.1.1 first line\n5.1.1 second line\r\nthird\u2028fourth")
     assert reply.text == "5.1.1 first line 5.1.1 second line third?fourth"
     assert reply.status == "5.1.1"
