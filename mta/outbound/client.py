@@ -660,6 +660,11 @@ class Deliverer:
                 idle.remove(connection)
                 self._unschedule(connection)
                 self._log_close(connection, "closed by server")
+            elif connection.wire.has_unread:
+                # A reply while pooled: most likely "421 idle timeout"; and a
+                # reply nobody asked for would be read as the next command's.
+                idle.remove(connection)
+                self._retire(connection, "the server spoke while pooled")
             elif connection.tls or not tls_required:
                 idle.remove(connection)
                 self._unschedule(connection)
@@ -673,6 +678,9 @@ class Deliverer:
         connection.untested = False
         if not connection.wire.is_connected:
             self._log_close(connection, "closed by server")
+            return
+        if connection.wire.has_unread:
+            self._retire(connection, "out of step: more replies than commands")
             return
         if self._closed:
             self._retire(connection, "deliverer closed")

@@ -32,6 +32,9 @@ from typing import NamedTuple, cast
 # end, or endless continuation lines, must not fill our memory.
 MAX_LINE = 8192
 MAX_REPLY = 64 * 1024
+# Replies queued and not yet read: a pipelined group is MAIL, the RCPTs and
+# DATA; a server that sends far more than asked is out of step.
+MAX_UNREAD = 10_000
 
 
 class Lost(Exception):
@@ -135,6 +138,11 @@ class Wire(asyncio.Protocol):
         return wire
 
     @property
+    def has_unread(self) -> bool:
+        """A reply arrived that no command asked for (yet)."""
+        return bool(self._replies)
+
+    @property
     def is_connected(self) -> bool:
         transport = self.transport
         return transport is not None and not transport.is_closing() and self._failure is None
@@ -154,6 +162,10 @@ class Wire(asyncio.Protocol):
             return
         if replies:
             self._replies.extend(replies)
+            if len(self._replies) > MAX_UNREAD:
+                self._replies.clear()
+                self._fail(Garbled(f"more than {MAX_UNREAD} replies nobody asked for"))
+                return
             self._wake()
 
     def eof_received(self) -> bool:

@@ -647,6 +647,44 @@ def test_pipelined_data_accepted_without_recipients_is_ended_and_reset() -> None
     ]
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_a_reply_nobody_asked_for_retires_the_connection(delay: float) -> None:
+    """A server that says more than it was asked (right after the final reply,
+    or later while the connection is pooled) is out of step: the next message
+    goes over a new connection, never pairing the stray reply with MAIL."""
+    sessions: list[int] = []
+
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(1)
+        writer.write(b"220 chatty.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"EHLO"):
+                writer.write(b"250-chatty.test\r\n250 PIPELINING\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 queued\r\n")
+                await asyncio.sleep(delay)
+                writer.write(b"250 2.0.0 and again\r\n")
+            elif line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+
+    async def twice(target: Route) -> list[Attempt]:
+        deliverer = Deliverer(settings())
+        attempts = []
+        for _ in range(2):
+            attempts.append(await deliverer.deliver(target, "a@x.test", ["b@x.test"], MESSAGE))
+            await asyncio.sleep(2 * delay)
+        await deliverer.close()
+        return attempts
+
+    attempts = run(serving(chatty, twice))
+    assert [str(a.replies["b@x.test"]) for a in attempts] == ["250 2.0.0 queued"] * 2
+    assert len(sessions) == 2
+
+
 # --- connection reuse ---
 
 

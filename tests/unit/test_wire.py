@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.outbound.wire import MAX_LINE, MAX_REPLY, Garbled, ReplyParser, Response, extensions
+from mta.outbound.wire import (
+    MAX_LINE,
+    MAX_REPLY,
+    MAX_UNREAD,
+    Garbled,
+    ReplyParser,
+    Response,
+    Wire,
+    extensions,
+)
 
 text = st.text(alphabet=st.sampled_from(["a", "Z", " ", ".", "-", "é", "1"]), max_size=20)
 reply = st.builds(
@@ -93,3 +102,11 @@ def test_extensions_from_ehlo() -> None:
         "8bitmime": "",
         "starttls": "",
     }
+
+
+def test_a_server_flooding_replies_is_cut_off() -> None:
+    wire = Wire()
+    wire.data_received(b"250 ok\r\n" * MAX_UNREAD)
+    assert wire.has_unread
+    wire.data_received(b"250 one too many\r\n")
+    assert not wire.has_unread and not wire.is_connected
