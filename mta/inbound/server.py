@@ -24,7 +24,10 @@ listener needs around it:
   the client and the reply, never the user name or the password;
 - graceful shutdown: ``Sessions.drain`` closes idle sessions at once and lets
   sessions inside a transaction finish (their 250 means the message is on
-  disk), up to a deadline.
+  disk), up to a deadline;
+- reply coalescing: while the next command line is already buffered (a
+  pipelining client), and within a multi-line reply, replies wait and then go
+  out together in one write (``push``): one send instead of one per line.
 
 It overrides private aiosmtpd hooks (``_timeout_cb``, ``_cb_client_connected``
 to give the stream reader our line check, ``smtp_DATA``, and the EHLO and
@@ -107,6 +110,18 @@ DATA_BUFFER = 64 * 1024
 LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
 _END = b"\r\n.\r\n"
+
+# Reply coalescing (Session.push). Replies never held back, because what comes
+# next is not the reading of a buffered command line: 220 (greeting; STARTTLS,
+# whose handshake then drops the buffered input), 334 and 354 (the client may
+# wait for them before sending its answer or the data, even with more bytes
+# sent already), and 221, 421 and 502 (aiosmtpd closes the connection after
+# QUIT, a command over its call limit or too many unknown ones).
+_NEVER_HELD = frozenset((b"220", b"221", b"334", b"354", b"421", b"502"))
+# At most this many replies or octets wait: a client pipelining thousands of
+# NOOPs gets a write every 64 replies, not one that grows without bound.
+HELD_REPLIES = 64
+HELD_OCTETS = 4096
 
 
 class DataParser:
@@ -339,6 +354,8 @@ class Session(SMTP):
         self._in_ehlo = False
         self._in_auth = False
         self._auth_failures = 0
+        self._held: list[bytes] = []  # replies not written yet, with their CRLF
+        self._held_octets = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -369,6 +386,7 @@ class Session(SMTP):
         transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._held.clear()  # nowhere to send them now
         if not self._admitted:
             return  # refused before aiosmtpd set anything up
         self._admitted = False
@@ -376,6 +394,7 @@ class Session(SMTP):
         super().connection_lost(error)
 
     def eof_received(self) -> bool:
+        self._flush()  # replies held while a handler ran; the client may still read
         super().eof_received()
         # aiosmtpd keeps the transport half-open after EOF; if the client left
         # before the session task first ran, nothing would ever close it and
@@ -385,7 +404,8 @@ class Session(SMTP):
     def close_with(self, template: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
             reply = template.replace("{host}", self.hostname)
-            self.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self._held.append(reply.encode() + b"\r\n")  # after any held replies
+            self._flush()
             self.transport.close()
 
     def _timeout_cb(self) -> None:
@@ -474,9 +494,45 @@ class Session(SMTP):
             status = replies.enhance(status)
             if status[0] in "45":
                 self._count_refusal(status)
-        await super().push(status)
+        # aiosmtpd's push (less its debug line; mail.log is at WARNING), coalesced.
+        if isinstance(status, str):
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        self._held.append(status + b"\r\n")
+        self._held_octets += len(status) + 2
+        if not close and self._may_hold(status):
+            return
+        self._flush()
+        await self._writer.drain()
         if close:
             self._close()
+
+    def _may_hold(self, reply: bytes) -> bool:
+        """Whether ``reply`` (just held) may wait for the next one to be written with it.
+
+        As Postfix's smtpd: while a complete command line is already buffered,
+        the session goes on to it at once, so its reply can share the write;
+        once the input is used up the replies go out, so a client waiting for
+        them never waits on us. A line of a multi-line reply (``250-``, EHLO's)
+        always has its next line pushed right after it.
+        """
+        if len(self._held) >= HELD_REPLIES or self._held_octets >= HELD_OCTETS:
+            return False
+        if reply[3:4] == b"-" and b"\n" not in reply:  # one line, not a whole reply
+            return True
+        if reply[:3] in _NEVER_HELD:
+            return False
+        return b"\n" in cast(_LineReader, self._reader)._buffer
+
+    def _flush(self) -> None:
+        """Write the held replies in one write, or drop them if the connection is closing."""
+        held = self._held
+        if not held:
+            return
+        data = b"".join(held)
+        held.clear()
+        self._held_octets = 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)  # type: ignore[attr-defined]
 
     def _auth_failed(self, status: str) -> tuple[str, bool]:
         """Count a failed AUTH; the reply to send, and whether to close after it."""
@@ -493,6 +549,7 @@ class Session(SMTP):
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._flush()
             self.transport.close()
 
     def _is_command_reply(self, status: str) -> bool:
