@@ -176,7 +176,7 @@ class Daemon:
         keys = [job.key for job in jobs_for(message)]
         self.scheduler.offer(keys)
         if self.peers is not None:
-            self.peers.forward(keys)
+            self.peers.hand_over(keys)
 
     def new_session(self) -> Session:
         server = self.config.server  # read per connection, so a reload applies to new sessions

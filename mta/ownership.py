@@ -9,7 +9,10 @@ process and across restarts.
 
 A worker that commits a message whose jobs belong to other workers tells
 each owner at once: a datagram holding the job keys, over a Unix socket
-pair the supervisor made before starting the workers. Nothing depends on
+pair the supervisor made before starting the workers. The messages of one
+group commit are all told in one datagram (``hand_over`` gathers the keys
+until the event loop's next turn): a datagram per message cost both the
+sender and the owner a system call and a wake-up each. Nothing depends on
 that datagram arriving: the jobs are in the spool, and every owner scans
 its due jobs at least once a second, so a lost wake-up (the owner's buffer
 full, or the owner restarting) costs at most that second.
@@ -47,11 +50,23 @@ class Peers:
         self.count = len(outboxes)
         self.inbox = inbox
         self.outboxes = outboxes
+        self._gathered: list[bytes] = []  # keys handed over, sent on the loop's next turn
         for sock in (inbox, *outboxes):
             sock.setblocking(False)
 
     def owns(self, domain: str) -> bool:
         return owner(domain, self.count) == self.index
+
+    def hand_over(self, keys: Iterable[bytes]) -> None:
+        """``forward`` these keys, with every other key handed over before the
+        event loop's next turn."""
+        if not self._gathered:
+            asyncio.get_running_loop().call_soon(self._send_gathered)
+        self._gathered.extend(keys)
+
+    def _send_gathered(self) -> None:
+        keys, self._gathered = self._gathered, []
+        self.forward(keys)
 
     def forward(self, keys: Iterable[bytes]) -> None:
         """Tell the owners of these committed jobs to try them now."""

@@ -6,6 +6,7 @@ is needed to see what a worker sends.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -77,3 +78,31 @@ def test_a_full_inbox_drops_the_wakeup_without_an_error(pairs: Pairs) -> None:
     for n in range(5000):  # far beyond what an unread datagram queue holds
         me.forward([job_key(f"ID{n:04}", theirs)])
     assert 0 < len(received(pairs[1][0])) < 5000
+
+
+def test_keys_handed_over_in_one_loop_turn_go_in_one_datagram(pairs: Pairs) -> None:
+    me = peers(0, pairs)
+    theirs = domain_owned_by(1, 3)
+    keys = [job_key(f"ID{n}", theirs) for n in range(3)]
+
+    async def next_turn() -> None:
+        """Once the callbacks scheduled so far (the send) have run."""
+        turned = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turned.set_result, None)
+        await turned
+
+    async def one_turn_then_another() -> None:
+        for key in keys:
+            me.hand_over([key])  # as three messages of one group commit
+        await next_turn()
+        me.hand_over([job_key("ID9", theirs)])
+        await next_turn()
+
+    asyncio.run(one_turn_then_another())
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(pairs[1][0].recv(65536, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            break
+    assert datagrams == [b"\n".join(keys), job_key("ID9", theirs)]
