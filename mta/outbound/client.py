@@ -54,7 +54,8 @@ reply to DATA and the reply to the message.
 ``data`` must have CRLF line endings, as stored messages do (``dot_stuffed``
 repairs nothing). MAIL carries SIZE when the server offers it, BODY=8BITMIME
 when offered and the data has 8-bit bytes (8-bit data goes as it is to a
-server without 8BITMIME), and SMTPUTF8 when an address needs it. Message bodies are never logged.
+server without 8BITMIME), and SMTPUTF8 when an address needs it. Message
+bodies are never logged.
 """
 
 from __future__ import annotations
