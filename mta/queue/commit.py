@@ -11,9 +11,16 @@ batch is one change and latency is one fsync; under heavy load the fsync is
 shared. A future never resolves before its change is on disk (DESIGN
 invariant 1).
 
-Each change runs in a nested transaction, so one that raises is rolled back
-alone and reported to its caller, while the rest of the batch commits. A
-commit that finds no room (LMDB's map, or the disk: ENOSPC) stores nothing
+A change that raises is rolled back alone and reported to its caller, while
+the rest of the batch commits. The batch first runs in one nested
+transaction; only if a change raises is that undone and every change run
+again in a nested transaction of its own. (A nested transaction per change
+always would cost two more LMDB calls per change, and each py-lmdb call
+releases the GIL: under load, with the event loop and the signing threads
+wanting it back, every call waits its turn, and the writer does so while
+holding LMDB's lock, which every worker's commits queue on.) So a change may
+run twice; it must only touch the spool through the transaction it is given.
+A commit that finds no room (LMDB's map, or the disk: ENOSPC) stores nothing
 and tells every caller SpoolFull, which a session answers with 452 4.3.1.
 """
 
@@ -68,7 +75,8 @@ class GroupCommitter:
     async def run(self, change: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``change`` in the writer thread; return its result once committed.
 
-        ``change`` must only touch the spool through the transaction it is given.
+        ``change`` must only touch the spool through the transaction it is given,
+        and may run twice (once in a batch undone because another change raised).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -108,7 +116,7 @@ class GroupCommitter:
         started = time.perf_counter()
         try:
             with self.spool.write() as txn:
-                outcomes = [self._apply(txn, request) for request in batch]
+                outcomes = self._apply_all(txn, batch)
         except lmdb.MapFullError:
             outcomes = [_Outcome(error=SpoolFull("spool database is full"))] * len(batch)
         except lmdb.DiskError:  # ENOSPC: the disk filled up faster than room_problem saw
@@ -123,6 +131,16 @@ class GroupCommitter:
             # RuntimeError: that event loop is closed, so nobody is waiting.
             with contextlib.suppress(RuntimeError):
                 request.loop.call_soon_threadsafe(_settle, request.future, outcome)
+
+    def _apply_all(self, txn: lmdb.Transaction, batch: list[_Request]) -> list[_Outcome]:
+        """Run the batch's changes in ``txn``; each one's result or error."""
+        try:
+            with self.spool.env.begin(write=True, parent=txn) as child:
+                return [_Outcome(value=request.change(child)) for request in batch]
+        except (lmdb.MapFullError, lmdb.DiskError):
+            raise  # the parent transaction cannot go on either
+        except Exception:  # undone; each again on its own, so only the culprit fails
+            return [self._apply(txn, request) for request in batch]
 
     def _apply(self, txn: lmdb.Transaction, request: _Request) -> _Outcome:
         try:

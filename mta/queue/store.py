@@ -21,10 +21,20 @@ Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
 else writes those. Writes take a transaction from the caller, so one commit
 can carry many messages (group commit, mta.queue.commit) and the admin tool
-can change several jobs at once. The environment is opened with sync on: a
-commit returns only after fdatasync, which is what makes "250" mean durable.
-LMDB allows one writer at a time across processes, so the daemon and
-``mta queue`` can both write; readers never block.
+can change several jobs at once. ``write`` returns only once its commit is on
+disk, which is what makes "250" mean durable. LMDB allows one writer at a
+time across processes, so the daemon and ``mta queue`` can both write;
+readers never block.
+
+Durable, and the writer lock held for one fdatasync rather than two: with
+metasync on, LMDB's commit syncs the data pages, writes the meta page that
+makes them current, and syncs again, all under the lock that every worker's
+commits queue on. The environment is opened with metasync off, so the commit
+syncs the data pages only (the meta page is written, not synced; LMDB keeps
+the database intact, a crash could only undo that last commit), and ``write``
+then syncs the file itself, after the lock is released: the next writer
+commits while this one waits for its meta page to reach the disk. The caller
+hears of the commit only after that sync, as before.
 """
 
 from __future__ import annotations
@@ -98,7 +108,7 @@ class Spool:
             map_size=2 * max_size + _MAP_HEADROOM,
             max_dbs=16,  # room for the databases later work adds
             sync=True,
-            metasync=True,
+            metasync=False,  # write() syncs the meta page, outside the writer lock
         )
         # A process killed with SIGKILL leaves its reader slots behind.
         self.env.reader_check()
@@ -122,6 +132,7 @@ class Spool:
         """A write transaction, committed (durably) on leaving the block."""
         with self.env.begin(write=True) as txn:
             yield txn
+        self.env.sync(True)  # the commit's meta page: on disk before anyone hears of it
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -204,12 +215,21 @@ class Spool:
             txn.put(key, struct.pack(">qq", *new), db=self._counts)
 
     def _count_existing_jobs(self) -> None:
-        """Build the counts of a spool written before they existed (one pass, once)."""
-        with self.env.begin(write=True) as txn:
-            if txn.stat(self._counts)["entries"] or not txn.stat(self._jobs)["entries"]:
+        """Build the counts of a spool written before they existed (one pass, once).
+
+        Looked at in a read transaction first, so that opening the spool (as
+        every `mta queue` command does) takes no writer lock.
+        """
+        with self.read() as txn:
+            if not self._lacks_counts(txn):
                 return
-            for job in self.all_jobs(txn):
-                self._count(txn, job, +1)
+        with self.write() as txn:
+            if self._lacks_counts(txn):  # not built by another process meanwhile
+                for job in self.all_jobs(txn):
+                    self._count(txn, job, +1)
+
+    def _lacks_counts(self, txn: lmdb.Transaction) -> bool:
+        return not txn.stat(self._counts)["entries"] and bool(txn.stat(self._jobs)["entries"])
 
     def _unindex(self, txn: lmdb.Transaction, job: Job) -> None:
         txn.delete(due_key(job), db=self._due)

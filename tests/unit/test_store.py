@@ -365,6 +365,30 @@ def test_reopening_keeps_everything(tmp_path: Path, new_id: IdGenerator) -> None
         again.close()
 
 
+def test_opening_a_spool_without_counts_builds_them(tmp_path: Path, new_id: IdGenerator) -> None:
+    """A spool written before the counts existed gets them at its next opening."""
+    path = tmp_path / "spool"
+    first = Spool(path, max_size=1_000_000)
+    with first.write() as txn:
+        first.add(txn, message(new_id(), ("a@example.com", "b@example.org"), b"x"), b"x")
+        first.add(txn, message(new_id(), ("c@example.com",), b"y"), b"y")
+        txn.drop(first._counts, delete=False)  # as an older version left it
+    with first.read() as txn:
+        assert first.stats(txn).by_domain == {}
+    first.close()
+
+    again = Spool(path, max_size=1_000_000, create=False)
+    try:
+        with again.read() as txn:
+            by_domain = again.stats(txn).by_domain
+        assert {domain: stats.jobs for domain, stats in by_domain.items()} == {
+            "example.com": 2,
+            "example.org": 1,
+        }
+    finally:
+        again.close()
+
+
 def test_create_makes_a_private_directory(tmp_path: Path) -> None:
     path = tmp_path / "var" / "spool"
     Spool(path, max_size=1000).close()
@@ -583,6 +607,67 @@ def test_a_failed_commit_is_reported_and_the_writer_carries_on(
     with spool.read() as txn:
         assert spool.body(txn, original.id) == b"one"
         assert spool.body(txn, later.id) == b"two"
+
+
+def test_a_change_that_raises_fails_alone_and_the_others_count_once(
+    gated: GatedSpool, new_id: IdGenerator
+) -> None:
+    """The batch runs in one nested transaction first; when a change raises, that
+    is undone and each change runs again alone: nothing counts twice."""
+    committer = GroupCommitter(gated)
+    first = message(new_id(), ("a@example.com",), b"first")
+
+    def bump(txn: lmdb.Transaction) -> None:
+        gated.add_to_counter(txn, "n", 1)
+
+    def broken(txn: lmdb.Transaction) -> None:
+        gated.add_to_counter(txn, "n", 100)
+        raise ValueError("broken change")
+
+    async def main() -> list[BaseException | None]:
+        held = await _hold_writer(gated, committer, first)
+        tasks = [asyncio.create_task(committer.run(change)) for change in (bump, broken, bump)]
+        asyncio.get_running_loop().call_soon(gated.release.set)
+        await held
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        committer.close()
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ValueError)
+    assert gated.commits == 2  # the held one, then the three in one commit
+    with gated.read() as txn:
+        assert gated.counter(txn, "n") == 2
+
+
+def test_a_write_syncs_its_meta_page_after_releasing_the_writer_lock(spool: Spool) -> None:
+    """metasync is off: write() syncs once the commit is visible and while another
+    writer can already begin, so LMDB's lock is held for one fdatasync, not two."""
+    seen: list[tuple[int, bool, bool]] = []
+    env = spool.env
+
+    class Watched:
+        def __getattr__(self, name: str) -> object:
+            return getattr(env, name)
+
+        def sync(self, force: bool = False) -> None:
+            with env.begin() as txn:
+                committed = spool.counter(txn, "n")
+            other = threading.Thread(target=lambda: env.begin(write=True).abort(), daemon=True)
+            other.start()
+            other.join(10)
+            seen.append((committed, not other.is_alive(), force))
+            env.sync(force)
+
+    spool.env = Watched()  # type: ignore[assignment]
+    try:
+        with spool.write() as txn:
+            spool.add_to_counter(txn, "n", 7)
+    finally:
+        spool.env = env
+    assert seen == [(7, True, True)]
 
 
 def scanned_stats(spool: Spool) -> dict[str, object]:
