@@ -31,10 +31,21 @@ MTA = str(Path(sys.executable).parent / "mta")
 START_TIMEOUT = 15.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports nothing listens on at 127.0.0.1 right now.
+
+    All probes stay bound until every port is chosen: one probe at a time, the
+    kernel may hand out the same port twice (an MTA whose parking port was its
+    own SMTP port would deliver to itself).
+    """
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
@@ -113,9 +124,7 @@ class Mta:
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.parking_port = free_port()
+        self.port, self.metrics_port, self.parking_port = free_ports(3)
         keygen = run_mta(
             "dkim",
             "keygen",

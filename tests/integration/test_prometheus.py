@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mta, free_port
+from tests.integration.conftest import Mta, free_ports
 from tests.integration.test_accept import send
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(
     checked = promtool("check", "metrics", stdin=exposition)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
-    port = free_port()
+    (port,) = free_ports(1)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"
