@@ -23,6 +23,7 @@ from aiosmtpd.smtp import AuthResult
 from mta.inbound import replies
 from mta.inbound.server import HELD_OCTETS, HELD_REPLIES, Session, Sessions
 from tests.integration.conftest import Mta, RawSmtp
+from tests.memory_transport import MemoryTransport
 
 pytestmark = pytest.mark.integration
 
@@ -193,38 +194,17 @@ def test_starttls_after_pipelined_commands(server: Mta) -> None:
 # --- the number of writes, on a Session without a socket ----------------------
 
 
-class CountingTransport(asyncio.Transport):
-    """Every write, one item each; close() ends the connection like a socket."""
+class CountingTransport(MemoryTransport):
+    """Every write, one item each; a write after close() fails the test."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, session: Session) -> None:
-        super().__init__()
-        self.loop, self.session = loop, session
+        super().__init__(loop)
+        self.protocol = session
         self.writes: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
 
     def write(self, data: Any) -> None:
-        assert not self.closed, f"written after close: {bytes(data)!r}"
+        assert not self.closed.is_set(), f"written after close: {bytes(data)!r}"
         self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.loop.call_soon(self.session.connection_lost, None)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 class SlowNoop:
@@ -270,7 +250,7 @@ def test_writes_pipelined_transaction() -> None:
         await feed(session, b"EHLO client.test\r\n")
         await feed(session, ENVELOPE)
         await feed(session, MESSAGE + b".\r\nQUIT\r\n")
-        assert transport.closed
+        assert transport.closed.is_set()
         return transport.writes
 
     ehlo, envelope, end = asyncio.run(run())

@@ -36,6 +36,7 @@ from mta.queue.commit import GroupCommitter
 from mta.queue.ids import IdGenerator
 from mta.queue.store import Spool
 from mta.signing import DkimKey, Signer, write_key
+from tests.memory_transport import MemoryTransport
 from tests.reliability.conftest import Scenario, scaled
 
 EXAMPLES = scaled(150, 3000)
@@ -378,42 +379,6 @@ def test_build_dsn_never_raises_and_has_no_bare_line_ending(
 
 
 # --- the SMTP session, without a socket --------------------------------------
-
-
-class MemoryTransport(asyncio.Transport):
-    """What a Session writes, collected; close() ends the connection like a socket."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self.loop = loop
-        self.written = bytearray()
-        self.closed = asyncio.Event()
-        self.protocol: Session | None = None
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.closed.is_set():
-            self.written += data
-
-    def is_closing(self) -> bool:
-        return self.closed.is_set()
-
-    def close(self) -> None:
-        if not self.closed.is_set():
-            self.closed.set()
-            if self.protocol is not None:
-                self.loop.call_soon(self.protocol.connection_lost, None)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 @dataclasses.dataclass
