@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta.queue.commit import GroupCommitter
+from mta.queue.commit import INLINE_BATCH, GroupCommitter
 from mta.queue.ids import IdGenerator
 from mta.queue.records import Job, JobState, Message, due_key
 from mta.queue.store import Spool, SpoolFull, SpoolMissing
@@ -575,6 +575,64 @@ def test_close_commits_what_was_handed_in(spool: Spool, new_id: IdGenerator) -> 
     asyncio.run(main())
     with spool.read() as txn:
         assert spool.body(txn, added.id) == b"last"
+
+
+def committing_threads(committer: GroupCommitter, count: int) -> list[str]:
+    """The thread that ran each of ``count`` changes handed in during one pass of the loop."""
+
+    def change(txn: lmdb.Transaction) -> str:
+        committer.spool.add_to_counter(txn, "n", 1)
+        return threading.current_thread().name
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(committer.run(change) for _ in range(count)))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        committer.close()
+
+
+def test_a_busy_pass_of_the_loop_is_committed_on_the_loop_in_one_commit(
+    gated: GatedSpool,
+) -> None:
+    threads = committing_threads(GroupCommitter(gated), INLINE_BATCH)
+    assert threads == [threading.current_thread().name] * INLINE_BATCH
+    assert gated.commits == 1
+    with gated.read() as txn:
+        assert gated.counter(txn, "n") == INLINE_BATCH
+
+
+def test_a_quiet_pass_of_the_loop_is_committed_by_the_writer_thread(gated: GatedSpool) -> None:
+    """So the loop goes on serving sessions while a lone change is synced."""
+    threads = committing_threads(GroupCommitter(gated), INLINE_BATCH - 1)
+    assert threads == ["spool-writer"] * (INLINE_BATCH - 1)
+    with gated.read() as txn:
+        assert gated.counter(txn, "n") == INLINE_BATCH - 1
+
+
+def test_a_loop_stopped_before_it_flushed_does_not_stall_the_next(spool: Spool) -> None:
+    committer = GroupCommitter(spool)
+    first = asyncio.new_event_loop()
+
+    async def hand_in_and_stop() -> None:
+        first.create_task(committer.run(lambda txn: spool.add_to_counter(txn, "n", 1)))
+        await asyncio.sleep(0)  # that task hands its change in during this pass
+        first.stop()  # before the next pass, which would flush it
+
+    first.create_task(hand_in_and_stop())
+    first.run_forever()
+    first.close()
+
+    async def next_loop() -> None:
+        await asyncio.wait_for(committer.run(lambda txn: spool.add_to_counter(txn, "n", 10)), 30)
+
+    try:
+        asyncio.run(next_loop())
+    finally:
+        committer.close()
+    with spool.read() as txn:
+        assert spool.counter(txn, "n") == 11  # the abandoned change is stored too
 
 
 def test_a_message_whose_size_is_not_its_length_is_refused(
