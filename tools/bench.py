@@ -937,8 +937,16 @@ def bench_load(
             )
             paced = f" at {load.rate:.0f}/s" if load.rate else ""
             print(f"  {load.label()}{paced}: {server.name} ...", file=sys.stderr, flush=True)
-            runs[which].append(bench_one(server, load, args, work))
+            run = bench_one(server, load, args, work)
+            runs[which].append(run)
             shutil.rmtree(work, ignore_errors=True)
+            # Every round's figures, for the spread behind a median.
+            outcome = (
+                f"FAILED: {run.error}"
+                if run.error
+                else f"{run.accepted_rate:.0f} accepted/s, {run.delivered_rate:.0f} delivered/s"
+            )
+            print(f"    {server.name}: {outcome}", file=sys.stderr, flush=True)
     return runs
 
 
