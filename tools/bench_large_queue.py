@@ -7,7 +7,8 @@ domains) through the spool API, in large transactions, then measures what the
 speed issue asks of a large queue:
 
 - start: from `mta serve` to the SMTP port answering;
-- memory: the daemon's RSS once started, and after delivering new mail;
+- memory: the daemon's RSS (with its worker processes, summed) once
+  started, and after delivering new mail;
 - `mta queue stats`: how long the command takes;
 - new mail to a healthy domain: accept-to-delivery time of a few messages
   (to a local sink) with the backlog present.
@@ -82,10 +83,15 @@ def fill(spool_path: Path, count: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its worker processes, summed (pages they share count twice)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mb(int(child))
+    return total
 
 
 async def sink(port: int, arrivals: dict[str, float]) -> asyncio.Server:
