@@ -87,10 +87,11 @@ class GroupCommitter:
         await self.run(lambda txn: self.spool.add(txn, message, body))
 
     async def run(self, change: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``change`` in the writer thread; return its result once committed.
+        """Run ``change`` with the others of this pass of the loop; its result once committed.
 
-        ``change`` must only touch the spool through the transaction it is given,
-        and may run twice (once in a batch undone because another change raised).
+        It runs on this thread or the writer thread (see the module docstring),
+        must only touch the spool through the transaction it is given, and may
+        run twice (once in a batch undone because another change raised).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
