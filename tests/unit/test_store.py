@@ -615,14 +615,15 @@ def test_a_loop_stopped_before_it_flushed_does_not_stall_the_next(spool: Spool) 
     committer = GroupCommitter(spool)
     first = asyncio.new_event_loop()
 
+    abandoned = committer.run(lambda txn: spool.add_to_counter(txn, "n", 1))
+
     async def hand_in_and_stop() -> None:
-        first.create_task(committer.run(lambda txn: spool.add_to_counter(txn, "n", 1)))
-        await asyncio.sleep(0)  # that task hands its change in during this pass
+        abandoned.send(None)  # run() hands its change in and waits for the commit
         first.stop()  # before the next pass, which would flush it
 
-    first.create_task(hand_in_and_stop())
-    first.run_forever()
+    first.run_until_complete(hand_in_and_stop())
     first.close()
+    abandoned.close()  # nobody is waiting for it any more
 
     async def next_loop() -> None:
         await asyncio.wait_for(committer.run(lambda txn: spool.add_to_counter(txn, "n", 10)), 30)
