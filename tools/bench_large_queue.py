@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mta.queue.ids import IdGenerator  # noqa: E402
-from mta.queue.records import Job, Message  # noqa: E402
-from mta.queue.store import Spool  # noqa: E402
+from mta.spool.ids import IdGenerator  # noqa: E402
+from mta.spool.records import Job, Message  # noqa: E402
+from mta.spool.store import Spool  # noqa: E402
 
 MTA = str(Path(sys.executable).parent / "mta")
 BODY = (b"From: app@example.test\r\nSubject: backlog\r\n\r\n" + b"x" * 76 + b"\r\n") * 50

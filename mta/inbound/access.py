@@ -1,32 +1,18 @@
-"""Who may relay, and which envelope addresses we take: pure decisions.
+"""Who may relay: a pure decision.
 
 This MTA delivers nothing locally: every recipient is relayed. So relaying is
 allowed only to clients in ``relay_networks`` and to authenticated clients
 (DESIGN invariant 5); anyone else gets 554 5.7.1 at RCPT.
 
-Envelope addresses must be plain ``local@domain``: no source routes
-(``@a,@b:user@c``), no ``%`` or ``!`` routing, no control characters, a domain
-that is a host name or an address literal. Quoted local parts are kept as
-aiosmtpd parsed them.
+Which envelope addresses we take is mta.mail.address's business.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 
 from mta.config import IPNetwork
-
-_DOMAIN = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
-)
-_ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
-_FORBIDDEN_IN_LOCAL = re.compile(r"[\x00-\x20\x7f%!]")
-# RFC 5322 specials: only allowed inside a quoted local part.
-_SPECIAL_IN_UNQUOTED = re.compile(r'[@,:;<>()\[\]\\"]')
-MAX_ADDRESS_LENGTH = 254
 
 
 def may_relay(client_ip: str, authenticated: bool, networks: Iterable[IPNetwork]) -> bool:
@@ -39,31 +25,3 @@ def may_relay(client_ip: str, authenticated: bool, networks: Iterable[IPNetwork]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
-
-
-def address_is_valid(address: str) -> bool:
-    """True for a routable ``local@domain`` address we are willing to relay to or from."""
-    if len(address) > MAX_ADDRESS_LENGTH or address.startswith("@"):
-        return False
-    local, at, domain = address.rpartition("@")
-    if not at or not local or len(local) > 64:
-        return False
-    quoted = local.startswith('"')
-    if not quoted and _SPECIAL_IN_UNQUOTED.search(local):
-        return False
-    if _FORBIDDEN_IN_LOCAL.search(local.strip('"') if quoted else local):
-        return False
-    return bool(_DOMAIN.match(domain)) or _is_address_literal(domain)
-
-
-def _is_address_literal(domain: str) -> bool:
-    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a real address (RFC 5321 4.1.3)."""
-    match = _ADDRESS_LITERAL.match(domain)
-    if not match:
-        return False
-    text = match.group(1)
-    try:
-        address = ipaddress.ip_address(text.removeprefix("IPv6:"))
-    except ValueError:
-        return False
-    return text.startswith("IPv6:") == (address.version == 6)

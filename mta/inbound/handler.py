@@ -21,18 +21,19 @@ from typing import Any
 from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
-from mta import metrics
 from mta.config import EgressConfig, EventsConfig, ServerConfig, SuppressionConfig
-from mta.events import EventLog, received_events
-from mta.inbound import replies
-from mta.inbound.access import address_is_valid, may_relay
+from mta.events.event_log import EventLog, received_events
+from mta.inbound import reply_texts
+from mta.inbound.access import may_relay
 from mta.inbound.message import Rejected, prepare, received_field
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import Message
-from mta.queue.store import Spool, SpoolFull
-from mta.signing import Signer, SignResult
-from mta.suppression import Suppression
+from mta.mail.address import address_is_valid
+from mta.observe import metrics
+from mta.signing.signer import Signer, SignResult
+from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.records import Message
+from mta.spool.store import Spool, SpoolFull
+from mta.spool.suppression import Suppression
 
 log = logging.getLogger("mta.smtpd")
 
@@ -101,13 +102,13 @@ class Handler:
     ) -> str:
         sender = "" if address == "<>" else address
         if sender and not address_is_valid(sender):
-            return replies.bad_address(address, "sender")
+            return reply_texts.bad_address(address, "sender")
         with self.spool.read() as txn:
             if self.spool.room_problem(txn):
-                return replies.NO_ROOM
+                return reply_texts.NO_ROOM
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return replies.SENDER_OK
+        return reply_texts.SENDER_OK
 
     async def handle_RCPT(
         self,
@@ -118,19 +119,19 @@ class Handler:
         rcpt_options: list[str],
     ) -> str:
         if not address_is_valid(address):
-            return replies.bad_address(address, "recipient")
+            return reply_texts.bad_address(address, "recipient")
         if not may_relay(server.ip, bool(session.authenticated), self.config.relay_networks):
-            return replies.relay_denied(address)
+            return reply_texts.relay_denied(address)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
-            return replies.TOO_MANY_RECIPIENTS
+            return reply_texts.TOO_MANY_RECIPIENTS
         listed = self._suppressed(address)
         if listed is not None:
             if self.suppression.action == "reject":
-                return replies.suppressed(address, listed.summary())
+                return reply_texts.suppressed(address, listed.summary())
             self._dropped.setdefault(envelope, set()).add(address)  # accepted, never sent
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return replies.RECIPIENT_OK
+        return reply_texts.RECIPIENT_OK
 
     def _suppressed(self, address: str) -> Suppression | None:
         with self.spool.read() as txn:
@@ -163,7 +164,7 @@ class Handler:
             return str(rejected)
         recipients = self._drop_suppressed(queue_id, envelope)
         if not recipients:  # every recipient was suppressed: nothing to keep
-            return replies.queued(queue_id)
+            return reply_texts.queued(queue_id)
         if len(prepared.data) <= INLINE_SIGN_MAX:
             signed = self._sign(prepared.data)
         else:
@@ -189,7 +190,7 @@ class Handler:
             )
         except SpoolFull as full:
             log.warning("id=%s not queued: %s", queue_id, full)
-            return replies.NO_ROOM
+            return reply_texts.NO_ROOM
         metrics.MESSAGES_RECEIVED.inc()
         self.events.publish(events)
         self.on_queued(message)
@@ -203,7 +204,7 @@ class Handler:
             message.message_id,
             _dkim_summary(signed),
         )
-        return replies.queued(queue_id)
+        return reply_texts.queued(queue_id)
 
     def _drop_suppressed(self, queue_id: str, envelope: Envelope) -> tuple[str, ...]:
         """The recipients to keep; those on the suppression list (action "drop") are logged."""
@@ -236,7 +237,7 @@ class Handler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %r", error, exc_info=error)
-        return replies.INTERNAL_ERROR
+        return reply_texts.INTERNAL_ERROR
 
 
 def _protocol(session: SmtpSession) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from mta.inbound.replies import BARE_LINE_ENDING
+from mta.inbound.reply_texts import BARE_LINE_ENDING
 
 CRLF = b"\r\n"
 # A header field's first line: a name of printable ASCII other than ":", a colon.

@@ -4,7 +4,7 @@ aiosmtpd does the SMTP state machine; this subclass adds what a production
 listener needs around it:
 
 - connection limits, total and per client IP, answered 421 before the banner;
-- enhanced status codes on aiosmtpd's stock replies (mta.inbound.replies),
+- enhanced status codes on aiosmtpd's stock replies (mta.inbound.reply_texts),
   and one place that counts and logs every refusal;
 - a 421 before closing an idle session, instead of a silent close;
 - command lines hold no control characters (500 5.5.2) and end in CRLF:
@@ -48,9 +48,9 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from mta import metrics
-from mta.inbound import replies
+from mta.inbound import reply_texts
 from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures
+from mta.observe import metrics
 
 log = logging.getLogger("mta.smtpd")
 
@@ -70,9 +70,9 @@ class Sessions:
     def admit(self, session: Session, ip: str) -> str | None:
         """Register a new session, or return the 421 reply that refuses it."""
         if len(self.open) >= self.max_total:
-            return replies.SERVER_BUSY
+            return reply_texts.SERVER_BUSY
         if self._per_ip[ip] >= self.max_per_ip:
-            return replies.TOO_MANY_CONNECTIONS.replace("{ip}", ip)
+            return reply_texts.TOO_MANY_CONNECTIONS.replace("{ip}", ip)
         self.open.add(session)
         self._per_ip[ip] += 1
         metrics.SESSIONS_ACTIVE.inc()
@@ -92,11 +92,11 @@ class Sessions:
         while self.open and loop.time() < deadline:
             for session in list(self.open):
                 if not session.in_transaction:
-                    session.close_with(replies.SHUTTING_DOWN)
+                    session.close_with(reply_texts.SHUTTING_DOWN)
             await asyncio.sleep(poll)
         for session in list(self.open):
             log.warning("closing session from [%s] at shutdown mid-transaction", session.ip)
-            session.close_with(replies.SHUTTING_DOWN)
+            session.close_with(reply_texts.SHUTTING_DOWN)
 
 
 # C0 controls and DEL, except HT; a command line holds none of them.
@@ -379,7 +379,7 @@ class Session(SMTP):
         super()._cb_client_connected(reader, writer)
 
     def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
-        reply = replies.enhance(template.replace("{host}", self.hostname))
+        reply = reply_texts.enhance(template.replace("{host}", self.hostname))
         self._count_refusal(reply)
         # uvloop's transports are not asyncio.Transport subclasses, but write alike.
         cast(asyncio.Transport, transport).write(reply.encode() + b"\r\n")
@@ -410,7 +410,7 @@ class Session(SMTP):
 
     def _timeout_cb(self) -> None:
         log.info("timeout after %.0fs idle from [%s]", self._timeout_duration, self.ip)
-        self.close_with(replies.TIMEOUT)
+        self.close_with(reply_texts.TIMEOUT)
 
     @syntax("EHLO hostname")  # as aiosmtpd's, so HELP still lists it
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -483,15 +483,15 @@ class Session(SMTP):
             # nor after a bad AUTH answer, where aiosmtpd would ask for more.
             challenge = not isinstance(status, str) or status.startswith("334")
             if reader.problem == "bare_line_feed":
-                status = replies.BARE_LINE_FEED.replace("{host}", self.hostname)
+                status = reply_texts.BARE_LINE_FEED.replace("{host}", self.hostname)
             else:
-                status = replies.CONTROL_CHARACTER
+                status = reply_texts.CONTROL_CHARACTER
             close = reader.problem == "bare_line_feed" or challenge
             reader.problem = None
         elif self._in_auth and isinstance(status, str) and status.startswith("535"):
             status, close = self._auth_failed(status)
         if isinstance(status, str) and self._is_command_reply(status):
-            status = replies.enhance(status)
+            status = reply_texts.enhance(status)
             if status[0] in "45":
                 self._count_refusal(status)
         # aiosmtpd's push (less its debug line; mail.log is at WARNING), coalesced.
@@ -541,11 +541,11 @@ class Session(SMTP):
             log.warning("AUTH blocked for a while: client=[%s] too many failures", self.ip)
             return self._auth_blocked(), True
         if self._auth_failures >= SESSION_MAX_FAILURES:
-            return replies.AUTH_TOO_MANY_FAILURES.replace("{host}", self.hostname), True
+            return reply_texts.AUTH_TOO_MANY_FAILURES.replace("{host}", self.hostname), True
         return status, False
 
     def _auth_blocked(self) -> str:
-        return replies.AUTH_BLOCKED.replace("{host}", self.hostname).replace("{ip}", self.ip)
+        return reply_texts.AUTH_BLOCKED.replace("{host}", self.hostname).replace("{ip}", self.ip)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -558,7 +558,7 @@ class Session(SMTP):
         return not status.startswith(f"220 {self.hostname}")  # the greeting
 
     def _count_refusal(self, reply: str) -> None:
-        reason = replies.rejection_reason(reply)
+        reason = reply_texts.rejection_reason(reply)
         if reason is not None:
             metrics.MESSAGES_REJECTED.labels(reason).inc()
         envelope = self.envelope

@@ -39,17 +39,17 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from mta import metrics
 from mta.config import Config, LimitsConfig
-from mta.outbound.client import ClientSettings, Deliverer
-from mta.outbound.resolver import Route
+from mta.mail.reply import Reply
+from mta.observe import metrics
+from mta.outbound.routes import Route
+from mta.outbound.smtp_client import ClientSettings, Deliverer
 from mta.policy.limits import Limits, Site, effective, site_for
 from mta.policy.rate import RateLimiter
-from mta.policy.replies import Reply
 from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
 from mta.policy.throttle import Throttles
 from mta.policy.warmup import WarmupPlan, day_of, remaining
-from mta.queue.store import Spool
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta.egress")
 

@@ -6,7 +6,7 @@ no I/O (h11's model), so it is tested on its own with any split of the input.
 it arrives, so commands can be pipelined (RFC 2920): write MAIL FROM, every
 RCPT TO and DATA at once, then read their replies in order. ``Wire`` knows
 no SMTP semantics beyond that; which command to send and what a reply means
-is mta.outbound.client's business.
+is mta.outbound.smtp_client's business.
 
 Reading a reply raises ``Lost`` (the server closed the connection or it
 broke), ``TimeoutError``, or ``Garbled`` (a line that is not an SMTP reply,

@@ -13,9 +13,10 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mta.policy.replies import Outcome, Reply, outcome
+from mta.mail.reply import Reply
+from mta.policy.outcome import Outcome, outcome
 from mta.policy.retry import RetrySchedule, expired, next_attempt
-from mta.queue.records import Job
+from mta.spool.records import Job
 
 EXPIRED_NOTE = "delivery time expired"
 

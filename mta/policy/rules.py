@@ -16,7 +16,7 @@ matches.
 
 The action is about the path, not the message: whether the message itself
 is delivered, deferred or bounced is still decided by the reply code
-(mta.policy.replies.outcome). Pure: nothing here keeps state or raises on
+(mta.policy.outcome). Pure: nothing here keeps state or raises on
 what a server sends.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from mta.policy.replies import Reply
+from mta.mail.reply import Reply
 
 
 class Action(StrEnum):

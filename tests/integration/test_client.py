@@ -1,4 +1,4 @@
-"""The SMTP client (mta.outbound.client) against real servers on loopback.
+"""The SMTP client (mta.outbound.smtp_client) against real servers on loopback.
 
 Receiving MXes are Postfix's smtp-sink (tests/integration/sink.py) on
 127.0.0.10 and 127.0.0.11. What smtp-sink cannot do (refuse only some
@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 import pytest
 from aiosmtpd.controller import Controller
 
-from mta.outbound.client import (
+from mta.mail.reply import Reply
+from mta.outbound.routes import MxHost, Route
+from mta.outbound.smtp_client import (
     Attempt,
     ClientSettings,
     Deliverer,
@@ -32,8 +34,6 @@ from mta.outbound.client import (
     refused,
     temporary,
 )
-from mta.outbound.resolver import MxHost, Route
-from mta.policy.replies import Reply
 from tests.integration.conftest import make_certificate
 from tests.integration.sink import Sink, free_port, wait_until
 

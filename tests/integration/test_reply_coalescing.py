@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import AuthResult
 
-from mta.inbound import replies
+from mta.inbound import reply_texts
 from mta.inbound.server import HELD_OCTETS, HELD_REPLIES, Session, Sessions
 from tests.integration.conftest import Mta, RawSmtp
 from tests.memory_transport import MemoryTransport
@@ -295,7 +295,7 @@ def test_close_with_writes_held_replies_first() -> None:
         session, transport = await start(handler)
         await feed(session, b"RSET\r\nNOOP\r\n")  # RSET's reply held: NOOP buffered
         assert transport.writes == []
-        session.close_with(replies.SHUTTING_DOWN)
+        session.close_with(reply_texts.SHUTTING_DOWN)
         handler.release.set()  # the NOOP's reply: after the close, never written
         await settle()
         return transport.writes

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mta.outbound.resolver import MxHost, ResolveError, Resolver, Route
+from mta.outbound.routes import MxHost, ResolveError, Resolver, Route
 from tests.integration.dns_server import DnsServer
 
 pytestmark = pytest.mark.integration

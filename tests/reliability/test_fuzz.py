@@ -26,16 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mta.config import EgressConfig, ServerConfig, parse_host_port
-from mta.inbound.access import address_is_valid
 from mta.inbound.handler import Handler
 from mta.inbound.message import Rejected, has_bare_line_ending, prepare, split_header
 from mta.inbound.server import Session, Sessions
+from mta.mail.address import address_is_valid
+from mta.mail.reply import parse_reply
 from mta.outbound.dsn import ACTIONS, Failure, build_dsn
-from mta.policy.replies import Outcome, outcome, parse_reply
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.store import Spool
-from mta.signing import DkimKey, Signer, write_key
+from mta.policy.outcome import Outcome, outcome
+from mta.signing.signer import DkimKey, Signer, write_key
+from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.store import Spool
 from tests.memory_transport import MemoryTransport
 from tests.reliability.conftest import Scenario, scaled
 
@@ -291,7 +292,7 @@ def test_signer_never_raises_and_what_it_signs_verifies(
     scenario.sent = sum(counts.values())
 
 
-# --- policy.replies.parse_reply ------------------------------------------------
+# --- mail.reply.parse_reply ----------------------------------------------------
 
 _REPLY_LINES = st.lists(
     st.tuples(

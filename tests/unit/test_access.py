@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from mta.inbound.access import MAX_ADDRESS_LENGTH, address_is_valid, may_relay
+from mta.inbound.access import may_relay
+from mta.mail.address import MAX_ADDRESS_LENGTH, address_is_valid
 
 NETWORKS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
 

@@ -15,18 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mta import config
-from mta.events import EventLog
-from mta.outbound.attempt import Attempter
-from mta.outbound.client import Attempt
+from mta.events.event_log import EventLog
+from mta.mail.reply import Reply
+from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
-from mta.outbound.resolver import MxHost, ResolveError, Route
-from mta.policy.replies import Reply
+from mta.outbound.routes import MxHost, ResolveError, Route
+from mta.outbound.smtp_client import Attempt
 from mta.policy.retry import RetrySchedule
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import JobState, Message, job_key
-from mta.queue.store import Spool
-from mta.signing import Signer
+from mta.signing.signer import Signer
+from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.records import JobState, Message, job_key
+from mta.spool.store import Spool
 
 NOW = 1_800_000_000.0
 BODY = b"From: app@example.test\r\nSubject: hi\r\n\r\nbody\r\n"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
+from mta.mail.reply import Reply
 from mta.policy.disposition import EXPIRED_NOTE, decide
-from mta.policy.replies import Reply
 from mta.policy.retry import RetrySchedule
-from mta.queue.records import Job
+from mta.spool.records import Job
 
 SCHEDULE = RetrySchedule(first=60, factor=2, cap=3600, jitter=0, max_age=86400)
 OK = Reply(250, "2.0.0 Ok: queued")

@@ -11,10 +11,11 @@ import io
 import time
 from pathlib import Path
 
-from mta import config, policyctl
+from mta import config
+from mta.cli import policy
 from mta.outbound.egress import Egress, Lease, Wait
 from mta.policy.limits import site_for
-from mta.queue.store import Spool
+from mta.spool.store import Spool
 
 
 def test_a_resume_is_seen_by_the_next_lease_not_a_second_later(tmp_path: Path) -> None:
@@ -31,13 +32,13 @@ def test_a_resume_is_seen_by_the_next_lease_not_a_second_later(tmp_path: Path) -
         first = await lease()  # reads the suspensions (none): the cache is fresh
         assert isinstance(first, Lease)
         egress.release(first)
-        policyctl.suspend(spool, settings, "ops.test", None, 3600, io.StringIO())
+        policy.suspend(spool, settings, "ops.test", None, 3600, io.StringIO())
         now[0] += 1.5  # the next periodic read of the spool
         waiting = await lease()
         assert isinstance(waiting, Wait) and "operator" in waiting.reason
         # A resume is seen at once, though the cache is fresh and says
         # "suspended": the job must not wait the hour out.
-        policyctl.resume(spool, settings, "ops.test", None, io.StringIO())
+        policy.resume(spool, settings, "ops.test", None, io.StringIO())
         resumed = await lease()
         assert isinstance(resumed, Lease)
         egress.release(resumed)

@@ -20,7 +20,7 @@ import lmdb
 import pytest
 
 from mta.config import EventsConfig
-from mta.events import (
+from mta.events.event_log import (
     Backoff,
     Event,
     EventLog,
@@ -32,11 +32,11 @@ from mta.events import (
     post_result,
     received_events,
 )
+from mta.mail.reply import Reply
 from mta.policy.disposition import Decision
-from mta.policy.replies import Reply
-from mta.queue.commit import GroupCommitter
-from mta.queue.records import Message
-from mta.queue.store import Spool
+from mta.spool.commit import GroupCommitter
+from mta.spool.records import Message
+from mta.spool.store import Spool
 from tests.unit.test_attempt import run_attempt
 
 NOW = 1_800_000_000.0

@@ -20,10 +20,10 @@ from aiosmtpd.smtp import Session as SmtpSession
 
 from mta.config import EgressConfig, ServerConfig
 from mta.inbound.handler import INLINE_SIGN_MAX, Handler
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.store import Spool
-from mta.signing import DkimKey, Signer, write_key
+from mta.signing.signer import DkimKey, Signer, write_key
+from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.store import Spool
 
 
 class RecordingPool(ThreadPoolExecutor):

@@ -17,7 +17,7 @@ from mta.inbound.message import (
     received_field,
     split_header,
 )
-from mta.inbound.replies import BARE_LINE_ENDING
+from mta.inbound.reply_texts import BARE_LINE_ENDING
 
 QID = "0123456789ABCDEF"
 HOST = "mta.example.test"

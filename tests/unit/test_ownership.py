@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mta.ownership import Peers, owner
-from mta.queue.records import job_key
+from mta.node.ownership import Peers, owner
+from mta.spool.records import job_key
 
 
 def test_owner_is_stable_and_spreads_domains() -> None:

@@ -8,7 +8,7 @@ from itertools import accumulate
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mta.queue.ids import ALPHABET, LENGTH, IdGenerator, encode, is_queue_id, milliseconds
+from mta.spool.ids import ALPHABET, LENGTH, IdGenerator, encode, is_queue_id, milliseconds
 
 START = 1_700_000_000.25  # exact in binary: int(START * 1000) has no rounding surprise
 START_MS = 1_700_000_000_250

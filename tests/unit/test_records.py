@@ -7,8 +7,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.queue.ids import ALPHABET
-from mta.queue.records import (
+from mta.spool.ids import ALPHABET
+from mta.spool.records import (
     Job,
     JobState,
     Message,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.outbound.resolver import (
+from mta.outbound.routes import (
     MAX_MX_HOSTS,
     MAX_TTL,
     TEMPORARY_TTL,

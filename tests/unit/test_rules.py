@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.policy.replies import Reply, parse_reply
+from mta.mail.reply import Reply, parse_reply
 from mta.policy.rules import (
     CLASSIFICATIONS,
     DEFAULT_RULES,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mta.outbound.scheduler import Scheduler
-from mta.queue.ids import IdGenerator
-from mta.queue.records import JobState, Message, job_key, jobs_for
-from mta.queue.store import Spool
+from mta.spool.ids import IdGenerator
+from mta.spool.records import JobState, Message, job_key, jobs_for
+from mta.spool.scheduled_queue import Scheduler
+from mta.spool.store import Spool
 
 NOW = 1_800_000_000.0
 

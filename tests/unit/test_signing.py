@@ -27,8 +27,8 @@ from dkim.canonicalization import Relaxed, Simple, strip_trailing_lines
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mta import signing
-from mta.signing import (
+from mta.signing import signer as signing
+from mta.signing.signer import (
     ED25519_SHA256,
     RSA_SHA256,
     SIGNED_HEADERS,

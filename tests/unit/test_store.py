@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta.queue.commit import INLINE_BATCH, GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import Job, JobState, Message, due_key
-from mta.queue.store import Spool, SpoolFull, SpoolMissing
+from mta.spool.commit import INLINE_BATCH, GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.records import Job, JobState, Message, due_key
+from mta.spool.store import Spool, SpoolFull, SpoolMissing
 
 ARRIVED = 1_700_000_000.0
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from mta.inbound.access import address_is_valid
+from mta.mail.address import address_is_valid
 
 OPERATOR = "operator"
 BOUNCE = "bounce"

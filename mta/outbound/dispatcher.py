@@ -4,9 +4,9 @@ The steps, each in the module that owns it:
 
 1. read the job, its message and body (a read transaction; a job that was
    deleted or held since it fell due is left alone);
-2. find the route (mta.outbound.resolver), lease a path from the message's
+2. find the route (mta.outbound.routes), lease a path from the message's
    egress pool to the site (mta.outbound.egress: limits, warmup,
-   suspensions) and talk SMTP from that source (mta.outbound.client), which
+   suspensions) and talk SMTP from that source (mta.outbound.smtp_client), which
    gives one reply per recipient; the site's replies may suspend or
    throttle the path (response rules);
 3. decide per recipient: delivered, bounced, or deferred until when
@@ -14,7 +14,7 @@ The steps, each in the module that owns it:
 4. for bounces, build and sign the DSN (mta.outbound.dsn) before touching the
    spool, then record everything in ONE group commit: the job shrinks, waits
    or goes, and the DSN is queued in the same transaction (DESIGN invariant 2);
-   The attempt's delivery events (mta.events) are stored in that same
+   The attempt's delivery events (mta.events.event_log) are stored in that same
    commit when a webhook takes them, and published after it;
 5. one Postfix-style log line per recipient, and metrics.
 """
@@ -31,21 +31,22 @@ from dataclasses import dataclass, replace
 
 import lmdb
 
-from mta import metrics, suppression
 from mta.config import EventsConfig, SuppressionConfig
-from mta.events import Event, EventLog, attempt_events
+from mta.events.event_log import Event, EventLog, attempt_events
+from mta.mail.reply import Reply
+from mta.observe import metrics
 from mta.outbound.dsn import Failure, build_dsn
 from mta.outbound.egress import Egress, Lease, Wait
-from mta.outbound.resolver import ResolveError, Resolver
+from mta.outbound.routes import ResolveError, Resolver
 from mta.policy.disposition import Decision, decide
-from mta.policy.replies import Reply
 from mta.policy.retry import RetrySchedule
 from mta.policy.rules import Action, Rule, classify, match
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import Job, JobState, Message
-from mta.queue.store import Spool
-from mta.signing import Signer
+from mta.signing.signer import Signer
+from mta.spool import suppression
+from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
+from mta.spool.records import Job, JobState, Message
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta.delivery")
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from mta.admin import AdminError, iso
+from mta.cli.queue import AdminError, iso
 from mta.config import Config
 from mta.outbound.egress import (
     OTHER,
@@ -24,7 +24,7 @@ from mta.outbound.egress import (
     warmup_counter,
 )
 from mta.policy.warmup import daily_cap, day_of
-from mta.queue.store import Spool
+from mta.spool.store import Spool
 
 OPERATOR = "operator"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from mta.inbound import replies
-from mta.inbound.replies import enhance, rejection_reason
+from mta.inbound import reply_texts
+from mta.inbound.reply_texts import enhance, rejection_reason
 
 # Stock replies as aiosmtpd 1.4.6 writes them (aiosmtpd/smtp.py), with the
 # enhanced code each should get.
@@ -94,20 +94,20 @@ def test_a_number_in_the_text_is_not_mistaken_for_a_code() -> None:
 
 def test_our_own_replies_all_carry_an_enhanced_code() -> None:
     ours = [
-        replies.OK,
-        replies.SENDER_OK,
-        replies.RECIPIENT_OK,
-        replies.NO_ROOM,
-        replies.TOO_MANY_RECIPIENTS,
-        replies.INTERNAL_ERROR,
-        replies.BARE_LINE_ENDING,
-        replies.SHUTTING_DOWN.format(host="h"),
-        replies.TIMEOUT.format(host="h"),
-        replies.TOO_MANY_CONNECTIONS.format(host="h", ip="192.0.2.1"),
-        replies.SERVER_BUSY.format(host="h"),
-        replies.relay_denied("a@b"),
-        replies.bad_address("a b", "recipient"),
-        replies.queued("0123456789ABCDEF"),
+        reply_texts.OK,
+        reply_texts.SENDER_OK,
+        reply_texts.RECIPIENT_OK,
+        reply_texts.NO_ROOM,
+        reply_texts.TOO_MANY_RECIPIENTS,
+        reply_texts.INTERNAL_ERROR,
+        reply_texts.BARE_LINE_ENDING,
+        reply_texts.SHUTTING_DOWN.format(host="h"),
+        reply_texts.TIMEOUT.format(host="h"),
+        reply_texts.TOO_MANY_CONNECTIONS.format(host="h", ip="192.0.2.1"),
+        reply_texts.SERVER_BUSY.format(host="h"),
+        reply_texts.relay_denied("a@b"),
+        reply_texts.bad_address("a b", "recipient"),
+        reply_texts.queued("0123456789ABCDEF"),
     ]
     for reply in ours:
         assert enhance(reply) == reply, reply
@@ -124,16 +124,16 @@ def test_our_own_replies_all_carry_an_enhanced_code() -> None:
         (enhance("500 Line too long (see RFC5321 4.5.3.1.6)"), "line_too_long"),
         (enhance("500 Command line too long"), "command_too_long"),
         ("535 5.7.8 Authentication credentials invalid", "auth_failed"),
-        (replies.relay_denied("x@example.org"), "relay_denied"),
-        (replies.BARE_LINE_ENDING, "bare_line_ending"),
+        (reply_texts.relay_denied("x@example.org"), "relay_denied"),
+        (reply_texts.BARE_LINE_ENDING, "bare_line_ending"),
         ("550 5.6.0 Error: message has no From header (RFC 5322 3.6)", "bad_header"),
         ("550 5.6.0 Error: message has more than one From header (RFC 5322 3.6)", "bad_header"),
-        (replies.NO_ROOM, "spool_full"),
-        (replies.TOO_MANY_RECIPIENTS, "too_many_recipients"),
-        (replies.TOO_MANY_CONNECTIONS.format(host="h", ip="192.0.2.1"), "too_many_connections"),
-        (replies.SERVER_BUSY.format(host="h"), "too_many_connections"),
-        (replies.bad_address("a b@x", "sender"), "bad_address"),
-        (replies.INTERNAL_ERROR, "internal_error"),
+        (reply_texts.NO_ROOM, "spool_full"),
+        (reply_texts.TOO_MANY_RECIPIENTS, "too_many_recipients"),
+        (reply_texts.TOO_MANY_CONNECTIONS.format(host="h", ip="192.0.2.1"), "too_many_connections"),
+        (reply_texts.SERVER_BUSY.format(host="h"), "too_many_connections"),
+        (reply_texts.bad_address("a b@x", "sender"), "bad_address"),
+        (reply_texts.INTERNAL_ERROR, "internal_error"),
     ],
 )
 def test_rejection_reason_labels_refusals(reply: str, reason: str) -> None:
@@ -143,10 +143,10 @@ def test_rejection_reason_labels_refusals(reply: str, reason: str) -> None:
 @pytest.mark.parametrize(
     "reply",
     [
-        replies.OK,
-        replies.queued("0123456789ABCDEF"),
-        replies.TIMEOUT.format(host="h"),
-        replies.SHUTTING_DOWN.format(host="h"),
+        reply_texts.OK,
+        reply_texts.queued("0123456789ABCDEF"),
+        reply_texts.TIMEOUT.format(host="h"),
+        reply_texts.SHUTTING_DOWN.format(host="h"),
         enhance("503 Error: need RCPT command"),
         enhance('500 Error: command "FOO" not recognized'),
     ],

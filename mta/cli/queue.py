@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mta.inbound.message import split_header
-from mta.queue.ids import is_queue_id
-from mta.queue.records import Job, JobState, Message
-from mta.queue.store import Spool
+from mta.spool.ids import is_queue_id
+from mta.spool.records import Job, JobState, Message
+from mta.spool.store import Spool
 
 
 class AdminError(Exception):

@@ -1,10 +1,10 @@
-"""What a remote server's SMTP reply means for the recipients it answered.
+"""An SMTP reply: its code, its text, its enhanced status code.
 
-``parse_reply`` turns the raw reply text (one line, or an RFC 5321 multi-line
-reply) into a ``Reply``; ``Reply.status`` gives its RFC 3463 enhanced status
-code, taken from the text when the server sent a consistent one and derived
-from the reply code otherwise; ``outcome`` says whether the recipient is
-delivered, deferred (try again later) or bounced.
+The one reply type of the MTA: what a remote server answered
+(``parse_reply`` reads the raw text, one line or an RFC 5321 multi-line
+reply) and what we record for a recipient. ``Reply.status`` gives the
+RFC 3463 enhanced status code, taken from the text when the server sent a
+consistent one and derived from the reply code otherwise.
 
 Remote text is untrusted: it ends up in log lines and in DSNs, so a Reply's
 text is always a single line without control characters, however it was
@@ -15,14 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import StrEnum
-
-
-class Outcome(StrEnum):
-    DELIVERED = "delivered"
-    DEFERRED = "deferred"
-    BOUNCED = "bounced"
-
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # C0 and C1 controls (tab is turned into a space first) and the Unicode line
@@ -116,17 +108,3 @@ def parse_reply(raw: str) -> Reply:
     if code is None:
         return _garbled(raw)
     return Reply(int(code), "\n".join(texts))
-
-
-def outcome(reply: Reply) -> Outcome:
-    """2xx delivered, 4xx deferred, 5xx bounced; anything else deferred.
-
-    A 1xx or 3xx where a final reply was due, or a code above 5xx, is a
-    protocol error: not the recipient's fault, so it is not a reason to bounce.
-    """
-    klass = reply.code // 100
-    if klass == 2:
-        return Outcome.DELIVERED
-    if klass == 5:
-        return Outcome.BOUNCED
-    return Outcome.DEFERRED

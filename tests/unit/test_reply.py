@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.policy.replies import Outcome, Reply, outcome, parse_reply
+from mta.mail.reply import Reply, parse_reply
+from mta.policy.outcome import Outcome, outcome
 
 STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 CLASS_OF = {Outcome.DELIVERED: "2", Outcome.DEFERRED: "4", Outcome.BOUNCED: "5"}

@@ -48,13 +48,14 @@ from typing import Any, Literal, TypeVar
 
 import lmdb
 
-from mta import metrics
 from mta.config import EventsConfig
+from mta.mail.reply import Reply
+from mta.observe import metrics
 from mta.policy.disposition import Decision
-from mta.policy.replies import Outcome, Reply, outcome
-from mta.queue.commit import GroupCommitter
-from mta.queue.records import Message
-from mta.queue.store import Spool
+from mta.policy.outcome import Outcome, outcome
+from mta.spool.commit import GroupCommitter
+from mta.spool.records import Message
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta.events")
 
@@ -224,7 +225,9 @@ class EventLog:
             lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
             self._listener = logging.handlers.QueueListener(lines, handler)
             self._listener.start()
-            writer = logging.Logger("mta.events.file")  # outside the logging tree: no propagation
+            writer = logging.Logger(
+                "mta.events.event_log.file"
+            )  # outside the logging tree: no propagation
             writer.addHandler(logging.handlers.QueueHandler(lines))
             self._writer = writer
 

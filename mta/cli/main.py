@@ -17,10 +17,15 @@ from dataclasses import asdict
 
 import lmdb
 
-from mta import admin, config, logs, policyctl, signing, suppression
+from mta import config
+from mta.cli import policy
+from mta.cli import queue as admin
 from mta.inbound.auth import UsersFileError, add_user
-from mta.queue.records import JobState
-from mta.queue.store import Spool, SpoolMissing
+from mta.observe import logs
+from mta.signing.signer import SigningError, dns_record_line, write_key
+from mta.spool import suppression
+from mta.spool.records import JobState
+from mta.spool.store import Spool, SpoolMissing
 
 EXIT_CONFIG = 2
 
@@ -30,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (config.ConfigError, signing.SigningError, UsersFileError) as error:
+    except (config.ConfigError, SigningError, UsersFileError) as error:
         print(f"mta: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except (admin.AdminError, lmdb.Error, OSError) as error:
@@ -168,13 +173,13 @@ def _add_suppress_commands(
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from mta import daemon  # imports uvloop and the listener only when serving
+    from mta.node import daemon  # imports uvloop and the listener only when serving
 
     settings = config.load(args.config)
     logs.setup(settings.log.level, settings.log.format)
     try:
         if settings.server.workers > 1:
-            from mta import workers
+            from mta.node import workers
 
             return workers.supervise(settings, args.config)
         return daemon.serve(settings, args.config)
@@ -184,7 +189,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    from mta import daemon
+    from mta.node import daemon
 
     settings = config.load(args.config)
     print(f"{args.config}: ok ({daemon.check(settings)} DKIM key(s))")
@@ -209,7 +214,7 @@ def run_queue_show(args: argparse.Namespace) -> int:
 
 def run_queue_stats(args: argparse.Namespace) -> int:
     spool = _open_spool(args)
-    paths = policyctl.restrictions(spool, time.time())
+    paths = policy.restrictions(spool, time.time())
     return admin.stats(spool, paths, args.json, sys.stdout)
 
 
@@ -219,16 +224,16 @@ def run_queue_change(args: argparse.Namespace) -> int:
 
 def run_policy_show(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
-    return policyctl.show(_open_spool(args), settings, args.json, sys.stdout)
+    return policy.show(_open_spool(args), settings, args.json, sys.stdout)
 
 
 def run_policy_change(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     spool = _open_spool(args)
     if args.action == "resume":
-        return policyctl.resume(spool, settings, args.site, args.source, sys.stdout)
-    seconds = policyctl.parse_duration(args.duration)
-    return policyctl.suspend(spool, settings, args.site, args.source, seconds, sys.stdout)
+        return policy.resume(spool, settings, args.site, args.source, sys.stdout)
+    seconds = policy.parse_duration(args.duration)
+    return policy.suspend(spool, settings, args.site, args.source, seconds, sys.stdout)
 
 
 def _entries(texts: list[str]) -> list[str]:
@@ -281,9 +286,9 @@ def run_keygen(args: argparse.Namespace) -> int:
         domain = config.lowercase_domain(args.domain)
     except ValueError as error:
         raise admin.AdminError(f"--domain: {error}") from None
-    path, key = signing.write_key(domain, args.selector, args.out, args.algorithm, args.bits)
+    path, key = write_key(domain, args.selector, args.out, args.algorithm, args.bits)
     print(f"; private key written to {path}", file=sys.stderr)
-    print(signing.dns_record_line(key))
+    print(dns_record_line(key))
     return 0
 
 

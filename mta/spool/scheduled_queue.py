@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from mta.queue.records import split_job_key
-from mta.queue.store import Spool
+from mta.spool.records import split_job_key
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta.scheduler")
 

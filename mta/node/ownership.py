@@ -26,7 +26,7 @@ import socket
 import zlib
 from collections.abc import Callable, Iterable
 
-from mta.queue.records import split_job_key
+from mta.spool.records import split_job_key
 
 # Keys per datagram: a few kB, well under the socket's datagram size limit.
 _KEYS_PER_DATAGRAM = 256

@@ -5,9 +5,9 @@ transaction finish (up to ``[server] shutdown_timeout``), let the webhook
 finish the POST under way (events not yet posted stay in the spool for the
 next start), commit what was handed to the spool writer, exit 0.
 
-With ``[server] workers`` above 1, `mta serve` is mta.workers' supervisor and
+With ``[server] workers`` above 1, `mta serve` is mta.node.workers' supervisor and
 each worker process runs a ``Daemon`` with a ``WorkerRole``: it listens with
-SO_REUSEPORT, delivers only the domains it owns (mta.ownership), leaves
+SO_REUSEPORT, delivers only the domains it owns (mta.node.ownership), leaves
 /metrics to the supervisor, and only worker 0 posts to the webhook.
 """
 
@@ -26,22 +26,24 @@ from typing import Any
 
 import uvloop
 
-from mta import metrics, signing
 from mta.config import Config, ConfigError, ServerConfig, load
-from mta.events import EventLog, Webhook
+from mta.events.event_log import EventLog, Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
-from mta.outbound.attempt import Attempter
+from mta.node.ownership import Peers
+from mta.observe import http
+from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
-from mta.outbound.resolver import Resolver
-from mta.outbound.scheduler import Scheduler
-from mta.ownership import Peers
+from mta.outbound.routes import Resolver
 from mta.policy.retry import RetrySchedule
-from mta.queue.commit import GroupCommitter
-from mta.queue.ids import IdGenerator
-from mta.queue.records import Message, jobs_for
-from mta.queue.store import Spool
+from mta.signing.signer import DkimKey, Signer, SigningError, load_key
+from mta.spool.commit import GroupCommitter
+from mta.spool.gauges import SpoolCollector
+from mta.spool.ids import IdGenerator
+from mta.spool.records import Message, jobs_for
+from mta.spool.scheduled_queue import Scheduler
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta")
 
@@ -52,7 +54,7 @@ class StartupError(Exception):
 
 @dataclass
 class WorkerRole:
-    """What makes a Daemon one worker among several (see mta.workers)."""
+    """What makes a Daemon one worker among several (see mta.node.workers)."""
 
     peers: Peers
     ready_fd: int  # written to once the listeners are open
@@ -87,8 +89,8 @@ def check(config: Config) -> int:
     return len(keys)
 
 
-def load_keys(config: Config) -> list[signing.DkimKey]:
-    return [signing.load_key(k.domain, k.selector, k.private_key) for k in config.dkim]
+def load_keys(config: Config) -> list[DkimKey]:
+    return [load_key(k.domain, k.selector, k.private_key) for k in config.dkim]
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
@@ -130,7 +132,7 @@ class Daemon:
         if self.webhook is not None:
             self.events.wake = self.webhook.wake
         self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-        signer, new_id = signing.Signer(keys), IdGenerator()
+        signer, new_id = Signer(keys), IdGenerator()
         self.egress = Egress(config, self.spool)
         self.scheduler = Scheduler(
             self.spool,
@@ -266,7 +268,7 @@ class Daemon:
             users = read_users(new.server.users_file) if new.server.users_file else None
             routes = resolver(new)
             schedule = retry_schedule(new)
-        except (ConfigError, signing.SigningError, UsersFileError) as error:
+        except (ConfigError, SigningError, UsersFileError) as error:
             log.error("reload failed, the running configuration stays: %s", error)
             return
         old = self.config
@@ -284,7 +286,7 @@ class Daemon:
         ):
             if before != after:
                 log.warning("reload: %s changed; it takes effect at the next restart", what)
-        signer = signing.Signer(keys)
+        signer = Signer(keys)
         self.config = new
         self.tls = tls
         if self.authenticator is not None and users is not None:
@@ -374,11 +376,11 @@ def retry_schedule(config: Config) -> RetrySchedule:
 def serve_metrics(
     config: Config,
     spool: Spool,
-    not_ready: metrics.Readiness,
-    registry: metrics.CollectorRegistry = metrics.REGISTRY,
+    not_ready: http.Readiness,
+    registry: http.CollectorRegistry = http.REGISTRY,
 ) -> None:
     try:
-        metrics.serve(config.metrics.listen, spool, not_ready, registry)
+        http.serve(config.metrics.listen, not_ready, [SpoolCollector(spool)], registry)
     except OSError as error:
         raise StartupError(
             f"cannot serve metrics on {config.metrics.listen}: {error.strerror}"

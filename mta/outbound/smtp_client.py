@@ -70,9 +70,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mta.outbound.resolver import MxHost, Route
+from mta.mail.reply import Reply
+from mta.outbound.routes import MxHost, Route
 from mta.outbound.wire import Garbled, Lost, Response, Wire, extensions
-from mta.policy.replies import Reply
 
 log = logging.getLogger("mta.outbound.client")
 

@@ -6,7 +6,7 @@ and delivery; workers put every core to work, as Postfix's many processes do.
 The supervisor (the process `mta serve` started):
 - checks the configuration (keys, certificate, routes, users file) and that
   every listening address is free, so a mistake is one clear error;
-- starts the workers (``python -m mta.workers``) and waits until each one
+- starts the workers (``python -m mta.node.workers``) and waits until each one
   listens; if one cannot start, it stops the others and exits 1;
 - serves /metrics (the workers' figures summed, prometheus_client's
   multiprocess mode, plus the spool's gauges), /healthz and /readyz;
@@ -14,11 +14,11 @@ The supervisor (the process `mta serve` started):
 - starts a worker again when it dies, after a pause that grows while it
   keeps dying (1 s, doubling up to 30 s).
 
-Each worker is a whole MTA (mta.daemon.Daemon) on the same spool: its own
+Each worker is a whole MTA (mta.node.daemon.Daemon) on the same spool: its own
 SMTP listeners on the same addresses with SO_REUSEPORT (the kernel spreads
 connections over them), its own LMDB environment and group commit (LMDB
 serialises the workers' commits), and deliveries for the domains it owns
-(mta.ownership). Workers die with the supervisor (PR_SET_PDEATHSIG): a
+(mta.node.ownership). Workers die with the supervisor (PR_SET_PDEATHSIG): a
 SIGKILL of `mta serve` stops everything at once, as a crash of one process
 would, and the spool's leases make that safe (DESIGN invariant 3).
 """
@@ -43,10 +43,13 @@ from pathlib import Path
 import uvloop
 from prometheus_client import multiprocess
 
-from mta import config, daemon, logs, metrics, signing
+from mta import config
 from mta.inbound.auth import UsersFileError
-from mta.ownership import Peers
-from mta.queue.store import Spool
+from mta.node import daemon
+from mta.node.ownership import Peers
+from mta.observe import http, logs
+from mta.signing.signer import SigningError
+from mta.spool.store import Spool
 
 log = logging.getLogger("mta")
 
@@ -101,7 +104,7 @@ class Supervisor:
                 self.settings,
                 self.spool,
                 self.not_ready,
-                registry=metrics.worker_registry(str(self.metrics_dir)),
+                registry=http.worker_registry(str(self.metrics_dir)),
             )
             if not await self._start_all():
                 return 1
@@ -164,7 +167,7 @@ class Supervisor:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mta.workers",
+                "mta.node.workers",
                 "--config",
                 self.path,
                 "--index",
@@ -276,7 +279,7 @@ def _die_with(parent: int) -> None:
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mta.workers")
+    parser = argparse.ArgumentParser(prog="python -m mta.node.workers")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
@@ -297,7 +300,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     except (
         daemon.StartupError,
         config.ConfigError,
-        signing.SigningError,
+        SigningError,
         UsersFileError,
     ) as error:
         log.error("worker %d: %s", args.index, error)

@@ -20,7 +20,7 @@ Named databases inside the environment:
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
 else writes those. Writes take a transaction from the caller, so one commit
-can carry many messages (group commit, mta.queue.commit) and the admin tool
+can carry many messages (group commit, mta.spool.commit) and the admin tool
 can change several jobs at once. ``write`` returns only once its commit is on
 disk, which is what makes "250" mean durable. LMDB allows one writer at a
 time across processes, so the daemon and ``mta queue`` can both write;
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import lmdb
 
-from mta.queue.records import (
+from mta.spool.records import (
     Job,
     JobState,
     Message,

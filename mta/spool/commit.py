@@ -47,9 +47,9 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from mta import metrics
-from mta.queue.records import Message
-from mta.queue.store import Spool, SpoolFull
+from mta.observe import metrics
+from mta.spool.records import Message
+from mta.spool.store import Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 
