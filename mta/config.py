@@ -28,6 +28,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mta.mail.address import parse_ip
+from mta.mail.domain import lowercase_name
 from mta.policy.rate import parse_rate
 from mta.policy.rules import compile_rule
 from mta.policy.warmup import WarmupPlan
@@ -95,7 +97,7 @@ def non_empty(text: str) -> str:
 
 
 def lowercase_domain(text: str) -> str:
-    name = text.strip().rstrip(".").lower()
+    name = lowercase_name(text)
     if not name or " " in name or "@" in name:
         raise ValueError(f'"{text}" is not a domain name')
     return name
@@ -159,8 +161,7 @@ class ServerConfig:
     tls_cert: str | None = setting(str, None, parse=non_empty)
     tls_key: str | None = setting(str, None, parse=non_empty)
     users_file: str | None = setting(str, None, parse=non_empty)
-    # One per core (measured on 2 cores, 4 KB to one domain, median of 3 runs:
-    # 1 worker 816 delivered/s, 2 workers 953, 3 workers 904, 4 workers 861).
+    # One per core: more workers than cores did not help (docs/benchmarks.md).
     workers: int = setting(int, os.cpu_count() or 1, parse=positive)
 
     def __post_init__(self) -> None:
@@ -222,11 +223,11 @@ def parse_date(text: str) -> datetime.date:
         raise ValueError(f'expected a date such as "2026-11-25", got "{text}"') from None
 
 
-def parse_ip(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ValueError(f'"{text}" is not an IP address') from None
+def ip_address(text: str) -> str:
+    ip = parse_ip(text)
+    if ip is None:
+        raise ValueError(f'"{text}" is not an IP address')
+    return ip
 
 
 def label_name(text: str) -> str:
@@ -258,7 +259,7 @@ class WarmupConfig:
 @dataclass(frozen=True)
 class SourceConfig:
     name: str = setting(str, parse=label_name)
-    address: str = setting(str, parse=parse_ip)
+    address: str = setting(str, parse=ip_address)
     ehlo: str | None = setting(str, None, parse=non_empty)
     warmup: WarmupConfig | None = setting(WarmupConfig, None)
 

@@ -137,9 +137,10 @@ from bench_accept import (  # noqa: E402  (tools/ is not a package)
     Postfix,
     _process_tree,
     free_port,
+    free_ports,
+    make_key,
     postfix_main_cf,
     py_spy,
-    run_mta,
     stop_process,
     tail,
     tree_cpu,
@@ -705,9 +706,7 @@ class Ours(Server):
 
     def start(self, sink_port: int) -> tuple[int, int]:
         self.root.mkdir()
-        port, metrics_port = free_port(), free_port()
-        while metrics_port == port:
-            metrics_port = free_port()
+        port, metrics_port = free_ports(2)
         config = self.root / "mta.toml"
         config.write_text(self.config(port, metrics_port, sink_port))
         with self.log.open("ab") as log:
@@ -899,15 +898,6 @@ class _suppress_bench_error:  # noqa: N801
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
         return kind is not None and issubclass(kind, (BenchError, OSError))
-
-
-def make_key(tmp: Path) -> Path:
-    keygen = run_mta(
-        "dkim", "keygen", "--domain", "example.test", "--selector", "s1", "--out", str(tmp)
-    )
-    if keygen.returncode != 0:
-        raise BenchError(f"mta dkim keygen failed: {keygen.stderr.strip()}")
-    return tmp / "example.test.s1.pem"
 
 
 def bench_load(

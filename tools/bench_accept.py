@@ -62,6 +62,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+# The test harness's MTA helpers; tools run from the repository root or with it on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness.mta import dkim_keygen, free_port, free_ports  # noqa: E402
+from tests.harness.poll import eventually  # noqa: E402
+
 BIN = Path(sys.executable).parent
 MTA = str(BIN / "mta") if (BIN / "mta").exists() else (shutil.which("mta") or "mta")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -98,17 +104,12 @@ class Result:
 # --- processes and ports ---
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def wait_for_banner(port: int, timeout: float, alive: Callable[[], bool]) -> None:
     """Until a 220 greeting comes from 127.0.0.1:port; BenchError on timeout or death."""
-    deadline = time.monotonic() + timeout
     last = "nothing"
-    while time.monotonic() < deadline:
+
+    def greeted() -> bool:
+        nonlocal last
         if not alive():
             raise BenchError("the server exited during startup")
         try:
@@ -119,12 +120,18 @@ def wait_for_banner(port: int, timeout: float, alive: Callable[[], bool]) -> Non
                     sock.sendall(b"QUIT\r\n")
                     with suppress(OSError):
                         sock.recv(512)
-                    return
+                    return True
                 last = repr(greeting[:80])
         except OSError as error:
             last = str(error)
-        time.sleep(0.1)
-    raise BenchError(f"no 220 greeting on 127.0.0.1:{port} within {timeout:g}s ({last})")
+        return False
+
+    try:
+        eventually(greeted, timeout, "", interval=0.1)
+    except AssertionError:
+        raise BenchError(
+            f"no 220 greeting on 127.0.0.1:{port} within {timeout:g}s ({last})"
+        ) from None
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -311,6 +318,15 @@ def measure(
 # --- our MTA ---
 
 
+def make_key(directory: Path) -> Path:
+    """A fresh DKIM key for example.test (selector s1) in ``directory``, by `mta dkim keygen`."""
+    try:
+        dkim_keygen(directory)
+    except RuntimeError as error:
+        raise BenchError(str(error)) from None
+    return directory / "example.test.s1.pem"
+
+
 def run_mta(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MTA, *args], capture_output=True, text=True, timeout=timeout)
 
@@ -393,21 +409,8 @@ def bench_ours(args: argparse.Namespace, tmp: Path) -> Result:
     result = Result("ours (mta)", args.messages, args.sessions, args.size, args.per_connection)
     root = tmp / "mta"
     root.mkdir()
-    keygen = run_mta(
-        "dkim",
-        "keygen",
-        "--domain",
-        "example.test",
-        "--selector",
-        "s1",
-        "--out",
-        str(root / "dkim"),
-    )
-    if keygen.returncode != 0:
-        raise BenchError(f"mta dkim keygen failed: {keygen.stderr.strip()}")
-    port, metrics_port = free_port(), free_port()
-    while metrics_port == port:
-        metrics_port = free_port()
+    make_key(root / "dkim")
+    port, metrics_port = free_ports(2)
     config = root / "mta.toml"
     config.write_text(mta_config(root, port, metrics_port, args))
     log_path = root / "mta.log"

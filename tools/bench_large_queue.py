@@ -37,15 +37,9 @@ sys.path.insert(0, str(ROOT))
 from mta.spool.ids import IdGenerator  # noqa: E402
 from mta.spool.records import Job, Message  # noqa: E402
 from mta.spool.store import Spool  # noqa: E402
+from tests.harness.mta import MTA, dkim_keygen, free_port, free_ports  # noqa: E402
 
-MTA = str(Path(sys.executable).parent / "mta")
 BODY = (b"From: app@example.test\r\nSubject: backlog\r\n\r\n" + b"x" * 76 + b"\r\n") * 50
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def fill(spool_path: Path, count: int) -> float:
@@ -146,19 +140,8 @@ async def send(port: int, subject: str) -> float:
 
 
 async def measure(root: Path, count: int) -> None:
-    smtp_port, metrics_port, sink_port = free_port(), free_port(), free_port()
-    keygen = [
-        MTA,
-        "dkim",
-        "keygen",
-        "--domain",
-        "example.test",
-        "--selector",
-        "s1",
-        "--out",
-        str(root / "dkim"),
-    ]
-    subprocess.run(keygen, check=True, capture_output=True)
+    smtp_port, metrics_port, sink_port = free_ports(3)
+    dkim_keygen(root / "dkim")
     config = root / "mta.toml"
     config.write_text(
         f'[server]\nhostname = "bench.test"\nlisten = ["127.0.0.1:{smtp_port}"]\n'

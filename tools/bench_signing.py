@@ -40,8 +40,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 # Allow running from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from mta.signing import signer as signing  # noqa: E402
-from mta.signing.signer import DkimKey, Signer, write_key  # noqa: E402
+from mta.signing import rules as signing  # noqa: E402
+from mta.signing.keys import DkimKey, write_key  # noqa: E402
+from mta.signing.signer import Signer  # noqa: E402
 
 HEADERS = (
     b"Received: from app1.internal (app1.internal [10.0.0.5])\r\n"

@@ -7,15 +7,18 @@ second, so `suspend` and `resume` take effect on a running daemon at once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from mta.cli.queue import AdminError, iso
-from mta.config import Config
+from mta.cli.common import CommandError, Commands, config_option, open_spool
+from mta.config import Config, load
+from mta.observe.timefmt import iso_time
 from mta.outbound.egress import (
     OTHER,
     limits_from_config,
@@ -31,11 +34,44 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def add_commands(commands: Commands) -> None:
+    with_config = config_option()
+    policy = commands.add_parser("policy", help="traffic policy").add_subparsers(
+        dest="policy_command", required=True, metavar="COMMAND"
+    )
+    show_all = policy.add_parser(
+        "show", parents=[with_config], help="limits, warmup state, suspensions in force"
+    )
+    show_all.add_argument("--json", action="store_true", help="machine-readable output")
+    show_all.set_defaults(run=run_show)
+    for action, text in (("suspend", "stop sending to a site"), ("resume", "lift a suspension")):
+        sub = policy.add_parser(action, parents=[with_config], help=text)
+        sub.add_argument("--site", required=True, help="a provider name or a domain")
+        sub.add_argument("--source", help="one source (default: every source)")
+        if action == "suspend":
+            sub.add_argument("--for", dest="duration", default="1h", help="default: %(default)s")
+        sub.set_defaults(run=run_change, action=action)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    return show(open_spool(args), settings, args.json, sys.stdout)
+
+
+def run_change(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    spool = open_spool(args)
+    if args.action == "resume":
+        return resume(spool, settings, args.site, args.source, sys.stdout)
+    seconds = parse_duration(args.duration)
+    return suspend(spool, settings, args.site, args.source, seconds, sys.stdout)
+
+
 def parse_duration(text: str) -> float:
     """ "90s", "30m", "2h", "1d" (or plain seconds) -> seconds."""
     match = _DURATION.match(text)
     if not match or float(match.group(1)) <= 0:
-        raise AdminError(f'--for: expected a duration such as "30m", "2h" or "1d", got "{text}"')
+        raise CommandError(f'--for: expected a duration such as "30m", "2h" or "1d", got "{text}"')
     return float(match.group(1)) * _SECONDS[match.group(2) or "s"]
 
 
@@ -44,7 +80,7 @@ def _sources(config: Config, source: str | None) -> list[str]:
     if source is None:
         return names
     if source not in names:
-        raise AdminError(f"no source named {source}; configured: {', '.join(names)}")
+        raise CommandError(f"no source named {source}; configured: {', '.join(names)}")
     return [source]
 
 
@@ -58,7 +94,7 @@ def suspend(
         for name in names:
             throttles.suspend((name, site.lower()), now + seconds, OPERATOR)
         save_throttles(spool, txn, throttles)
-    out.write(f"suspended {', '.join(names)} to {site} until {iso(now + seconds)}\n")
+    out.write(f"suspended {', '.join(names)} to {site} until {iso_time(now + seconds)}\n")
     return 0
 
 
@@ -81,9 +117,9 @@ def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:
     for (source, site), restriction in sorted(active.items()):
         row: dict[str, Any] = {"source": source, "site": site, "reason": restriction.reason}
         if restriction.suspended_until > now:
-            row["suspended_until"] = iso(restriction.suspended_until)
+            row["suspended_until"] = iso_time(restriction.suspended_until)
         if restriction.throttled_until > now:
-            row["throttled_until"] = iso(restriction.throttled_until)
+            row["throttled_until"] = iso_time(restriction.throttled_until)
             row["factor"] = restriction.factor
         rows.append(row)
     return rows

@@ -7,6 +7,7 @@ changes jobs does so in one transaction: it happens entirely or not at all.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -15,18 +16,61 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from mta.inbound.message import split_header
+from mta.cli import policy
+from mta.cli.common import CommandError, Commands, config_option, open_spool
+from mta.mail.header import split_header
+from mta.observe.timefmt import iso_time
 from mta.spool.ids import is_queue_id
 from mta.spool.records import Job, JobState, Message
 from mta.spool.store import Spool
 
+_CHANGE_HELP = {
+    "hold": "keep jobs from being delivered",
+    "release": "let held jobs be delivered",
+    "delete": "remove jobs (and messages left with none)",
+    "flush": "make waiting jobs due now",
+}
 
-class AdminError(Exception):
-    """Bad input to an admin command; str() is one sentence for stderr."""
+
+def add_commands(commands: Commands) -> None:
+    with_config = config_option()
+    output = argparse.ArgumentParser(add_help=False, parents=[with_config])
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    queue = commands.add_parser("queue", help="inspect and steer the spool").add_subparsers(
+        dest="queue_command", required=True, metavar="COMMAND"
+    )
+    listing = queue.add_parser("list", parents=[output], help="list jobs")
+    listing.add_argument("--domain")
+    listing.add_argument("--state", choices=[state.value for state in JobState])
+    listing.set_defaults(run=run_list)
+    show_one = queue.add_parser("show", parents=[output], help="envelope, jobs and headers")
+    show_one.add_argument("id")
+    show_one.add_argument("--raw", action="store_true", help="print the message as stored")
+    show_one.set_defaults(run=run_show)
+    totals = queue.add_parser("stats", parents=[output], help="totals and counts by domain")
+    totals.set_defaults(run=run_stats)
+    for action, text in _CHANGE_HELP.items():
+        sub = queue.add_parser(action, parents=[with_config], help=text)
+        sub.add_argument("ids", nargs="*", metavar="ID")
+        sub.add_argument("--domain")
+        sub.set_defaults(run=run_change, action=action)
 
 
-def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+def run_list(args: argparse.Namespace) -> int:
+    return list_jobs(open_spool(args), args.domain, args.state, args.json, sys.stdout)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    return show(open_spool(args), args.id, args.raw, args.json, sys.stdout)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    spool = open_spool(args)
+    return stats(spool, policy.restrictions(spool, time.time()), args.json, sys.stdout)
+
+
+def run_change(args: argparse.Namespace) -> int:
+    return change(open_spool(args), args.action, args.ids, args.domain, sys.stdout)
 
 
 def _short_time(seconds: float) -> str:
@@ -42,10 +86,10 @@ def job_row(message: Message, job: Job) -> dict[str, Any]:
         "domain": job.domain,
         "state": job.state.value,
         "attempts": job.attempts,
-        "next_attempt": iso(job.next_attempt),
+        "next_attempt": iso_time(job.next_attempt),
         "last_reply": job.last_reply,
         "size": message.size,
-        "arrived": iso(message.arrived),
+        "arrived": iso_time(message.arrived),
         "message_id": message.message_id,
     }
 
@@ -100,7 +144,7 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
         body = spool.body(txn, queue_id)
         jobs = spool.jobs_of(txn, queue_id)
     if message is None or body is None:
-        raise AdminError(f"no message {queue_id} in the spool")
+        raise CommandError(f"no message {queue_id} in the spool")
     if raw:
         sys.stdout.buffer.write(body)
         return 0
@@ -108,9 +152,9 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
     headers = [line.decode("utf-8", "replace").rstrip("\r\n") for line in lines]
     if as_json:
         document = asdict(message) | {
-            "arrived": iso(message.arrived),
+            "arrived": iso_time(message.arrived),
             "jobs": [
-                asdict(job) | {"state": job.state.value, "next_attempt": iso(job.next_attempt)}
+                asdict(job) | {"state": job.state.value, "next_attempt": iso_time(job.next_attempt)}
                 for job in jobs
             ],
             "headers": headers,
@@ -206,7 +250,7 @@ def change(spool: Spool, action: str, ids: Iterable[str], domain: str | None, ou
     """Apply ``action`` to the jobs of the given messages, or of a domain."""
     ids = list(ids)
     if bool(ids) == bool(domain):
-        raise AdminError(f"queue {action}: give queue IDs or --domain, not both or neither")
+        raise CommandError(f"queue {action}: give queue IDs or --domain, not both or neither")
     _check_ids(ids)
     transform, done = CHANGES[action]
     missing = []
@@ -232,13 +276,13 @@ def change(spool: Spool, action: str, ids: Iterable[str], domain: str | None, ou
             changed += 1
     out.write(f"{done} {changed} job(s)\n")
     if missing:
-        raise AdminError(f"not in the spool: {', '.join(missing)}")
+        raise CommandError(f"not in the spool: {', '.join(missing)}")
     return 0
 
 
 def _check_ids(ids: Iterable[str]) -> None:
     bad = [queue_id for queue_id in ids if not is_queue_id(queue_id)]
     if bad:
-        raise AdminError(
+        raise CommandError(
             f"not a queue ID: {', '.join(bad)} (16 characters such as 0V8J2K9M4C1A7Q3E)"
         )

@@ -2,7 +2,7 @@
 
 This MTA delivers nothing locally: every recipient is relayed. So relaying is
 allowed only to clients in ``relay_networks`` and to authenticated clients
-(DESIGN invariant 5); anyone else gets 554 5.7.1 at RCPT.
+(docs/architecture.md, invariant 5); anyone else gets 554 5.7.1 at RCPT.
 
 Which envelope addresses we take is mta.mail.address's business.
 """

@@ -21,8 +21,9 @@ from typing import Any
 from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
-from mta.config import EgressConfig, EventsConfig, ServerConfig, SuppressionConfig
-from mta.events.event_log import EventLog, received_events
+from mta.config import Config, EgressConfig, EventsConfig, ServerConfig, SuppressionConfig
+from mta.events.event import received_events
+from mta.events.log import EventLog
 from mta.inbound import reply_texts
 from mta.inbound.access import may_relay
 from mta.inbound.message import Rejected, prepare, received_field
@@ -44,8 +45,8 @@ _EXTRA_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
 # Messages up to this size are signed on the event loop, larger ones in the
 # thread pool. Signing 4-256 KB takes 0.5-1.2 ms (mostly RSA, GIL released),
 # and handing it to a thread costs more than that under load: two wake-ups,
-# and the signing thread waiting for the GIL to come back to it (measured
-# with tools/bench.py: about 5% more accepted/s at 4 KB and 100 KB). Above
+# and the signing thread waiting for the GIL to come back to it (see
+# docs/benchmarks.md). Above
 # it, signing is Python work long enough (25 MB: about 110 ms) that the
 # loop's other sessions should not wait for it.
 INLINE_SIGN_MAX = 256 * 1024
@@ -77,6 +78,11 @@ class Handler:
         self.events = events or EventLog(EventsConfig())
         # Per transaction: suppressed recipients accepted at RCPT, to leave out at DATA.
         self._dropped: weakref.WeakKeyDictionary[Envelope, set[str]] = weakref.WeakKeyDictionary()
+
+    def reload(self, config: Config, signer: Signer) -> None:
+        """Take a reloaded configuration and the signer built from its keys."""
+        self.config, self.egress, self.signer = config.server, config.egress, signer
+        self.suppression = config.suppression
 
     async def handle_EHLO(
         self,

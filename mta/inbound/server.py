@@ -29,10 +29,9 @@ listener needs around it:
   pipelining client), and within a multi-line reply, replies wait and then go
   out together in one write (``push``): one send instead of one per line.
 
-It overrides private aiosmtpd hooks (``_timeout_cb``, ``_cb_client_connected``
-to give the stream reader our line check, ``smtp_DATA``, and the EHLO and
-AUTH replies passing through ``push``) and reads DATA from the private buffer
-of asyncio's StreamReader; aiosmtpd is pinned to 1.4.x for that reason.
+Everything that reaches into aiosmtpd's or asyncio's private names, and the
+parts of aiosmtpd's ``smtp_DATA`` kept around our chunked reading, are in
+``mta.inbound.aiosmtpd_compat``; this module uses their public interface only.
 """
 
 from __future__ import annotations
@@ -41,14 +40,13 @@ import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import syntax
 
+from mta.config import Config
 from mta.inbound import reply_texts
+from mta.inbound.aiosmtpd_compat import ChunkedStreamReader, SMTPProtocol
 from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures
 from mta.observe import metrics
 
@@ -66,6 +64,11 @@ class Sessions:
         self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
         self.open: set[Session] = set()
         self._per_ip: Counter[str] = Counter()
+
+    def reload(self, config: Config) -> None:
+        """Take new connection limits; they apply to the next connection."""
+        self.max_total = config.server.max_connections
+        self.max_per_ip = config.server.max_connections_per_ip
 
     def admit(self, session: Session, ip: str) -> str | None:
         """Register a new session, or return the 421 reply that refuses it."""
@@ -232,44 +235,8 @@ class DataParser:
         self._parts = []  # free the memory at once
 
 
-# RFC 5322 atext; the usual MAIL/RCPT argument: <dot-atom@dot-atom>, then the
-# parameters after one space or none.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
-_PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})> ?((?![ \t(]).*)", re.DOTALL)
-
-
-def parse_address(arg: str) -> tuple[str | None, str | None]:
-    """The address and the rest of a MAIL or RCPT argument, as aiosmtpd's
-    ``_getaddr`` gives them: ("", "") for none, (None, None) if malformed.
-
-    The usual form is matched with one regular expression; anything else goes
-    to the email package's parser, as in aiosmtpd (which also defined a
-    typing.Protocol class on every call), at about 100 times the cost. A
-    property test checks that both give the same for any argument.
-    """
-    plain = _PLAIN_ADDRESS.fullmatch(arg)
-    if plain is not None:
-        return plain[1], plain[2]
-    return _parse_address(arg)
-
-
-def _parse_address(arg: str) -> tuple[str | None, str | None]:
-    if not arg:
-        return "", ""
-    try:
-        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-        address, rest = parse(arg)
-        return address.addr_spec, rest
-    except (HeaderParseError, IndexError, AttributeError):
-        # The parser fails on cut-off input ("<", "<a@", "<a@[") with these
-        # too; aiosmtpd let them through, to a 451 and a logged traceback.
-        return None, None
-
-
-class _LineReader(asyncio.StreamReader):
-    """aiosmtpd's stream reader, checking the line endings and bytes of commands,
-    and reading DATA for ``Session.smtp_DATA`` (``read_data``).
+class _LineReader(ChunkedStreamReader):
+    """aiosmtpd's stream reader, checking the line endings and bytes of commands.
 
     aiosmtpd reads commands (and AUTH answers) with ``readuntil()``, whose
     separator is LF (its own DATA reader used ``readuntil(b"\\r\\n")``). A command
@@ -283,40 +250,6 @@ class _LineReader(asyncio.StreamReader):
 
     problem: str | None = None
     _after_cr = False
-    # asyncio.StreamReader's private state, which read_data works on (typeshed omits it).
-    _buffer: bytearray
-    _eof: bool
-    _exception: BaseException | None
-    _limit: int
-    _wait_for_data: Callable[[str], Awaitable[None]]
-    _maybe_resume_transport: Callable[[], None]
-
-    async def read_data(self, parser: DataParser) -> None:
-        """Feed ``parser`` until it has the end of the data; what follows stays buffered.
-
-        The whole buffer goes to the parser each time, so a message that came
-        in one segment is one call, not one per line. While DATA streams in,
-        the transport is paused only past ``DATA_BUFFER`` octets rather than
-        past twice the line limit.
-        """
-        limit, self._limit = self._limit, max(self._limit, DATA_BUFFER // 2)
-        try:
-            buffer = self._buffer
-            while True:
-                if self._exception is not None:
-                    raise self._exception
-                if buffer:
-                    taken = parser.feed(buffer)
-                    if taken:
-                        del buffer[:taken]
-                    if parser.done:
-                        return
-                if self._eof:
-                    raise asyncio.IncompleteReadError(bytes(buffer), None)
-                await self._wait_for_data("read_data")  # resumes a paused transport
-        finally:
-            self._limit = limit
-            self._maybe_resume_transport()
 
     async def read(self, n: int = -1) -> bytes:
         data = await super().read(n)
@@ -337,14 +270,12 @@ class _LineReader(asyncio.StreamReader):
         return b"\r\n"
 
 
-class Session(SMTP):
+class Session(SMTPProtocol):
     """One SMTP connection."""
 
     # RFC 5321 4.5.3.1.6: 1000 octets with the CRLF (aiosmtpd allows 1001).
     line_length_limit = 1000
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        return parse_address(arg)
+    reader_class = _LineReader  # so the reader checks command lines
 
     def __init__(self, handler: Any, sessions: Sessions, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -371,12 +302,6 @@ class Session(SMTP):
                 return
             self._admitted = True
         super().connection_made(transport)
-
-    def _cb_client_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        reader.__class__ = _LineReader  # same object and state, plus the bare LF check
-        super()._cb_client_connected(reader, writer)
 
     def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
         reply = reply_texts.enhance(template.replace("{host}", self.hostname))
@@ -408,8 +333,8 @@ class Session(SMTP):
             self._flush()
             self.transport.close()
 
-    def _timeout_cb(self) -> None:
-        log.info("timeout after %.0fs idle from [%s]", self._timeout_duration, self.ip)
+    def idle_timeout_expired(self) -> None:
+        log.info("timeout after %.0fs idle from [%s]", self.idle_timeout, self.ip)
         self.close_with(reply_texts.TIMEOUT)
 
     @syntax("EHLO hostname")  # as aiosmtpd's, so HELP still lists it
@@ -420,48 +345,19 @@ class Session(SMTP):
         finally:
             self._in_ehlo = False
 
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd 1.4's smtp_DATA, with the data read in chunks (``DataParser``)."""
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+    async def receive_data(self) -> tuple[str | None, bytes]:
+        """The data after DATA's 354, read in chunks (``DataParser``); aiosmtpd's
+        ``smtp_DATA`` does the rest (``SMTPProtocol.smtp_DATA``)."""
         parser = DataParser(self.data_size_limit, self.line_length_limit)
         try:
-            await cast(_LineReader, self._reader).read_data(parser)
+            await self.reader.read_data(parser, DATA_BUFFER)
         except asyncio.CancelledError:
             log.debug("connection lost during DATA from [%s]", self.ip)
-            self._writer.close()
+            self.writer.close()
             raise
         if parser.refusal is not None:
-            await self.push(parser.refusal)
-            self._set_post_data_state()
-            return
-        original_content = parser.content()
-        content: str | bytes = original_content
-        if self._decode_data:
-            if self.enable_SMTPUTF8:
-                content = original_content.decode("utf-8", errors="surrogateescape")
-            else:
-                try:
-                    content = original_content.decode("ascii", errors="strict")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: strict ASCII mode")
-                    return
-        self.envelope.content = content
-        self.envelope.original_content = original_content
-        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+            return parser.refusal, b""
+        return None, parser.content()
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -477,7 +373,7 @@ class Session(SMTP):
 
     async def push(self, status: Any) -> None:
         close = False
-        reader = getattr(self, "_reader", None)
+        reader = getattr(self, "reader", None)  # none before the client connects
         if isinstance(reader, _LineReader) and reader.problem is not None:
             # The reply to the bad line. After a bare LF nothing more is read;
             # nor after a bad AUTH answer, where aiosmtpd would ask for more.
@@ -502,7 +398,7 @@ class Session(SMTP):
         if not close and self._may_hold(status):
             return
         self._flush()
-        await self._writer.drain()
+        await self.writer.drain()
         if close:
             self._close()
 
@@ -521,7 +417,7 @@ class Session(SMTP):
             return True
         if reply[:3] in _NEVER_HELD:
             return False
-        return b"\n" in cast(_LineReader, self._reader)._buffer
+        return self.reader.has_line()
 
     def _flush(self) -> None:
         """Write the held replies in one write, or drop them if the connection is closing."""

@@ -3,7 +3,8 @@
 Envelope addresses must be plain ``local@domain``: no source routes
 (``@a,@b:user@c``), no ``%`` or ``!`` routing, no control characters, a domain
 that is a host name or an address literal. Quoted local parts are kept as
-aiosmtpd parsed them.
+aiosmtpd parsed them. ``parse_ip`` reads the IP address in an address literal
+(or a bare one) wherever we are given one: routes, configuration.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-_DOMAIN = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
-)
+from mta.mail.domain import is_domain_name
+
 _ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
 _FORBIDDEN_IN_LOCAL = re.compile(r"[\x00-\x20\x7f%!]")
 # RFC 5322 specials: only allowed inside a quoted local part.
@@ -34,7 +33,7 @@ def address_is_valid(address: str) -> bool:
         return False
     if _FORBIDDEN_IN_LOCAL.search(local.strip('"') if quoted else local):
         return False
-    return bool(_DOMAIN.match(domain)) or _is_address_literal(domain)
+    return is_domain_name(domain) or _is_address_literal(domain)
 
 
 def _is_address_literal(domain: str) -> bool:
@@ -48,3 +47,15 @@ def _is_address_literal(domain: str) -> bool:
     except ValueError:
         return False
     return text.startswith("IPv6:") == (address.version == 6)
+
+
+def parse_ip(text: str) -> str | None:
+    """The IP address in "10.0.0.1", "[10.0.0.1]", "::1", "[IPv6:::1]"; else None."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        if text[:5].lower() == "ipv6:":
+            text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None

@@ -8,13 +8,15 @@ consistent one and derived from the reply code otherwise.
 
 Remote text is untrusted: it ends up in log lines and in DSNs, so a Reply's
 text is always a single line without control characters, however it was
-built. Nothing here raises on what a server sends.
+built. The one exception is explicit: ``lines``, the raw text of each line as
+mta.outbound.wire read it, kept for reading the keywords of an EHLO reply and
+used for nothing else. Nothing here raises on what a server sends.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # C0 and C1 controls (tab is turned into a space first) and the Unicode line
@@ -28,6 +30,8 @@ _GARBLED_SNIPPET = 200  # characters of a garbled reply kept for the logs and th
 
 def _one_line(text: str) -> str:
     """Lines joined by single spaces, controls replaced by '?', no outer whitespace."""
+    if text.isprintable():
+        return text.strip()  # no line break and nothing unsafe: the common case, cheaply
     pieces = (_UNSAFE.sub("?", line.replace("\t", " ")).strip() for line in _LINE_BREAK.split(text))
     return " ".join(piece for piece in pieces if piece)
 
@@ -36,14 +40,17 @@ def _one_line(text: str) -> str:
 class Reply:
     """An SMTP reply: its 3-digit code and the text after it.
 
-    The text may be given as the client reads it (mta.outbound.wire's
-    Response.text joins the lines of a multi-line reply with "\\n"):
-    it is stored as one line, lines joined by single spaces, control
-    characters replaced by '?', outer whitespace removed.
+    The text may be given as several lines (mta.outbound.wire joins those of
+    a multi-line reply with "\\n"): it is stored as one line, lines joined
+    by single spaces, control characters replaced by '?', outer whitespace
+    removed.
     """
 
     code: int  # 100..999, e.g. 550
     text: str = ""  # e.g. "5.1.1 <x@example.net>: user unknown"
+    # As received, untrusted and not normalised: for EHLO's keywords only,
+    # never for logs or DSNs. Not part of the reply's value (equality, repr).
+    lines: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.code, bool) or not isinstance(self.code, int):

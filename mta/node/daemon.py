@@ -27,7 +27,8 @@ from typing import Any
 import uvloop
 
 from mta.config import Config, ConfigError, ServerConfig, load
-from mta.events.event_log import EventLog, Webhook
+from mta.events.log import EventLog
+from mta.events.webhook import Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
@@ -37,7 +38,8 @@ from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import Resolver
 from mta.policy.retry import RetrySchedule
-from mta.signing.signer import DkimKey, Signer, SigningError, load_key
+from mta.signing.keys import DkimKey, SigningError, load_key
+from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
 from mta.spool.gauges import SpoolCollector
 from mta.spool.ids import IdGenerator
@@ -81,12 +83,28 @@ def check(config: Config) -> int:
     """Everything `mta serve` loads besides the spool, so that a bad key, certificate,
     route or users file is one clear error before anything starts; the number of
     DKIM keys."""
-    keys = load_keys(config)
-    tls_context(config.server)
-    resolver(config)
-    if config.server.users_file:
-        read_users(config.server.users_file)
-    return len(keys)
+    return len(Resources.load(config).keys)
+
+
+@dataclass
+class Resources:
+    """What a configuration names beyond its own text, loaded and checked: built
+    in one place so that starting, `check-config` and a reload fail alike."""
+
+    keys: list[DkimKey]
+    tls: ssl.SSLContext | None
+    resolver: Resolver
+    users: dict[str, str] | None  # None: AUTH is off
+
+    @classmethod
+    def load(cls, config: Config) -> Resources:
+        users_file = config.server.users_file
+        return cls(
+            keys=load_keys(config),
+            tls=tls_context(config.server),
+            resolver=resolver(config),
+            users=read_users(users_file) if users_file else None,
+        )
 
 
 def load_keys(config: Config) -> list[DkimKey]:
@@ -114,13 +132,9 @@ class Daemon:
     def __init__(self, config: Config, path: str, role: WorkerRole | None = None) -> None:
         self.config, self.path, self.role = config, path, role
         self.peers = role.peers if role is not None else None
-        keys = load_keys(config)
-        self.tls = tls_context(config.server)
-        self.authenticator = (
-            Authenticator(read_users(config.server.users_file))
-            if config.server.users_file
-            else None
-        )
+        resources = Resources.load(config)
+        self.tls = resources.tls
+        self.authenticator = Authenticator(resources.users) if resources.users is not None else None
         self.spool = Spool(config.spool.path, config.spool.max_size, config.spool.min_free_disk)
         self.committer = GroupCommitter(self.spool)
         self.events = event_log(config, self.spool)
@@ -132,7 +146,7 @@ class Daemon:
         if self.webhook is not None:
             self.events.wake = self.webhook.wake
         self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-        signer, new_id = Signer(keys), IdGenerator()
+        signer, new_id = Signer(resources.keys), IdGenerator()
         self.egress = Egress(config, self.spool)
         self.scheduler = Scheduler(
             self.spool,
@@ -144,7 +158,7 @@ class Daemon:
         self.attempter = Attempter(
             spool=self.spool,
             committer=self.committer,
-            resolver=resolver(config),
+            resolver=resources.resolver,
             egress=self.egress,
             signer=signer,
             sign_pool=self.sign_pool,
@@ -171,7 +185,7 @@ class Daemon:
             config.server.max_connections, config.server.max_connections_per_ip
         )
         self.stopping = asyncio.Event()
-        self.key_count = len(keys)
+        self.key_count = len(resources.keys)
 
     def queued(self, message: Message) -> None:
         """A message was committed: its jobs go to our scheduler or their owners."""
@@ -257,20 +271,31 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: read the config file again and apply it without dropping a session.
 
-        Everything is built first; a config, key or users-file error leaves the
-        running configuration untouched. Listening addresses, the spool and the
-        metrics listener need a restart.
+        Everything is built first, so a config, key, route or users-file error
+        leaves the running configuration untouched; then each part takes its own
+        settings from the new configuration.
         """
         try:
             new = load(self.path)
-            keys = load_keys(new)
-            tls = tls_context(new.server)
-            users = read_users(new.server.users_file) if new.server.users_file else None
-            routes = resolver(new)
+            resources = Resources.load(new)
             schedule = retry_schedule(new)
         except (ConfigError, SigningError, UsersFileError) as error:
             log.error("reload failed, the running configuration stays: %s", error)
             return
+        self._warn_restart_only(new, resources)
+        signer = Signer(resources.keys)
+        self.config, self.tls, self.key_count = new, resources.tls, len(resources.keys)
+        if self.authenticator is not None and resources.users is not None:
+            self.authenticator.replace_users(resources.users)
+        self.sessions.reload(new)
+        self.handler.reload(new, signer)
+        self.attempter.reload(new, signer, resources.resolver, schedule)
+        self.scheduler.reload(new)
+        await self.egress.reload(new)
+        log.info("reloaded %s: %d DKIM key(s)", self.path, self.key_count)
+
+    def _warn_restart_only(self, new: Config, resources: Resources) -> None:
+        """Log each change a reload cannot apply: these need a restart."""
         old = self.config
         for what, before, after in (
             ("[server] listen", old.server.listen, new.server.listen),
@@ -280,34 +305,12 @@ class Daemon:
             ("[server] workers", old.server.workers, new.server.workers),
             (
                 "AUTH on or off ([server] users_file)",
-                bool(self.authenticator),
-                bool(users is not None),
+                self.authenticator is not None,
+                resources.users is not None,
             ),
         ):
             if before != after:
                 log.warning("reload: %s changed; it takes effect at the next restart", what)
-        signer = Signer(keys)
-        self.config = new
-        self.tls = tls
-        if self.authenticator is not None and users is not None:
-            self.authenticator.replace_users(users)
-        self.handler.config, self.handler.egress, self.handler.signer = (
-            new.server,
-            new.egress,
-            signer,
-        )
-        self.handler.suppression = new.suppression
-        self.attempter.suppression = new.suppression
-        self.sessions.max_total = new.server.max_connections
-        self.sessions.max_per_ip = new.server.max_connections_per_ip
-        self.attempter.signer, self.attempter.resolver = signer, routes
-        self.attempter.schedule, self.attempter.hostname = schedule, new.server.hostname
-        self.scheduler.max_concurrent = new.delivery.max_concurrent
-        self.scheduler.max_per_domain = new.delivery.max_concurrent_per_domain
-        for retired in self.egress.configure(new):
-            await retired.close()
-        self.key_count = len(keys)
-        log.info("reloaded %s: %d DKIM key(s)", self.path, len(keys))
 
     def _warn_orphan_events(self) -> None:
         if self.webhook is not None:

@@ -2,10 +2,10 @@
 
 With ``[server] workers = N`` every worker accepts mail for any domain (the
 kernel spreads SMTP connections over them), but each destination domain is
-delivered by exactly one worker, its owner (DESIGN invariant 6): that
-worker alone holds the domain's concurrency slots, so per-domain limits are
-exact on the node. The owner is a hash of the domain, the same in every
-process and across restarts.
+delivered by exactly one worker, its owner: that worker alone holds the
+domain's concurrency slots, so per-domain limits are exact on the node
+(docs/architecture.md, invariant 6, says what is not exact yet). The owner
+is a hash of the domain, the same in every process and across restarts.
 
 A worker that commits a message whose jobs belong to other workers tells
 each owner at once: a datagram holding the job keys, over a Unix socket

@@ -20,7 +20,8 @@ connections over them), its own LMDB environment and group commit (LMDB
 serialises the workers' commits), and deliveries for the domains it owns
 (mta.node.ownership). Workers die with the supervisor (PR_SET_PDEATHSIG): a
 SIGKILL of `mta serve` stops everything at once, as a crash of one process
-would, and the spool's leases make that safe (DESIGN invariant 3).
+would, and the spool's leases make that safe (docs/architecture.md,
+invariant 3).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from mta.inbound.auth import UsersFileError
 from mta.node import daemon
 from mta.node.ownership import Peers
 from mta.observe import http, logs
-from mta.signing.signer import SigningError
+from mta.signing.keys import SigningError
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta")

@@ -14,19 +14,25 @@ import json
 import logging
 import re
 import sys
-import time
+
+from mta.observe.timefmt import iso_time
 
 _PAIR = re.compile(r"(?:^|\s)([a-z][a-z0-9_-]*)=(<[^>]*>|\S+)")
 _REPLY = re.compile(r"status=\S+ \((.*)\)$")
-_TIME = "%Y-%m-%dT%H:%M:%S"
+
+
+class TextFormatter(logging.Formatter):
+    """The Postfix-style line, stamped as every time we write is."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return iso_time(record.created)
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         fields: dict[str, object] = {
-            "time": time.strftime(_TIME, time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
@@ -47,12 +53,9 @@ def setup(level: str, style: str = "text") -> None:
     if style == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(name)s[%(process)d]: %(levelname)s: %(message)s",
-            datefmt=_TIME,
+        handler.setFormatter(
+            TextFormatter("%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s")
         )
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler])
     # aiosmtpd logs every command at INFO; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

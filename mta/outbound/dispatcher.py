@@ -13,8 +13,8 @@ The steps, each in the module that owns it:
    (mta.policy.disposition, pure);
 4. for bounces, build and sign the DSN (mta.outbound.dsn) before touching the
    spool, then record everything in ONE group commit: the job shrinks, waits
-   or goes, and the DSN is queued in the same transaction (DESIGN invariant 2);
-   The attempt's delivery events (mta.events.event_log) are stored in that same
+   or goes, and the DSN is queued in the same transaction (docs/architecture.md, invariant 2);
+   The attempt's delivery events (mta.events.event) are stored in that same
    commit when a webhook takes them, and published after it;
 5. one Postfix-style log line per recipient, and metrics.
 """
@@ -31,8 +31,9 @@ from dataclasses import dataclass, replace
 
 import lmdb
 
-from mta.config import EventsConfig, SuppressionConfig
-from mta.events.event_log import Event, EventLog, attempt_events
+from mta.config import Config, EventsConfig, SuppressionConfig
+from mta.events.event import Event, attempt_events
+from mta.events.log import EventLog
 from mta.mail.reply import Reply
 from mta.observe import metrics
 from mta.outbound.dsn import Failure, build_dsn
@@ -54,7 +55,7 @@ NO_RELAY = "none"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class AttemptResult:
     """What one attempt found out, before the decision."""
 
     relay: str
@@ -106,26 +107,34 @@ class Attempter:
         self.events = events or EventLog(EventsConfig())  # none configured: counted only
         self.suppression = suppression_config or SuppressionConfig()
 
+    def reload(
+        self, config: Config, signer: Signer, resolver: Resolver, schedule: RetrySchedule
+    ) -> None:
+        """Take a reloaded configuration and what was built from it; attempts under
+        way finish with what they started with."""
+        self.signer, self.resolver, self.schedule = signer, resolver, schedule
+        self.hostname, self.suppression = config.server.hostname, config.suppression
+
     async def __call__(self, key: bytes) -> None:
         loaded = self._load(key)
         if loaded is None:
             return
         job, message, body = loaded
-        outcome = await self._deliver(job, message, body)
+        result = await self._deliver(job, message, body)
         decision = decide(
-            job, outcome.replies, message.arrived, self.clock(), self.schedule, self.rng
+            job, result.replies, message.arrived, self.clock(), self.schedule, self.rng
         )
-        if outcome.wait_until is not None and decision.next_attempt is not None:
-            decision = replace(decision, next_attempt=outcome.wait_until)
-        bounce = await self._bounce(message, body, decision, outcome.relay)
-        events = self._events(job, message, outcome, decision)
+        if result.wait_until is not None and decision.next_attempt is not None:
+            decision = replace(decision, next_attempt=result.wait_until)
+        bounce = await self._bounce(message, body, decision, result.relay)
+        events = self._events(job, message, result, decision)
         try:
             still_there = await self.committer.run(
-                lambda txn: self._record(txn, key, decision, outcome, bounce, events)
+                lambda txn: self._record(txn, key, decision, result, bounce, events)
             )
         finally:
-            if outcome.lease is not None:
-                self.egress.settle(outcome.lease)
+            if result.lease is not None:
+                self.egress.settle(result.lease)
         if not still_there:
             log.info(
                 "id=%s domain=%s: deleted by an operator during delivery",
@@ -133,7 +142,7 @@ class Attempter:
                 job.domain,
             )
         self.events.publish(events)
-        self._report(job, message, outcome, decision, bounce)
+        self._report(job, message, result, decision, bounce)
         if bounce is not None:
             self.on_queued(bounce.message)
 
@@ -149,37 +158,39 @@ class Attempter:
             return None
         return job, message, body
 
-    async def _deliver(self, job: Job, message: Message, body: bytes) -> Outcome:
+    async def _deliver(self, job: Job, message: Message, body: bytes) -> AttemptResult:
         """Route, lease a path, talk SMTP: each recipient's reply."""
         try:
             route = await self.resolver.route(job.domain)
         except ResolveError as failure:
             reply = Reply(550 if failure.permanent else 451, f"{failure.status} {failure.text}")
-            return Outcome(NO_RELAY, dict.fromkeys(job.recipients, reply))
+            return AttemptResult(NO_RELAY, dict.fromkeys(job.recipients, reply))
         site = self.egress.site(job.domain, route)
         lease = await self.egress.lease(message.pool, site, job.domain)
         if isinstance(lease, Wait):
             reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
-            return Outcome(NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until)
+            return AttemptResult(
+                NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until
+            )
         replies: dict[str, Reply] = {}
         relay = NO_RELAY
         try:
             # A site may take only so many recipients per transaction.
             size = lease.limits.max_recipients or len(job.recipients)
             for start in range(0, len(job.recipients), size):
-                attempt = await lease.source.deliverer.deliver(
+                delivery = await lease.source.deliverer.deliver(
                     route,
                     message.sender,
                     job.recipients[start : start + size],
                     body,
                     lease.limits.max_messages_per_connection,
                 )
-                replies.update(attempt.replies)
-                relay = attempt.relay
+                replies.update(delivery.replies)
+                relay = delivery.relay
         finally:
             self.egress.release(lease)
         rules = tuple(self.egress.react(lease, replies))
-        return Outcome(relay, _blocks_defer(replies, rules), lease, rules)
+        return AttemptResult(relay, _blocks_defer(replies, rules), lease, rules)
 
     async def _bounce(
         self, message: Message, body: bytes, decision: Decision, relay: str
@@ -222,18 +233,18 @@ class Attempter:
         txn: lmdb.Transaction,
         key: bytes,
         decision: Decision,
-        outcome: Outcome,
+        result: AttemptResult,
         bounce: Bounce | None,
         events: Sequence[Event] = (),
     ) -> bool:
-        """Write the attempt's outcome; False if the job is gone (deleted meanwhile).
+        """Write the attempt's result; False if the job is gone (deleted meanwhile).
 
         The events are stored either way: the attempt happened.
         """
         self.events.store(txn, events)
-        if outcome.lease is not None:
-            self.egress.count_sent(txn, outcome.lease, len(decision.delivered))
-            self.egress.persist(txn, outcome.rules, outcome.lease)
+        if result.lease is not None:
+            self.egress.count_sent(txn, result.lease, len(decision.delivered))
+            self.egress.persist(txn, result.rules, result.lease)
         current = self.spool.job(txn, key)
         if current is None:
             return False
@@ -243,24 +254,24 @@ class Attempter:
             updated = replace(
                 current,
                 recipients=waiting,
-                attempts=current.attempts + (0 if outcome.wait_until is not None else 1),
+                attempts=current.attempts + (0 if result.wait_until is not None else 1),
                 next_attempt=decision.next_attempt,
-                last_reply=str(outcome.replies[waiting[0]]),
-                last_class=classify(self.egress.rules, outcome.replies[waiting[0]]),
+                last_reply=str(result.replies[waiting[0]]),
+                last_class=classify(self.egress.rules, result.replies[waiting[0]]),
             )
             self.spool.put_job(txn, updated, old=current)
         else:
             self.spool.delete_job(txn, current)
         if bounce is not None:
             self.spool.add(txn, bounce.message, bounce.body, within_limits=False)
-        self._suppress_invalid(txn, decision, outcome)
+        self._suppress_invalid(txn, decision, result)
         return True
 
     def _suppress_invalid(
-        self, txn: lmdb.Transaction, decision: Decision, outcome: Outcome
+        self, txn: lmdb.Transaction, decision: Decision, result: AttemptResult
     ) -> None:
         """Put recipients a receiving server said do not exist on the suppression list."""
-        if not self.suppression.add_hard_bounces or outcome.relay == NO_RELAY:
+        if not self.suppression.add_hard_bounces or result.relay == NO_RELAY:
             return
         for recipient, reply in decision.bounced:
             if reply.code >= 500 and classify(self.egress.rules, reply) == "invalid_recipient":
@@ -268,19 +279,19 @@ class Attempter:
                 self.spool.suppress(txn, recipient, listed.encode())
 
     def _events(
-        self, job: Job, message: Message, outcome: Outcome, decision: Decision
+        self, job: Job, message: Message, result: AttemptResult, decision: Decision
     ) -> list[Event]:
-        tried = outcome.wait_until is None
-        lease = outcome.lease
+        tried = result.wait_until is None
+        lease = result.lease
         return attempt_events(
             message=message,
             recipients=job.recipients,
-            replies=outcome.replies,
+            replies=result.replies,
             decision=decision,
             attempt=job.attempts + (1 if tried else 0),
             now=self.clock(),
             classify=lambda reply: classify(self.egress.rules, reply),
-            mx=None if outcome.relay == NO_RELAY else outcome.relay,
+            mx=None if result.relay == NO_RELAY else result.relay,
             source=lease.source.name if lease else None,
             site=lease.site.name if lease else None,
             tried=tried,
@@ -290,16 +301,16 @@ class Attempter:
         self,
         job: Job,
         message: Message,
-        outcome: Outcome,
+        result: AttemptResult,
         decision: Decision,
         bounce: Bounce | None,
     ) -> None:
         delay = self.clock() - message.arrived
-        attempts = job.attempts + (0 if outcome.wait_until is not None else 1)
+        attempts = job.attempts + (0 if result.wait_until is not None else 1)
         bounced = dict(decision.bounced)
-        source = f" source={outcome.lease.source.name}" if outcome.lease else ""
+        source = f" source={result.lease.source.name}" if result.lease else ""
         for recipient in job.recipients:
-            reply = bounced.get(recipient) or outcome.replies[recipient]
+            reply = bounced.get(recipient) or result.replies[recipient]
             if recipient in decision.delivered:
                 status, kind = "sent", ""
                 metrics.MESSAGES_DELIVERED.inc()
@@ -315,7 +326,7 @@ class Attempter:
                 "id=%s to=<%s> relay=%s%s delay=%.2f attempts=%d dsn=%s%s status=%s (%s)",
                 job.message_id,
                 recipient,
-                outcome.relay,
+                result.relay,
                 source,
                 delay,
                 attempts,

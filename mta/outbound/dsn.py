@@ -23,8 +23,8 @@ import secrets
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
+
+from mta.mail.header import rfc5322_date, split_header
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})  # RFC 3464 2.3.3
 
@@ -84,20 +84,12 @@ def _field(name: str, value: str) -> str:
     return "\r\n".join(limited) + "\r\n"
 
 
-def _date(epoch: float) -> str:
-    return format_datetime(datetime.fromtimestamp(epoch, tz=UTC))  # "... +0000"
-
-
 def _header_section(original: bytes) -> bytes:
-    """The original's header fields up to (not including) the empty line, CRLF-ended."""
-    if original.startswith(b"\r\n"):
-        return b""
-    end = original.find(b"\r\n\r\n")
-    section = original if end < 0 else original[: end + 2]
+    """The original's header fields, each line CRLF-ended."""
+    fields, _ = split_header(original)
     # Spooled mail is CRLF-only (inbound refuses bare CR and LF), so this is a
     # no-op there; it guarantees the DSN is CRLF-only whatever it is given.
-    section = re.sub(rb"\r\n|\r|\n", b"\r\n", section)
-    return section if section.endswith(b"\r\n") or not section else section + b"\r\n"
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", b"".join(fields))
 
 
 def _human_part(reporting_mta: str, failures: Sequence[Failure]) -> str:
@@ -140,7 +132,7 @@ def _status_part(
     blocks = [
         _field("Reporting-MTA", f"dns; {reporting_mta}")
         + _field("X-Queue-ID", queue_id)
-        + _field("Arrival-Date", _date(arrived))
+        + _field("Arrival-Date", rfc5322_date(arrived))
     ]
     for failure in failures:
         block = (
@@ -208,7 +200,7 @@ def build_dsn(
         _field("From", f"Mail Delivery System <MAILER-DAEMON@{host}>")
         + _field("To", f"<{_safe(sender)}>")
         + _field("Subject", "Undelivered Mail Returned to Sender")
-        + _field("Date", _date(now))
+        + _field("Date", rfc5322_date(now))
         + _field("Message-ID", _safe(dsn_message_id))
         # RFC 3834: autoresponders must not answer this.
         + _field("Auto-Submitted", "auto-replied")

@@ -14,10 +14,10 @@ policy applies per path:
 
 ``lease`` picks a source of the message's pool for the site: one that is not
 suspended or capped, preferring one with a free connection slot and rate
-budget (by the pool's weights). When every usable path is busy it waits in
-memory (the "ready queue"); when no source may send at all it answers
-``Wait`` with the time the job should come back, and the job is deferred
-without counting an attempt.
+budget (by the pool's weights). When every usable path is busy the job waits
+in memory in the ready queue (mta.outbound.ready_queue); when no source may
+send at all it answers ``Wait`` with the time the job should come back, and
+the job is deferred without counting an attempt.
 
 Suspensions live in the spool's policy database, so they survive restarts and
 ``mta policy suspend|resume`` can change them from another process: the
@@ -27,8 +27,6 @@ there too, incremented in the same commit that records the delivery.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import logging
 import random
@@ -42,13 +40,15 @@ import lmdb
 from mta.config import Config, LimitsConfig
 from mta.mail.reply import Reply
 from mta.observe import metrics
+from mta.outbound.pool import Source, pools_from_config, sources_from_config
+from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.outbound.routes import Route
-from mta.outbound.smtp_client import ClientSettings, Deliverer
+from mta.outbound.smtp_client import Deliverer
 from mta.policy.limits import Limits, Site, effective, site_for
 from mta.policy.rate import RateLimiter
 from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
 from mta.policy.throttle import Throttles
-from mta.policy.warmup import WarmupPlan, day_of, remaining
+from mta.policy.warmup import day_of, remaining
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta.egress")
@@ -72,16 +72,7 @@ def save_throttles(spool: Spool, txn: lmdb.Transaction, throttles: Throttles) ->
 
 
 @dataclass
-class Source:
-    name: str
-    address: str | None  # None: let the kernel choose (no [[egress.source]] configured)
-    warmup: WarmupPlan | None
-    deliverer: Deliverer
-    tls_domains: frozenset[str] = frozenset()  # [delivery] require_tls, as its client has it
-
-
-@dataclass
-class Path:
+class EgressPath:
     """One (source, site) in memory: deliveries under way and the rate budget."""
 
     label: str  # the site's provider, or "other": the metric label
@@ -108,7 +99,7 @@ class Lease:
     source: Source
     site: Site
     limits: Limits
-    path: Path = field(repr=False)
+    path: EgressPath = field(repr=False)
     warmup_counter: str | None = None  # the day's count this delivery is reserved against
 
 
@@ -134,13 +125,14 @@ class Egress:
         self.sources: list[Source] = []
         self._deliverers: list[Deliverer] = []
         self.configure(config)
-        self.paths: dict[tuple[str, str], Path] = {}
+        self.paths: dict[tuple[str, str], EgressPath] = {}
         # Warmup reservations: leased but not yet counted in the spool, so that
         # deliveries under way cannot overshoot the day's cap.
         self._reserved: Counter[str] = Counter()
         self.throttles = Throttles()
         self._read_at = float("-inf")
-        self._released = asyncio.Event()
+        # A busy job looks again at least as often as suspensions are re-read.
+        self.ready_queue = ReadyQueue(clock, recheck=REFRESH)
 
     def configure(self, config: Config) -> list[Deliverer]:
         """Take (new) sources, pools, limits and rules; the retired SMTP clients.
@@ -149,9 +141,9 @@ class Egress:
         keeps its client and its pooled connections; deliveries under way
         finish on whatever they leased.
         """
-        self.sources = _sources(config, {source.name: source for source in self.sources})
+        self.sources = sources_from_config(config, {s.name: s for s in self.sources})
         kept = {id(source.deliverer) for source in self.sources}
-        self.pools = _pools(config, self.sources)
+        self.pools = pools_from_config(config, self.sources)
         policy = config.policy
         self.providers = {p.name: p.mx_suffixes for p in policy.provider}
         self.default_limits = limits_from_config(policy.default)
@@ -161,6 +153,11 @@ class Egress:
         retired = [d for d in self._deliverers if id(d) not in kept]
         self._deliverers = [source.deliverer for source in self.sources]
         return retired
+
+    async def reload(self, config: Config) -> None:
+        """Take a reloaded configuration and close the SMTP clients it retired."""
+        for retired in self.configure(config):
+            await retired.close()
 
     # --- where and how fast ---
 
@@ -174,39 +171,39 @@ class Egress:
 
     async def lease(self, pool: str, site: Site, domain: str) -> Lease | Wait:
         """A path to send on now (waiting for a slot or the rate), or when to come back."""
-        while True:
-            now = self.clock()
-            self._refresh(now)
+        return await self.ready_queue.wait(lambda now: self._try_lease(pool, site, domain, now))
+
+    def _try_lease(self, pool: str, site: Site, domain: str, now: float) -> Lease | Wait | Busy:
+        self._refresh(now)
+        usable, waits = self._usable(pool, site, domain, now)
+        if not usable:
+            # Before a job waits for hours, make sure an operator has not
+            # just resumed the path (`mta policy resume`, then a flush).
+            self._refresh(now, force=True)
             usable, waits = self._usable(pool, site, domain, now)
-            if not usable:
-                # Before a job waits for hours, make sure an operator has not
-                # just resumed the path (`mta policy resume`, then a flush).
-                self._refresh(now, force=True)
-                usable, waits = self._usable(pool, site, domain, now)
-            if not usable:
-                until, reason = min(waits)
-                return Wait(until, reason)
-            ready = [u for u in usable if u[2].has_slot(u[3]) and u[2].rate_wait(u[3], now) == 0]
-            if ready:
-                source, _, path, limits = self._pick(ready)
-                return self._take(source, site, path, limits, now)
-            pause = min(
+        if not usable:
+            until, reason = min(waits)
+            return Wait(until, reason)
+        ready = [u for u in usable if u[2].has_slot(u[3]) and u[2].rate_wait(u[3], now) == 0]
+        if ready:
+            source, _, path, limits = self._pick(ready)
+            return self._take(source, site, path, limits, now)
+        return Busy(
+            min(
                 (u[2].rate_wait(u[3], now) for u in usable if u[2].has_slot(u[3])),
                 default=REFRESH,
             )
-            self._released.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), min(pause, REFRESH))
+        )
 
     def release(self, lease: Lease) -> None:
         lease.path.in_use -= 1
         self._gauge(lease)
-        self._released.set()
+        self.ready_queue.wake()
 
     def _usable(
         self, pool: str, site: Site, domain: str, now: float
-    ) -> tuple[list[tuple[Source, int, Path, Limits]], list[tuple[float, str]]]:
-        usable: list[tuple[Source, int, Path, Limits]] = []
+    ) -> tuple[list[tuple[Source, int, EgressPath, Limits]], list[tuple[float, str]]]:
+        usable: list[tuple[Source, int, EgressPath, Limits]] = []
         waits: list[tuple[float, str]] = []
         base = self.limits(site, domain)
         for source, weight in self.pools.get(pool) or self.pools[""]:
@@ -224,16 +221,18 @@ class Egress:
                 waits.append((tomorrow, f"{source.name} reached its warmup cap for {site.name}"))
                 continue
             limits = base.scaled(restriction.factor) if restriction.factor < 1 else base
-            path = self.paths.setdefault(key, Path(site.provider or OTHER))
+            path = self.paths.setdefault(key, EgressPath(site.provider or OTHER))
             usable.append((source, weight, path, limits))
         return usable, waits
 
     def _pick(
-        self, ready: Sequence[tuple[Source, int, Path, Limits]]
-    ) -> tuple[Source, int, Path, Limits]:
+        self, ready: Sequence[tuple[Source, int, EgressPath, Limits]]
+    ) -> tuple[Source, int, EgressPath, Limits]:
         return self.rng.choices(list(ready), weights=[weight for _, weight, _, _ in ready])[0]
 
-    def _take(self, source: Source, site: Site, path: Path, limits: Limits, now: float) -> Lease:
+    def _take(
+        self, source: Source, site: Site, path: EgressPath, limits: Limits, now: float
+    ) -> Lease:
         path.in_use += 1
         if path.limiter is not None:
             path.limiter.take(now)
@@ -355,49 +354,3 @@ def limits_from_config(config: LimitsConfig) -> Limits:
         max_rate=config.max_rate,
         max_recipients=config.max_recipients,
     )
-
-
-def client_settings(config: Config, source_address: str | None, helo: str) -> ClientSettings:
-    delivery = config.delivery
-    return ClientSettings(
-        helo=helo,
-        connect_timeout=delivery.connect_timeout,
-        command_timeout=delivery.command_timeout,
-        max_messages_per_connection=delivery.max_messages_per_connection,
-        idle_timeout=delivery.connection_idle_timeout,
-        source_address=source_address,
-    )
-
-
-def _sources(config: Config, current: Mapping[str, Source]) -> list[Source]:
-    """One Deliverer per source, so that connections are pooled per source address;
-    a source in ``current`` with the same settings keeps its Deliverer."""
-    tls_domains = frozenset(config.delivery.require_tls)
-    configured: list[tuple[str, str | None, WarmupPlan | None, str | None]] = [
-        (s.name, s.address, s.warmup.plan() if s.warmup else None, s.ehlo)
-        for s in config.egress.source
-    ] or [("default", None, None, None)]
-    sources = []
-    for name, address, plan, ehlo in configured:
-        settings = client_settings(config, address, ehlo or config.server.hostname)
-        old = current.get(name)
-        if old and old.deliverer.settings == settings and old.tls_domains == tls_domains:
-            deliverer = old.deliverer
-        else:
-            deliverer = Deliverer(settings, tls_domains.__contains__)
-        sources.append(Source(name, address, plan, deliverer, tls_domains))
-    return sources
-
-
-def _pools(config: Config, sources: list[Source]) -> dict[str, list[tuple[Source, int]]]:
-    """Pool name -> (source, weight); "" is the pool of mail that names none."""
-    by_name = {source.name: source for source in sources}
-    pools = {
-        pool.name: [
-            (by_name[name], pool.weights[n] if pool.weights else 1)
-            for n, name in enumerate(pool.sources)
-        ]
-        for pool in config.egress.pool
-    }
-    pools[""] = pools.get(config.egress.default_pool) or [(source, 1) for source in sources]
-    return pools

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -59,6 +58,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
+from mta.mail.address import parse_ip
+from mta.mail.domain import is_domain_name, normalize_domain
+
 MIN_TTL = 1.0
 MAX_TTL = 86400.0
 TEMPORARY_TTL = 5.0
@@ -67,9 +69,6 @@ TEMPORARY_TTL = 5.0
 MAX_MX_HOSTS = 10
 # How often expired cache entries are swept out (seconds of the clock).
 SWEEP_INTERVAL = 60.0
-
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^(?=.{{1,253}}$)(?:{_LABEL}\.)*{_LABEL}$")
 
 
 @dataclass(frozen=True)
@@ -292,27 +291,10 @@ def ipv4_first(addresses: Iterable[str]) -> tuple[str, ...]:
 
 def domain_key(domain: str) -> str:
     """The domain as DNS knows it (lowercase ASCII, no final dot), or ResolveError."""
-    name = domain.lower().removesuffix(".")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            name = ""
-    if not _DOMAIN.match(name):
+    name = normalize_domain(domain)
+    if name is None:
         raise ResolveError("5.1.2", f"{domain!r} is not a valid domain name", permanent=True)
     return name
-
-
-def parse_ip(text: str) -> str | None:
-    """The IP address in "10.0.0.1", "[10.0.0.1]", "::1", "[IPv6:::1]"; else None."""
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -597,7 +579,7 @@ def _static(host: str, port: int) -> _Static:
     if ip is not None:
         return _Static(ip, port, ip)
     name = host.lower().removesuffix(".")
-    if not _DOMAIN.match(name):
+    if not is_domain_name(name):
         raise ValueError(f"static route host {host!r} is neither an IP address nor a host name")
     return _Static(name, port, None)
 

@@ -1,12 +1,14 @@
 """One outgoing SMTP connection on the wire: replies parsed, commands written.
 
-``ReplyParser`` turns the bytes a server sends into complete replies and does
-no I/O (h11's model), so it is tested on its own with any split of the input.
-``Wire`` is the asyncio protocol of one connection: every reply is queued as
-it arrives, so commands can be pipelined (RFC 2920): write MAIL FROM, every
-RCPT TO and DATA at once, then read their replies in order. ``Wire`` knows
-no SMTP semantics beyond that; which command to send and what a reply means
-is mta.outbound.smtp_client's business.
+``ReplyParser`` turns the bytes a server sends into complete replies
+(mta.mail.reply's ``Reply``, which keeps the raw lines for reading EHLO's
+keywords) and does no I/O (h11's model), so it is tested on its own with any
+split of the input. ``Wire`` is the asyncio protocol of one connection: every
+reply is queued as it arrives, so commands can be pipelined (RFC 2920): write
+MAIL FROM, every RCPT TO and DATA at once, then read their replies in order.
+``Wire`` knows no SMTP semantics beyond that; which command to send and what
+a reply means is mta.outbound.smtp_transaction's business, and connecting is
+mta.outbound.smtp_client's.
 
 Reading a reply raises ``Lost`` (the server closed the connection or it
 broke), ``TimeoutError``, or ``Garbled`` (a line that is not an SMTP reply,
@@ -25,7 +27,9 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from typing import NamedTuple, cast
+from typing import cast
+
+from mta.mail.reply import Reply
 
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line; servers send longer
 # ones, so be generous, but bounded: a server streaming bytes without a line
@@ -49,15 +53,6 @@ class Garbled(Exception):
         self.text = text
 
 
-class Response(NamedTuple):
-    code: int  # 100..999
-    lines: tuple[str, ...]  # the text of each line, after the code and separator
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
 def _decode(line: bytes | bytearray) -> str:
     return bytes(line).decode("utf-8", "surrogateescape")
 
@@ -70,7 +65,7 @@ class ReplyParser:
         self._lines: list[str] = []  # of the multi-line reply being read
         self._size = 0  # its octets so far
 
-    def feed(self, data: bytes | bytearray) -> list[Response]:
+    def feed(self, data: bytes | bytearray) -> list[Reply]:
         """Every reply ``data`` completes, in order."""
         buffer = self._buffer
         buffer += data
@@ -86,7 +81,7 @@ class ReplyParser:
             raise Garbled(f"reply line too long: {_decode(buffer[:200])}")
         return replies
 
-    def _line(self, buffer: bytearray, start: int, end: int) -> Response | None:
+    def _line(self, buffer: bytearray, start: int, end: int) -> Reply | None:
         """One line, buffer[start:end+1]: the reply it completes, if it is a last line."""
         if end - start > MAX_LINE:
             raise Garbled(f"reply line too long: {_decode(buffer[start : start + 200])}")
@@ -101,13 +96,14 @@ class ReplyParser:
         self._lines.append(_decode(line[4:]).strip(" \t"))
         if separator == b"-":
             return None
-        reply = Response(int(code), tuple(self._lines))
+        lines = tuple(self._lines)
+        reply = Reply(int(code), "\n".join(lines), lines)
         self._lines = []
         self._size = 0
         return reply
 
 
-def extensions(ehlo: Response) -> dict[str, str]:
+def extensions(ehlo: Reply) -> dict[str, str]:
     """The ESMTP extensions an EHLO reply offers: lowercase keyword -> parameters.
 
     The first line is the server's name, not an extension (RFC 5321 4.1.1.1).
@@ -125,9 +121,8 @@ class Wire(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.extensions: dict[str, str] = {}  # what the last EHLO offered
         self._parser = ReplyParser()
-        self._replies: deque[Response] = deque()
+        self._replies: deque[Reply] = deque()
         self._failure: Exception | None = None  # why no more replies will come
         self._waiter: asyncio.Future[None] | None = None
 
@@ -186,7 +181,7 @@ class Wire(asyncio.Protocol):
             return
         transport.write(data)
 
-    async def read_reply(self, timeout: float) -> Response:
+    async def read_reply(self, timeout: float) -> Reply:
         """The next reply, waiting at most ``timeout`` seconds for it."""
         if not self._replies and self._failure is None:
             loop = asyncio.get_running_loop()
@@ -214,7 +209,6 @@ class Wire(asyncio.Protocol):
             raise Lost("connection closed")
         self._parser = ReplyParser()
         self._replies.clear()
-        self.extensions = {}
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(
             self.transport, self, context, ssl_handshake_timeout=timeout

@@ -12,13 +12,23 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from mta.mail.reply import Reply
 from mta.policy.outcome import Outcome, outcome
 from mta.policy.retry import RetrySchedule, expired, next_attempt
-from mta.spool.records import Job
 
 EXPIRED_NOTE = "delivery time expired"
+
+
+class Tried(Protocol):
+    """What a decision needs of the job just tried (a spooled job is one)."""
+
+    @property
+    def recipients(self) -> tuple[str, ...]: ...
+
+    @property
+    def attempts(self) -> int: ...  # attempts before this one
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class Decision:
 
 
 def decide(
-    job: Job,
+    job: Tried,
     replies: Mapping[str, Reply],
     arrived: float,
     now: float,

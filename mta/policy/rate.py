@@ -11,7 +11,7 @@ worth at once followed by silence, and an idle path earns no credit beyond
 
 ``parse_rate`` reads the configuration's "10/s", "600/min", "20000/hour".
 
-Pure (DESIGN invariant 7): the clock is an argument of every call; the
+Pure (docs/architecture.md, invariant 7): the clock is an argument of every call; the
 limiter says how long to wait and never waits itself.
 """
 

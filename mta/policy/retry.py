@@ -5,7 +5,7 @@ is not hammered, and the thousands of jobs one burst deferred at the same
 moment do not all come back at the same moment either. After ``max_age`` in
 the queue a message is given up on and bounced as expired.
 
-Pure (DESIGN invariant 7): the clock and the random source are arguments, so
+Pure (docs/architecture.md, invariant 7): the clock and the random source are arguments, so
 the schedule is tested without waiting and, with a seeded ``random.Random``,
 reproducibly.
 """

@@ -194,9 +194,9 @@ _MINUTE = 60.0
 _HOUR = 3600.0
 
 # Most specific first; each rule's example reply is in tests/unit/test_rules.py
-# and in the README's table. Sources: Google's "Gmail SMTP errors and codes"
-# (support.google.com/a/answer/3726730), Yahoo's sender hub error codes,
-# Microsoft's Outlook.com / Exchange Online NDR documentation.
+# and in docs/traffic-policy.md's table. Sources: Google's "Gmail SMTP errors
+# and codes" (support.google.com/a/answer/3726730), Yahoo's sender hub error
+# codes, Microsoft's Outlook.com / Exchange Online NDR documentation.
 DEFAULT_RULES: tuple[Rule, ...] = (
     # --- Yahoo / AOL (MX *.yahoodns.net) ---
     # "[TSS04] Messages from x temporarily deferred due to unexpected volume or

@@ -18,7 +18,7 @@ these per path and answers, for a given moment, what is in force.
 restart (an operator's suspension must survive one); times are then
 absolute wall-clock seconds (time.time()), not a monotonic clock.
 
-Pure (DESIGN invariant 7): the clock is an argument, nothing waits.
+Pure (docs/architecture.md, invariant 7): the clock is an argument, nothing waits.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Days are calendar days (midnight UTC by default, see ``day_of``); the
 caller keeps its sent counters per (source, provider, day), so a new day
 starts from zero by itself.
 
-Pure (DESIGN invariant 7): dates and timestamps are arguments.
+Pure (docs/architecture.md, invariant 7): dates and timestamps are arguments.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An fsync costs about a millisecond, so one commit per change would cap the
 spool near 1,000 changes/s. Instead every change (a new message from a
 session, a delivery result from the scheduler) is a function of a
 transaction, and the caller awaits a future that resolves only once its
-change is on disk (DESIGN invariant 1). The changes handed in during one pass
+change is on disk (docs/architecture.md, invariant 1). The changes handed in during one pass
 of the event loop are committed together, in one of two places:
 
 - Under light load (fewer than INLINE_BATCH changes in the pass) by the
@@ -17,11 +17,9 @@ of the event loop are committed together, in one of two places:
   workers, and two fdatasyncs: 0.5-2 ms). That costs less than the thread:
   py-lmdb releases the GIL in every call, and with the loop busy the writer
   waits for it back twenty-odd times per change, each a futex wake-up and a
-  context switch. Measured with tools/bench.py (4 KB, 20 sessions, ours
-  alone, 3 runs each, alternating): 1,246-1,353 -> 1,403-1,432 accepted/s,
-  1.39-1.50 -> 1.27-1.31 CPU ms per message. At half of peak load, where a
-  pass holds one or two changes, the thread keeps p99 accept-to-delivery
-  latency at 3-4 ms; committing every pass on the loop made it 8-16 ms.
+  context switch. At half of peak load, where a pass holds one or two
+  changes, the thread keeps accept-to-delivery latency low (the figures are
+  in docs/benchmarks.md).
 
 A change that raises is rolled back alone and reported to its caller, while
 the rest of the batch commits. The batch first runs in one nested

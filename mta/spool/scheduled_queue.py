@@ -7,12 +7,13 @@ read. A job is started when it is due, not already in flight, and its
 domain and the whole node are under their concurrency limits.
 
 In-flight jobs are leased in memory only: their index entries stay put, so a
-crash or restart simply finds them due again (at least once, DESIGN
-invariant 3). A committed message's jobs are offered directly (``offer``: no
-polling delay in the normal path); a finished attempt looks up its domain's
-next due job with a seek in the per-domain index; a full scan runs at least
-every ``poll`` seconds (retries coming due, and ``mta queue flush|release``
-from another process) and when the node-wide limit had turned jobs away.
+crash or restart simply finds them due again (at least once:
+docs/architecture.md, invariant 3). A committed message's jobs are offered
+directly (``offer``: no polling delay in the normal path); a finished
+attempt looks up its domain's next due job with a seek in the per-domain
+index; a full scan runs at least every ``poll`` seconds (retries coming due,
+and ``mta queue flush|release`` from another process) and when the node-wide
+limit had turned jobs away.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from mta.config import Config
 from mta.spool.records import split_job_key
 from mta.spool.store import Spool
 
@@ -58,6 +60,11 @@ class Scheduler:
         self._full = False  # the node-wide limit turned a due job away: scan when a slot frees
         self._wakeup = asyncio.Event()
         self._stopping = False
+
+    def reload(self, config: Config) -> None:
+        """Take new concurrency limits; deliveries under way finish as they are."""
+        self.max_concurrent = config.delivery.max_concurrent
+        self.max_per_domain = config.delivery.max_concurrent_per_domain
 
     def wake(self) -> None:
         """Scan the whole due index now (an operator flushed or released jobs)."""

@@ -9,45 +9,12 @@ import ssl
 import subprocess
 import urllib.request
 
-import dkim
 import pytest
 
-from tests.integration.conftest import Mta, RawSmtp
+from tests.harness.client import MESSAGE, RawSmtp, send, verify
+from tests.harness.mta import Mta
 
 pytestmark = pytest.mark.integration
-
-MESSAGE = (
-    b"From: App <app@example.test>\r\n"
-    b"To: user@example.net\r\n"
-    b"Subject: receipt 42\r\n"
-    b"Message-ID: <receipt-42@app.example.test>\r\n"
-    b"\r\n"
-    b"Thank you for your order.\r\n"
-    b".leading dot survives\r\n"
-    b"\xc3\xa9 8-bit text\r\n"
-)
-
-
-def send(mta: Mta, message: bytes = MESSAGE, recipients: list[str] | None = None) -> str:
-    """Send with smtplib; return the queue ID from the 250 reply."""
-    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
-        client.ehlo("client.test")
-        client.mail("app@example.test")
-        for recipient in recipients or ["user@example.net"]:
-            code, reply = client.rcpt(recipient)
-            assert code == 250, reply
-        code, reply = client.data(message)
-    assert code == 250, reply
-    match = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]{16})", reply)
-    assert match, reply
-    return match.group(1).decode()
-
-
-def verify(mta: Mta, data: bytes) -> bool:
-    def dns(name: bytes, timeout: int = 5) -> bytes:
-        return mta.txt_record.encode() if name == b"s1._domainkey.example.test." else b""
-
-    return bool(dkim.verify(data, dnsfunc=dns))
 
 
 def test_accepted_message_is_signed_spooled_and_listed(running_mta: Mta) -> None:

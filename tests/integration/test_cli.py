@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mta, run_mta
-from tests.integration.test_accept import send
+from tests.harness.client import send
+from tests.harness.mta import Mta, run_mta
 
 pytestmark = pytest.mark.integration
 

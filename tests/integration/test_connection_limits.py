@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import Mta, RawSmtp
+from tests.harness.client import RawSmtp
+from tests.harness.mta import Mta
 
 pytestmark = pytest.mark.integration
 

@@ -14,19 +14,19 @@ import email.policy
 import re
 import signal
 import socket
-import time
-import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.dns_server import DnsServer
-from tests.integration.sink import Dumped, Sink, free_port
-from tests.integration.test_accept import send
+from tests.harness.client import message, send, unique
+from tests.harness.dns_server import DnsServer
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Dumped, Sink, free_port
 from tests.integration.test_client import PEER, Peer
 
 pytestmark = pytest.mark.integration
@@ -107,25 +107,11 @@ def delivering(mta: Mta, world: World) -> Iterator[Mta]:
         assert mta.stop() == 0, mta.log()
 
 
-def message(subject: str) -> bytes:
-    return (
-        "From: App <app@example.test>\r\nTo: someone\r\n"
-        f"Subject: {subject}\r\n\r\nHello.\r\n.\r\n..two dots\r\nend\r\n"
-    ).encode()
-
-
-def unique() -> str:
-    return f"test {uuid.uuid4().hex}"
-
-
 def wait_for(sink: Sink, subject: str, timeout: float = 15.0) -> Dumped:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for dumped in sink.messages():
-            if f"Subject: {subject}".encode() in dumped.data:
-                return dumped
-        time.sleep(0.05)
-    raise AssertionError(f"no message {subject!r} at {sink.host}")
+    def arrived() -> Dumped | None:
+        return next((d for d in sink.messages() if f"Subject: {subject}".encode() in d.data), None)
+
+    return eventually(arrived, timeout, f"no message {subject!r} at {sink.host}")
 
 
 def wait_for_bounce(world: World, subject: str) -> tuple[Dumped, EmailMessage]:
@@ -212,13 +198,12 @@ def test_permanent_failures_bounce_with_a_dsn_to_the_sender(
 
 def test_servfail_defers_and_the_job_waits(delivering: Mta) -> None:
     queue_id = send(delivering, message(unique()), ["z@broken.test"])
-    deadline = time.monotonic() + 10
-    while True:
+
+    def attempted() -> dict[str, Any] | None:
         [row] = [row for row in delivering.queue_list() if row["id"] == queue_id]
-        if row["attempts"]:
-            break
-        assert time.monotonic() < deadline, row
-        time.sleep(0.1)
+        return row if row["attempts"] else None
+
+    row = eventually(attempted, 10, lambda: f"no attempt yet: {delivering.queue_list()}")
     assert row["state"] == "ready" and "4.4.3" in row["last_reply"]
     assert "status=deferred" in delivering.log()
 
@@ -229,10 +214,7 @@ def test_temporary_failure_then_success_after_flush(mta: Mta, world: World, tmp_
     mta.start()
     subject = unique()
     queue_id = send(mta, message(subject), ["w@flaky.test"])
-    deadline = time.monotonic() + 10
-    while not any(row["attempts"] for row in mta.queue_list()):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: any(row["attempts"] for row in mta.queue_list()), 10, "a first attempt")
     [row] = mta.queue_list()
     assert row["last_reply"].startswith("450 4.3.0")
     flaky.stop()

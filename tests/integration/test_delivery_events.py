@@ -14,24 +14,22 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.sink import Sink, free_port
-from tests.integration.test_accept import send
-from tests.integration.test_delivery import message, unique
+from tests.harness.client import message, send, unique
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Sink, free_port
 
 pytestmark = pytest.mark.integration
 
 SINK = "127.0.0.31"
 TIMEOUT = 20.0
-T = TypeVar("T")
 
 
 class Hook:
@@ -101,16 +99,6 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     server = Sink(tmp_path / "sink", SINK).start()
     yield server
     server.stop()
-
-
-def wait(condition: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def configure(mta: Mta, hook: Hook, sink: Sink) -> Path:
@@ -186,18 +174,20 @@ def test_a_down_webhook_loses_nothing_and_gets_every_event_once(
     queue_ids = send_messages(mta, 3)
     expected = expected_kinds(queue_ids)
     sink.wait_for_messages(3, timeout=TIMEOUT)
-    wait(lambda: len(file_events(events_file)) == len(expected), "every event in the file")
+    eventually(
+        lambda: len(file_events(events_file)) == len(expected), TIMEOUT, "every event in the file"
+    )
     written = file_events(events_file)
     assert {(e["queue_id"], e["recipient"], e["type"]) for e in written} == expected
     assert pending(mta) == len(expected)
 
     hook.start(status=500)  # up, but failing: the events stay in the spool
-    wait(lambda: hook.refused_posts() >= 2, "the webhook retried after a 500")
+    eventually(lambda: hook.refused_posts() >= 2, TIMEOUT, "the webhook retried after a 500")
     assert pending(mta) == len(expected)
     assert hook.accepted() == []
 
     hook.status = 200
-    wait(lambda: pending(mta) == 0, "the spool's events delivered")
+    eventually(lambda: pending(mta) == 0, TIMEOUT, "the spool's events delivered")
     posted = hook.accepted()
     ids = [event["id"] for event in posted]
     assert len(ids) == len(set(ids)), "an event arrived twice"
@@ -218,14 +208,18 @@ def test_events_pending_at_a_restart_are_delivered_after_it(
     mta.start()
     queue_ids = send_messages(mta, 2)
     expected = expected_kinds(queue_ids)
-    wait(lambda: len(file_events(events_file)) == len(expected), "every event in the file")
+    eventually(
+        lambda: len(file_events(events_file)) == len(expected), TIMEOUT, "every event in the file"
+    )
     assert pending(mta) == len(expected)
     assert mta.stop() == 0, mta.log()
 
     hook.start()
     mta.start()
-    wait(lambda: len(hook.accepted()) >= len(expected), "the events after the restart")
-    wait(lambda: pending(mta) == 0, "an empty events database")
+    eventually(
+        lambda: len(hook.accepted()) >= len(expected), TIMEOUT, "the events after the restart"
+    )
+    eventually(lambda: pending(mta) == 0, TIMEOUT, "an empty events database")
     posted = hook.accepted()
     assert [e["id"] for e in posted] == [e["id"] for e in file_events(events_file)]
     assert {(e["queue_id"], e["recipient"], e["type"]) for e in posted} == expected

@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import signal
-import smtplib
 import threading
-import time
 import urllib.error
 import urllib.request
+from functools import partial
 
 import lmdb
 import pytest
 
-from tests.integration.conftest import Mta, RawSmtp
-from tests.integration.test_accept import MESSAGE, send
+from tests.harness.client import MESSAGE, RawSmtp, load, send
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
 
 pytestmark = pytest.mark.integration
 
 
-def load(mta: Mta, accepted: list[str], stop: threading.Event, limit: int) -> None:
-    """Send messages over one reused connection until stopped; record each 250."""
-    try:
-        with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
-            client.ehlo("load.test")
-            for _ in range(limit):
-                if stop.is_set():
-                    return
-                client.mail("app@example.test")
-                client.rcpt("user@example.net")
-                code, reply = client.data(MESSAGE)
-                if code == 250:
-                    accepted.append(reply.decode().rsplit(" ", 1)[1])
-    except (OSError, smtplib.SMTPException):
-        return  # the daemon was killed under us
-
-
 def test_kill_9_under_load_loses_no_accepted_message(mta: Mta) -> None:
     accepted: list[str] = []
+
+    def loaded(count: int) -> bool:
+        return len(accepted) >= count
+
     for _round in range(3):
         mta.start()
         stop = threading.Event()
@@ -44,14 +31,11 @@ def test_kill_9_under_load_loses_no_accepted_message(mta: Mta) -> None:
         before = len(accepted)
         for sender in senders:
             sender.start()
-        deadline = time.monotonic() + 20
-        while len(accepted) < before + 150 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(partial(loaded, before + 150), 20, "the load did not get going", 0.01)
         assert mta.stop(signal.SIGKILL) == -signal.SIGKILL
         stop.set()
         for sender in senders:
             sender.join(timeout=30)
-        assert len(accepted) >= before + 150, "the load did not get going"
 
     mta.start()
     listed = {row["id"] for row in mta.queue_list()}

@@ -2,7 +2,7 @@
 spill-over to another source address, and a throttling reply suspending a
 site until it resumes by itself.
 
-The receiving server is tests/integration/counting_peer.py (it sees the
+The receiving server is tests/harness/counting_peer.py (it sees the
 client's address and counts open connections); mail reaches it through a
 static route, so the site is the recipient domain. Sources are loopback
 addresses 127.0.0.2 and 127.0.0.3, as the issue suggests.
@@ -17,11 +17,11 @@ import time
 
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.counting_peer import CountingPeer
-from tests.integration.dns_server import DnsServer
-from tests.integration.test_accept import send
-from tests.integration.test_delivery import message, unique
+from tests.harness.client import message, send, unique
+from tests.harness.counting_peer import CountingPeer
+from tests.harness.dns_server import DnsServer
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +48,16 @@ def add_policy(mta: Mta, text: str) -> None:
 
 
 def wait_for_messages(peer: CountingPeer, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(peer.snapshot().clients) < count:
-        assert time.monotonic() < deadline, f"peer saw {peer.snapshot()}"
-        time.sleep(0.05)
+    eventually(
+        lambda: len(peer.snapshot().clients) >= count,
+        timeout,
+        lambda: f"peer saw {peer.snapshot()}",
+    )
+
+
+def most_in_one_second(times: list[float]) -> int:
+    """The largest number of ``times`` that fall within one second of each other."""
+    return max(sum(1 for later in times if start <= later < start + 1.0) for start in times)
 
 
 def test_a_site_never_gets_more_connections_than_its_limit(mta: Mta) -> None:
@@ -77,9 +83,9 @@ def test_a_rate_limit_spaces_messages_evenly(mta: Mta) -> None:
             send(mta, message(f"rate {number}"), [f"u{number}@slow.test"])
         wait_for_messages(peer, 8)
         times = peer.snapshot().mail_times
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-    # 5/s is one message every 0.2 s, smooth: no burst of back-to-back sends.
-    assert min(gaps) >= 0.15, gaps
+    # 5/s is one message every 0.2 s, smooth (burst 1): any second holds at most
+    # 1 + 5 of them (mta/policy/rate.py), never a burst of back-to-back sends.
+    assert most_in_one_second(times) <= 6, times
     assert times[-1] - times[0] >= 7 * 0.2 * 0.9
     assert mta.stop() == 0
 
@@ -130,10 +136,7 @@ def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) ->
         for number in range(3):
             send(mta, message(f"capped {number}"), [f"c{number}@warm.test"])
         wait_for_messages(peer, 2)
-        deadline = time.monotonic() + 10
-        while "reached its warmup cap" not in mta.log():
-            assert time.monotonic() < deadline, mta.log()
-            time.sleep(0.1)
+        eventually(lambda: "reached its warmup cap" in mta.log(), 10, mta.log, 0.1)
         [waiting] = mta.queue_list()
     assert waiting["attempts"] == 0 and "warmup cap" in waiting["last_reply"]
     assert len(peer.snapshot().clients) == 2
@@ -152,10 +155,7 @@ def test_a_throttling_reply_suspends_the_site_until_it_resumes_by_itself(mta: Mt
         )
         mta.start()
         first = send(mta, message(unique()), ["a@yahoo.test"])
-        deadline = time.monotonic() + 10
-        while "after test-tss04" not in mta.log():
-            assert time.monotonic() < deadline, mta.log()
-            time.sleep(0.05)
+        eventually(lambda: "after test-tss04" in mta.log(), 10, mta.log)
         suspended_at = time.monotonic()
         shown = json.loads(mta.cli("policy", "show", "--json").stdout)
         assert [(r["site"], r["reason"]) for r in shown["restrictions"]] == [
@@ -179,15 +179,21 @@ def test_a_throttling_reply_suspends_the_site_until_it_resumes_by_itself(mta: Mt
 def test_operator_suspends_and_resumes_a_site(mta: Mta) -> None:
     with CountingPeer(PEER) as peer:
         route_to(mta, peer, "ops.test")
+        # Suspended while the daemon is down (the command works on the spool
+        # either way), so its first look already sees it: a running daemon
+        # re-reads suspensions only every second, and a test cannot know when.
         mta.start()
+        assert mta.stop() == 0, mta.log()
         suspended = mta.cli("policy", "suspend", "--site", "ops.test", "--for", "1h")
         assert suspended.returncode == 0, suspended.stderr
-        time.sleep(1.1)  # the daemon re-reads suspensions every second
+        mta.start()
         queue_id = send(mta, message(unique()), ["o@ops.test"])
-        deadline = time.monotonic() + 10
-        while not any("suspended (operator)" in row["last_reply"] for row in mta.queue_list()):
-            assert time.monotonic() < deadline, mta.queue_list()
-            time.sleep(0.1)
+        eventually(
+            lambda: any("suspended (operator)" in row["last_reply"] for row in mta.queue_list()),
+            10,
+            lambda: str(mta.queue_list()),
+            0.1,
+        )
         assert peer.snapshot().clients == []
         assert mta.cli("policy", "resume", "--site", "ops.test").returncode == 0
         assert mta.cli("queue", "flush", queue_id).returncode == 0

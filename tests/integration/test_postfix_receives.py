@@ -1,6 +1,6 @@
 """Delivery to a real Postfix: what a user of the receiving server would see.
 
-Each test starts a throwaway Postfix (tests/integration/postfix.py) that
+Each test starts a throwaway Postfix (tests/harness/postfix.py) that
 stores mail for user@stored.test and app@example.test in Maildirs, and an
 MTA whose static routes send both domains to it. The message is then read
 back from the Maildir, as the recipient's mail client would read it, and
@@ -18,9 +18,9 @@ from email.message import EmailMessage, Message
 
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.postfix import PostfixReceiver
-from tests.integration.test_accept import send, verify
+from tests.harness.client import send, verify
+from tests.harness.mta import Mta
+from tests.harness.postfix import PostfixReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_postfix_stores_the_message_as_sent_with_a_verifying_signature(
     assert stored.added.startswith(f"Return-Path: <{SENDER}>\r\n".encode())
     assert f"Delivered-To: {USER}\r\n".encode() in stored.added
     # What Postfix received is what we sent, under our two fields: the
-    # signature on top, then our Received (README, "Header order").
+    # signature on top, then our Received (docs/architecture.md, "Header order").
     received = stored.received
     assert received.endswith(original)
     assert field_names(received[: -len(original)]) == ["dkim-signature", "received"]

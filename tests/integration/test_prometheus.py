@@ -4,19 +4,19 @@ real Prometheus server scrapes a running MTA and reads a counter back."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Mta, free_ports
-from tests.integration.test_accept import send
+from tests.harness.client import send
+from tests.harness.mta import Mta, free_ports
+from tests.harness.poll import eventually
+from tests.harness.programs import require_program
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,7 @@ RULES = Path(__file__).resolve().parents[2] / "etc" / "prometheus"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; make test installs the prometheus package")
-        pytest.skip(f"{name} is not installed (Debian package prometheus)")
-    return path
+    return require_program(name, "prometheus")
 
 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -86,17 +81,16 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(
 def query_until(port: int, expression: str, timeout: float) -> float:
     """The value of ``expression`` once Prometheus has scraped it."""
     url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expression)}"
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def result() -> list[Any]:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                result = json.load(response)["data"]["result"]
-            if result:
-                return float(result[0]["value"][1])
+                return list(json.load(response)["data"]["result"])
         except OSError:
-            pass  # not listening yet
-        assert time.monotonic() < deadline, f"Prometheus never had {expression}"
-        time.sleep(0.5)
+            return []  # not listening yet
+
+    [first, *_] = eventually(result, timeout, f"Prometheus never had {expression}", 0.5)
+    return float(first["value"][1])
 
 
 def test_dashboard_queries_only_metrics_the_daemon_exports(running_mta: Mta) -> None:

@@ -5,21 +5,19 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
+from functools import partial
 
 import pytest
 
-from tests.integration.conftest import Mta, run_mta
-from tests.integration.test_durability import load
+from tests.harness.client import load
+from tests.harness.mta import Mta, dkim_keygen
+from tests.harness.poll import eventually
 
 pytestmark = pytest.mark.integration
 
 
 def wait_for_log(mta: Mta, text: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in mta.log():
-        assert time.monotonic() < deadline, mta.log()
-        time.sleep(0.05)
+    eventually(lambda: text in mta.log(), timeout, mta.log)
 
 
 def test_reload_under_load_drops_no_session_and_applies_new_keys(mta: Mta) -> None:
@@ -31,30 +29,24 @@ def test_reload_under_load_drops_no_session_and_applies_new_keys(mta: Mta) -> No
     for sender in senders:
         sender.start()
     # A second signing key, for a new domain, while mail flows.
-    keygen = run_mta(
-        "dkim",
-        "keygen",
-        "--domain",
-        "news.test",
-        "--selector",
-        "n1",
-        "--out",
-        str(mta.root / "dkim"),
-    )
-    assert keygen.returncode == 0, keygen.stderr
+    dkim_keygen(mta.root / "dkim", "news.test", "n1")
     with mta.config_path.open("a") as config:
         config.write(
             '[[dkim]]\ndomain = "news.test"\nselector = "n1"\n'
             f'private_key = "{mta.root / "dkim" / "news.test.n1.pem"}"\n'
         )
-    for _ in range(3):
+
+    def reloaded(times: int) -> bool:
+        return mta.log().count("reloaded ") >= times
+
+    for number in range(1, 4):
         mta.process.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
+        # One reload at a time, each finished before the next signal.
+        eventually(partial(reloaded, number), 10, mta.log)
     for sender in senders:
         sender.join(timeout=60)
     # Every session carried on through three reloads: all 600 messages accepted.
     assert len(accepted) == 4 * 150
-    wait_for_log(mta, "reloaded")
     assert "2 DKIM key(s)" in mta.log()
     assert mta.stop() == 0
 

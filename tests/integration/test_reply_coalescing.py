@@ -22,8 +22,9 @@ from aiosmtpd.smtp import AuthResult
 
 from mta.inbound import reply_texts
 from mta.inbound.server import HELD_OCTETS, HELD_REPLIES, Session, Sessions
-from tests.integration.conftest import Mta, RawSmtp
-from tests.memory_transport import MemoryTransport
+from tests.harness.client import RawSmtp
+from tests.harness.memory_transport import MemoryTransport
+from tests.harness.mta import Mta
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from mta.outbound.routes import MxHost, ResolveError, Resolver, Route
-from tests.integration.dns_server import DnsServer
+from tests.harness.dns_server import DnsServer
 
 pytestmark = pytest.mark.integration
 

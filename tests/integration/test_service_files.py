@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.harness.programs import require_program
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,9 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_program("systemd-analyze", "systemd")
     # The unit names /opt/mta; point it at this checkout so the paths exist.
     unit = tmp_path / "mta.service"
     unit.write_text((ROOT / "etc/systemd/mta.service").read_text().replace("/opt/mta", str(ROOT)))

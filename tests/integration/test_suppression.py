@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.integration.conftest import Mta, RawSmtp
-from tests.integration.test_accept import send
+from tests.harness.client import RawSmtp, send
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
 from tests.integration.test_client import PEER, Peer
 
 pytestmark = pytest.mark.integration
@@ -75,10 +75,12 @@ def test_a_recipient_that_does_not_exist_joins_the_list(mta: Mta) -> None:
         mta.routes = {"partial.test": f"{PEER}:{peer.port}"}
         mta.start()
         send(mta, recipients=["bad@partial.test", "good@partial.test"])
-        deadline = time.monotonic() + 10
-        while not mta.cli("suppress", "list", "--json").stdout.count("bad@partial.test"):
-            assert time.monotonic() < deadline, mta.log()
-            time.sleep(0.1)
+        eventually(
+            lambda: "bad@partial.test" in mta.cli("suppress", "list", "--json").stdout,
+            10,
+            mta.log,
+            0.1,
+        )
         [entry] = json.loads(mta.cli("suppress", "list", "--json").stdout)
         assert entry["source"] == "bounce" and "550 5.1.1" in entry["reason"]
         assert rcpt(mta, "bad@partial.test").startswith("550 5.1.1")

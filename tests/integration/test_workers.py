@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MTA, Mta
-from tests.integration.sink import Sink, wait_until
-from tests.integration.test_accept import send, verify
+from tests.harness.client import send, verify
+from tests.harness.mta import MTA, Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Sink
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def workers(mta: Mta, sink: Sink) -> Iterator[Mta]:
     mta.park_mail = False
     mta.routes = {"*": f"{sink.host}:{sink.port}"}
     mta.start()
-    wait_until(lambda: readyz(mta) == 200, 20, "both workers to be ready")
+    eventually(lambda: readyz(mta) == 200, 20, "both workers to be ready")
     yield mta
     if mta.process is not None:
         assert mta.stop() == 0, mta.log()
@@ -105,8 +106,8 @@ def test_each_message_arrives_once_signed_and_each_domain_has_one_worker(
 def test_a_killed_worker_starts_again_and_mail_still_flows(workers: Mta, sink: Sink) -> None:
     before = workers.worker_pids()
     os.kill(before[0], signal.SIGKILL)
-    wait_until(lambda: readyz(workers) == 503, 10, "/readyz to say a worker is down")
-    wait_until(lambda: readyz(workers) == 200, 20, "the worker to be back")
+    eventually(lambda: readyz(workers) == 503, 10, "/readyz to say a worker is down")
+    eventually(lambda: readyz(workers) == 200, 20, "the worker to be back")
     after = workers.worker_pids()
     assert len(after) == 2 and before[0] not in after and before[1] in after
     assert f"(pid {before[0]}) exited with signal SIGKILL" in workers.log()
@@ -151,6 +152,6 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_them(workers: Mta) -> Non
     assert workers.process is not None
     pids = workers.worker_pids()
     workers.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: workers.log().count("reloaded ") == 2, 10, "both workers to reload")
+    eventually(lambda: workers.log().count("reloaded ") == 2, 10, "both workers to reload")
     assert workers.stop() == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

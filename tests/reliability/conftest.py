@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 
 import pytest
-
-# The integration suite's fixtures: a real `mta serve` in a temporary directory.
-from tests.integration.conftest import mta, running_mta, swaks  # noqa: F401
 
 SOAK = os.environ.get("MTA_SOAK") == "1"
 
@@ -41,12 +38,14 @@ class Scenario:
     duplicated: int = 0
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.when == "call":
         item.stash[_OUTCOME] = report.outcome
+    return report
 
 
 _OUTCOME = pytest.StashKey[str]()

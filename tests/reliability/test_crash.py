@@ -20,13 +20,15 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.sink import Sink
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Sink
 from tests.reliability.conftest import Scenario, scaled
 
 pytestmark = pytest.mark.integration
@@ -111,15 +113,25 @@ def delivered(sink: Sink) -> Counter[str]:
     return copies
 
 
+def all_of(accepted: set[str], copies: Counter[str]) -> Counter[str] | None:
+    """``copies`` if every accepted message is among them."""
+    return copies if accepted <= set(copies) else None
+
+
 def drain(mta: Mta, sink: Sink, timeout: float) -> None:
     """Until the spool is empty; fails at once if the sink went away."""
-    deadline = time.monotonic() + timeout
-    while rows := mta.queue_list():
+
+    def empty() -> bool:
         assert sink.process is not None and sink.process.poll() is None, (
             f"smtp-sink exited ({sink.process and sink.process.returncode}) under the test"
         )
-        assert time.monotonic() < deadline, f"{len(rows)} jobs still queued: {rows[:3]}"
-        time.sleep(0.1)
+        return not mta.queue_list()
+
+    def still_queued() -> str:
+        rows = mta.queue_list()
+        return f"{len(rows)} jobs still queued: {rows[:3]}"
+
+    eventually(empty, timeout, still_queued, 0.1)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -155,10 +167,17 @@ def test_kill_9_under_load_in_both_directions(
         up.set()
         for thread in senders:
             thread.start()
+
+        def reached(point: int) -> bool:
+            return ledger.count() >= point or not any(t.is_alive() for t in senders)
+
         for point in points:
-            while ledger.count() < point and any(t.is_alive() for t in senders):
-                assert time.monotonic() < deadline, f"seed {seed}: load stalled at {point}"
-                time.sleep(0.005)
+            eventually(
+                partial(reached, point),
+                max(0.0, deadline - time.monotonic()),
+                f"seed {seed}: load stalled at {point}",
+                0.005,
+            )
             up.clear()
             assert mta.stop(signal.SIGKILL) == -signal.SIGKILL  # workers die with it
             mta.start()
@@ -170,9 +189,11 @@ def test_kill_9_under_load_in_both_directions(
         drain(mta, sink, timeout=scaled(60, 300))
         accepted = set(ledger.accepted)
         # smtp-sink finishes its dump file just after its 250.
-        settle = time.monotonic() + 10
-        while not accepted <= set(copies := delivered(sink)) and time.monotonic() < settle:
-            time.sleep(0.05)
+        copies = eventually(
+            lambda: all_of(accepted, delivered(sink)),
+            10,
+            lambda: f"seed {seed}: lost {sorted(accepted - set(delivered(sink)))[:5]}",
+        )
         assert mta.stop() == 0, mta.log()[-3000:]
     finally:
         up.set()

@@ -13,8 +13,8 @@ tell it to:
 - ``healed``: forward to the second NSD, which serves the SERVFAIL zones'
   records (the broken zone has been fixed).
 
-Routing rules checked (README: temporary failures wait and retry, permanent
-ones bounce with a DSN): a DNS timeout or SERVFAIL, for the MX records or
+Routing rules checked (docs/architecture.md: temporary failures wait and
+retry, permanent ones bounce with a DSN): a DNS timeout or SERVFAIL, for the MX records or
 for an MX host's addresses, defers (4.4.3) and never bounces, and mail
 flows once the DNS recovers; a truncated answer is asked again over TCP and
 delivered at once; MX hosts that do not exist (NXDOMAIN) bounce with 5.1.2
@@ -43,10 +43,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.dns_server import DnsServer, free_udp_and_tcp_port
-from tests.integration.sink import Dumped, Sink, free_port, wait_until
-from tests.integration.test_accept import send
+from tests.harness.client import send
+from tests.harness.dns_server import DnsServer, free_udp_and_tcp_port
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Dumped, Sink, free_port
 from tests.reliability.conftest import Scenario
 
 pytestmark = pytest.mark.integration
@@ -249,7 +250,7 @@ def copies(sink: Sink, subject: str) -> list[Dumped]:
 
 
 def arrives(sink: Sink, subject: str, timeout: float = 20.0) -> Dumped:
-    return wait_until(lambda: next(iter(copies(sink, subject)), None), timeout, repr(subject))
+    return eventually(lambda: next(iter(copies(sink, subject)), None), timeout, repr(subject))
 
 
 def attempted(
@@ -263,14 +264,14 @@ def attempted(
                 return listed
         return None
 
-    return wait_until(row, timeout, f"{attempts} attempt(s) of {queue_id}")
+    return eventually(row, timeout, f"{attempts} attempt(s) of {queue_id}")
 
 
 def gone(mta: Mta, *queue_ids: str, timeout: float = 20.0) -> None:
     def none_left() -> bool:
         return not any(row["id"] in queue_ids for row in mta.queue_list())
 
-    wait_until(none_left, timeout, f"{queue_ids} to leave the spool")
+    eventually(none_left, timeout, f"{queue_ids} to leave the spool")
 
 
 def statuses(mta: Mta, queue_id: str) -> list[str]:
@@ -298,8 +299,8 @@ def test_dns_timeout_defers_then_delivers(world: World, scenario: Scenario) -> N
     stalled, mixed = unique(), unique()
     stalled_id = send(mta, message(stalled), ["u@stall.test"])
     mixed_id = send(mta, message(mixed), ["u@mixed.test"])
-    wait_until(lambda: proxy.queried("stall.test"), 5, "the MX query of stall.test")
-    wait_until(lambda: proxy.queried("mx.slow.invalid", "A"), 5, "the A query of the MX host")
+    eventually(lambda: proxy.queried("stall.test"), 5, "the MX query of stall.test")
+    eventually(lambda: proxy.queried("mx.slow.invalid", "A"), 5, "the A query of the MX host")
 
     # The lookups hang for DNS_TIMEOUT; other domains resolve and deliver meanwhile.
     healthy_meanwhile(world)
@@ -413,7 +414,7 @@ def test_mx_host_without_address_bounces_with_a_dsn(world: World, scenario: Scen
     # Another MX host has an address: delivered there.
     arrives(world.mx, half)
     # The only MX host does not exist (NXDOMAIN): a permanent failure, a DSN.
-    [dsn] = wait_until(lambda: copies(world.bounces, ghost), 20, "the DSN")
+    [dsn] = eventually(lambda: copies(world.bounces, ghost), 20, "the DSN")
     assert dsn.sender == "" and dsn.recipients == ("app@example.test",)
     parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)

@@ -22,7 +22,6 @@ import shutil
 import smtplib
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from tests.integration.conftest import Mta
-from tests.integration.sink import Sink
+from tests.harness.mta import Mta
+from tests.harness.poll import eventually
+from tests.harness.sink import Sink
 from tests.reliability.conftest import Scenario, scaled
 
 pytestmark = pytest.mark.integration
@@ -80,10 +80,13 @@ def delivered(sink: Sink) -> Counter[str]:
 
 
 def wait_delivered(sink: Sink, names: set[str], timeout: float = 20.0) -> Counter[str]:
-    deadline = time.monotonic() + timeout
-    while not names <= set(copies := delivered(sink)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return copies
+    """The sink's copies, once every one of ``names`` arrived."""
+
+    def arrived() -> Counter[str] | None:
+        copies = delivered(sink)
+        return copies if names <= set(copies) else None
+
+    return eventually(arrived, timeout, lambda: f"lost: {sorted(names - set(delivered(sink)))[:5]}")
 
 
 def deliver_to(mta: Mta, sink: Sink) -> None:

@@ -27,17 +27,19 @@ from hypothesis import strategies as st
 
 from mta.config import EgressConfig, ServerConfig, parse_host_port
 from mta.inbound.handler import Handler
-from mta.inbound.message import Rejected, has_bare_line_ending, prepare, split_header
+from mta.inbound.message import Rejected, has_bare_line_ending, prepare
 from mta.inbound.server import Session, Sessions
 from mta.mail.address import address_is_valid
+from mta.mail.header import split_header
 from mta.mail.reply import parse_reply
 from mta.outbound.dsn import ACTIONS, Failure, build_dsn
 from mta.policy.outcome import Outcome, outcome
-from mta.signing.signer import DkimKey, Signer, write_key
+from mta.signing.keys import DkimKey, write_key
+from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.store import Spool
-from tests.memory_transport import MemoryTransport
+from tests.harness.memory_transport import MemoryTransport
 from tests.reliability.conftest import Scenario, scaled
 
 EXAMPLES = scaled(150, 3000)

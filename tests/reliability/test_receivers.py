@@ -27,16 +27,15 @@ import contextlib
 import re
 import ssl
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pytest
 
-from tests.integration.conftest import Mta, make_certificate
-from tests.integration.sink import wait_until
-from tests.integration.test_accept import send
-from tests.integration.threaded_server import ThreadedServer
+from tests.harness.client import message, send, unique
+from tests.harness.mta import Mta, make_certificate
+from tests.harness.poll import eventually
+from tests.harness.threaded_server import ThreadedServer
 from tests.reliability.conftest import Scenario
 
 pytestmark = pytest.mark.integration
@@ -113,7 +112,7 @@ class Receiver(ThreadedServer):
         def arrived() -> Kept | None:
             return next((kept for kept in self.copies(subject) if kept.acknowledged), None)
 
-        return wait_until(arrived, timeout, f"{subject!r} at {self.host}")
+        return eventually(arrived, timeout, f"{subject!r} at {self.host}")
 
     def open_session(self, timeout: float = 10.0) -> Session:
         """A session that is open now (the daemon's attempt under way)."""
@@ -121,7 +120,7 @@ class Receiver(ThreadedServer):
         def open_now() -> Session | None:
             return next((s for s in list(self.sessions) if s.closed is None), None)
 
-        return wait_until(open_now, timeout, f"a session open at {self.host}")
+        return eventually(open_now, timeout, f"a session open at {self.host}")
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(time.monotonic())
@@ -294,17 +293,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 assert code == 0, mta.log()
 
 
-def message(subject: str) -> bytes:
-    return (
-        "From: App <app@example.test>\r\nTo: someone\r\n"
-        f"Subject: {subject}\r\n\r\nHello.\r\n.\r\n..two dots\r\nend\r\n"
-    ).encode()
-
-
-def unique() -> str:
-    return f"reliability {uuid.uuid4().hex}"
-
-
 def attempted(mta: Mta, queue_id: str, timeout: float = 15.0) -> dict[str, object]:
     """The job's queue-list row once it has been attempted (deferred)."""
 
@@ -314,7 +302,7 @@ def attempted(mta: Mta, queue_id: str, timeout: float = 15.0) -> dict[str, objec
                 return listed
         return None
 
-    return wait_until(row, timeout, f"an attempt of {queue_id}")
+    return eventually(row, timeout, f"an attempt of {queue_id}")
 
 
 def gone(mta: Mta, *queue_ids: str, timeout: float = 15.0) -> None:
@@ -323,7 +311,7 @@ def gone(mta: Mta, *queue_ids: str, timeout: float = 15.0) -> None:
     def none_left() -> bool:
         return not any(row["id"] in queue_ids for row in mta.queue_list())
 
-    wait_until(none_left, timeout, f"{queue_ids} to leave the spool")
+    eventually(none_left, timeout, f"{queue_ids} to leave the spool")
 
 
 def outcomes(mta: Mta, queue_id: str, recipient: str) -> list[tuple[int, str]]:
@@ -555,7 +543,7 @@ def test_4xx_for_some_recipients_retries_only_those(world: World, scenario: Scen
     assert str(row["last_reply"]).startswith(f"450 4.2.1 <{later[0]}>"), row
 
     bad.script = HEALTHY
-    wait_until(lambda: len(bad.copies(subject)) >= 2, 15, "the retry of the deferred recipients")
+    eventually(lambda: len(bad.copies(subject)) >= 2, 15, "the retry of the deferred recipients")
     gone(mta, queue_id)
     assert [kept.recipients for kept in bad.copies(subject)] == [ok, later]
     for recipient in ok:

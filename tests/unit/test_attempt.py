@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mta import config
-from mta.events.event_log import EventLog
+from mta.events.log import EventLog
 from mta.mail.reply import Reply
 from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import MxHost, ResolveError, Route
-from mta.outbound.smtp_client import Attempt
+from mta.outbound.smtp_client import Delivery
 from mta.policy.retry import RetrySchedule
 from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
@@ -65,10 +65,10 @@ class FakeDeliverer:
         recipients: Sequence[str],
         data: bytes,
         max_messages: int | None = None,
-    ) -> Attempt:
+    ) -> Delivery:
         self.meanwhile()
         replies = {r: self.ANSWERS[r.split("@")[0]] for r in recipients}
-        return Attempt("mx.example.net[192.0.2.1]:25", replies)
+        return Delivery("mx.example.net[192.0.2.1]:25", replies)
 
 
 def run_attempt(

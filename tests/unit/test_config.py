@@ -376,19 +376,20 @@ def test_example_config_shows_the_defaults_where_it_says_so() -> None:
             assert shown == getattr(getattr(default, section), spec.name), (section, spec.name)
 
 
-def test_the_multi_ip_example_in_the_readme_is_a_valid_config() -> None:
+def test_the_multi_ip_example_in_the_traffic_policy_guide_is_a_valid_config() -> None:
     root = Path(__file__).resolve().parents[2]
     example = root / "etc" / "examples" / "multi-ip.toml"
     parsed = load(example)
     assert len(parsed.egress.source) == 8
     assert [s.name for s in parsed.egress.source if s.warmup] == ["ip7", "ip8"]
     assert {p.name for p in parsed.policy.provider} == {"gmail", "outlook", "yahoo"}
-    assert example.read_text() in (root / "README.md").read_text()  # shown verbatim
+    guide = root / "docs" / "traffic-policy.md"
+    assert example.read_text() in guide.read_text()  # shown verbatim
 
 
-def test_the_operations_guide_documents_every_key() -> None:
+def test_the_configuration_reference_documents_every_key() -> None:
     root = Path(__file__).resolve().parents[2]
-    guide = (root / "docs" / "operations.md").read_text()
+    guide = (root / "docs" / "configuration.md").read_text()
 
     def keys(cls: type, prefix: str) -> list[str]:
         found = []
@@ -402,7 +403,7 @@ def test_the_operations_guide_documents_every_key() -> None:
         return found
 
     missing = [key for key in keys(Config, "") if f"`{key}`" not in guide]
-    assert not missing, f"docs/operations.md does not document: {missing}"
+    assert not missing, f"docs/configuration.md does not document: {missing}"
 
 
 def test_every_alert_has_a_runbook() -> None:

@@ -1,5 +1,6 @@
 """The listener's fast paths against aiosmtpd's own code: DATA read in chunks
-(mta.inbound.server.DataParser), and MAIL/RCPT addresses (parse_address).
+(mta.inbound.server.DataParser), and MAIL/RCPT addresses
+(mta.inbound.aiosmtpd_compat.parse_address).
 
 The reference is aiosmtpd 1.4's ``SMTP.smtp_DATA`` itself, run on a small
 stand-in session over a real ``asyncio.StreamReader``: for any data, cut into
@@ -24,13 +25,8 @@ from aiosmtpd.smtp import SMTP, Envelope
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mta.inbound.server import (
-    LINE_TOO_LONG,
-    TOO_MUCH_DATA,
-    DataParser,
-    _LineReader,
-    parse_address,
-)
+from mta.inbound.aiosmtpd_compat import ChunkedStreamReader, parse_address
+from mta.inbound.server import DATA_BUFFER, LINE_TOO_LONG, TOO_MUCH_DATA, DataParser
 
 CRLF = b"\r\n"
 END = b"\r\n.\r\n"
@@ -123,11 +119,11 @@ def parsed(chunks: list[bytes], size_limit: int | None, line_limit: int) -> Outc
 
 
 def read(chunks: list[bytes], size_limit: int | None, line_limit: int) -> Outcome:
-    """The same through the session's stream reader (``_LineReader.read_data``)."""
+    """The same through the session's stream reader (``ChunkedStreamReader.read_data``)."""
     with idle_loop() as loop:
-        reader = _LineReader(limit=line_limit, loop=loop)
+        reader = ChunkedStreamReader(limit=line_limit, loop=loop)
         parser = DataParser(size_limit, line_limit)
-        left = step(reader.read_data(parser), reader, chunks)
+        left = step(reader.read_data(parser, DATA_BUFFER), reader, chunks)
     assert reader._limit == line_limit  # restored after DATA
     if parser.refusal is not None:
         return parser.refusal, None, left

@@ -7,7 +7,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.outbound.smtp_client import dot_stuffed
+from mta.outbound.smtp_transaction import dot_stuffed
 
 # Lines of text, dots and empty lines, joined with CRLF only.
 line = st.text(alphabet=st.sampled_from(["a", ".", " ", "é"]), max_size=6).map(str.encode)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from mta.outbound import dsn
 from mta.outbound.dsn import Failure, build_dsn
-from mta.signing.signer import Signer, generate_key, load_key
+from mta.signing.keys import generate_key, load_key
+from mta.signing.signer import Signer
 
 NOW = 1_700_000_100.0
 ARRIVED = 1_700_000_000.0

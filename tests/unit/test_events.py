@@ -20,19 +20,11 @@ import lmdb
 import pytest
 
 from mta.config import EventsConfig
-from mta.events.event_log import (
-    Backoff,
-    Event,
-    EventLog,
-    RotatingFile,
-    Webhook,
-    attempt_events,
-    batch_body,
-    iso_time,
-    post_result,
-    received_events,
-)
+from mta.events.event import Event, attempt_events, received_events
+from mta.events.log import EventLog, RotatingFile
+from mta.events.webhook import Backoff, Webhook, batch_body, post_result
 from mta.mail.reply import Reply
+from mta.observe.timefmt import iso_time
 from mta.policy.disposition import Decision
 from mta.spool.commit import GroupCommitter
 from mta.spool.records import Message

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import dkim
@@ -20,7 +19,8 @@ from aiosmtpd.smtp import Session as SmtpSession
 
 from mta.config import EgressConfig, ServerConfig
 from mta.inbound.handler import INLINE_SIGN_MAX, Handler
-from mta.signing.signer import DkimKey, Signer, write_key
+from mta.signing.keys import DkimKey, write_key
+from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.store import Spool
@@ -41,13 +41,6 @@ class RecordingPool(ThreadPoolExecutor):
 @pytest.fixture(scope="module")
 def key(tmp_path_factory: pytest.TempPathFactory) -> DkimKey:
     return write_key("example.test", "s1", tmp_path_factory.mktemp("dkim"), "rsa", 2048)[1]
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    spool = Spool(tmp_path / "spool", max_size=2**30)
-    yield spool
-    spool.close()
 
 
 def message_of(size: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from mta.observe.logs import JsonFormatter
+from mta.observe.logs import JsonFormatter, TextFormatter
 
 
 def record(message: str, *args: object) -> logging.LogRecord:
@@ -34,3 +34,11 @@ def test_event_pairs_become_fields() -> None:
 def test_a_plain_line_is_still_one_json_object() -> None:
     fields = json.loads(JsonFormatter().format(record("mta stopped")))
     assert fields["message"] == "mta stopped"
+
+
+def test_text_and_json_lines_are_stamped_alike() -> None:
+    line = record("mta started")
+    line.created = 1_800_000_000.1234
+    stamp = "2027-01-15T08:00:00.123Z"
+    assert json.loads(JsonFormatter().format(line))["time"] == stamp
+    assert TextFormatter("%(asctime)s %(message)s").format(line) == f"{stamp} mta started"

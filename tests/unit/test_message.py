@@ -8,16 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.inbound.message import (
-    Rejected,
-    field_values,
-    has_bare_line_ending,
-    header_safe,
-    prepare,
-    received_field,
-    split_header,
-)
+from mta.inbound.message import Rejected, has_bare_line_ending, prepare, received_field
 from mta.inbound.reply_texts import BARE_LINE_ENDING
+from mta.mail.header import field_values, header_safe, split_header
 
 QID = "0123456789ABCDEF"
 HOST = "mta.example.test"

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mta.mail.address import parse_ip
 from mta.outbound.routes import (
     MAX_MX_HOSTS,
     MAX_TTL,
@@ -34,7 +35,6 @@ from mta.outbound.routes import (
     is_null_mx,
     is_public,
     order_mx,
-    parse_ip,
 )
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from mta.policy.rules import (
 
 # Each default rule with the replies it is for, as the providers document or
 # send them (IPs and hosts replaced by documentation values). The first
-# example of each rule is the one in the README's table.
+# example of each rule is the one in docs/traffic-policy.md's table.
 EXAMPLES: dict[str, list[str]] = {
     "yahoo-tss04": [
         "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume"

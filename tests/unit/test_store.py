@@ -50,13 +50,6 @@ def due_entries(spool: Spool) -> list[bytes]:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    opened = Spool(tmp_path / "spool", max_size=1_000_000)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 def new_id() -> IdGenerator:
     return ids()
 
@@ -198,7 +191,7 @@ def test_too_little_free_disk_raises_spool_full(tmp_path: Path, new_id: IdGenera
 def test_room_problem_says_none_when_there_is_room(spool: Spool) -> None:
     with spool.read() as txn:
         assert spool.room_problem(txn, 1000) is None
-        assert spool.room_problem(txn, 1_000_001) == "spool size limit reached"
+        assert spool.room_problem(txn, spool.max_size + 1) == "spool size limit reached"
 
 
 # --- changing and deleting jobs ---

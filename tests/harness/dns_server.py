@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +38,9 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
-import pytest
+
+from tests.harness.poll import eventually
+from tests.harness.programs import require_program
 
 ZONES = ("test", "invalid")
 START_TIMEOUT = 10.0
@@ -48,12 +49,7 @@ STOP_TIMEOUT = 5.0
 
 def nsd_binary() -> str:
     """NSD's path; skips the test when it is missing (fails it under CI)."""
-    path = shutil.which("nsd") or shutil.which("nsd", path="/usr/sbin:/usr/local/sbin")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("nsd is not installed; make test installs it as root")
-        pytest.skip("nsd is not installed (apt-get install nsd; make test does it as root)")
-    return path
+    return require_program("nsd", "nsd")
 
 
 def free_udp_and_tcp_port() -> int:
@@ -169,20 +165,19 @@ class DnsServer:
         return dns.query.udp(request, "127.0.0.1", port=self.port, timeout=timeout)
 
     def _wait_until_answering(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nsd exited with {self.process.returncode}:\n{self.log()}")
+        process = self.process
+        assert process is not None
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"nsd exited with {process.returncode}:\n{self.log()}")
             try:
                 response = self.query("test", "SOA", timeout=0.2)
             except (dns.exception.Timeout, OSError):
-                time.sleep(0.05)
-                continue
-            if response.rcode() == dns.rcode.NOERROR and response.answer:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"nsd did not answer within {START_TIMEOUT}s:\n{self.log()}")
+                return False
+            return response.rcode() == dns.rcode.NOERROR and bool(response.answer)
+
+        eventually(answering, START_TIMEOUT, lambda: f"nsd to answer:\n{self.log()}", 0.05)
 
     # --- what NSD reads ---
 

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.integration.threaded_server import ThreadedServer
+from tests.harness.threaded_server import ThreadedServer
 
 
 @dataclass

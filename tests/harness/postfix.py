@@ -68,8 +68,10 @@ from types import TracebackType
 
 import pytest
 
-from tests.integration.conftest import make_certificate
-from tests.integration.sink import free_port, is_listening, wait_until
+from tests.harness.mta import free_port, make_certificate
+from tests.harness.poll import eventually
+from tests.harness.programs import require_program
+from tests.harness.sink import is_listening
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -105,17 +107,9 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 def postfix_binary() -> str:
     """The postfix command; skips the test if missing or not root (fails under CI)."""
-    found = shutil.which("postfix") or shutil.which("postfix", path="/usr/sbin:/usr/bin")
-    problem = None
-    if found is None:
-        problem = "postfix is not installed (Debian package postfix)"
-    elif os.geteuid() != 0:
-        problem = "a throwaway Postfix needs root to start"
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(problem)
-        pytest.skip(problem)
-    assert found is not None
+    found = require_program("postfix", "postfix")
+    if os.geteuid() != 0:
+        pytest.skip("root is missing: a throwaway Postfix needs root to start")
     return found
 
 
@@ -365,13 +359,18 @@ class PostfixReceiver:
                     f"postfix start failed (status {code}): {output[-800:]}; "
                     f"log: {self.log()[-800:]}"
                 )
-            master, deadline = self.master_pid, time.monotonic() + START_TIMEOUT
-            while not is_listening(self.host, self.port):
-                if not _alive(master) or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Postfix does not listen on {self.address}; log: {self.log()[-800:]}"
-                    )
-                time.sleep(0.02)
+            master = self.master_pid
+
+            def listening() -> bool:
+                if not _alive(master):
+                    raise RuntimeError(f"Postfix exited; log: {self.log()[-800:]}")
+                return is_listening(self.host, self.port)
+
+            eventually(
+                listening,
+                START_TIMEOUT,
+                lambda: f"Postfix to listen on {self.address}; log: {self.log()[-800:]}",
+            )
         except BaseException:
             self.stop()
             raise
@@ -452,7 +451,7 @@ class PostfixReceiver:
             return text if condition(text) else None
 
         try:
-            return wait_until(met, timeout, "a line in Postfix's log")
+            return eventually(met, timeout, "a line in Postfix's log")
         except AssertionError as error:
             raise AssertionError(f"{error}; log:\n{self.log()}") from None
 
@@ -484,6 +483,6 @@ class PostfixReceiver:
             return None
 
         try:
-            return wait_until(match, timeout, f"a message for {address} in its Maildir")
+            return eventually(match, timeout, f"a message for {address} in its Maildir")
         except AssertionError as error:
             raise AssertionError(f"{error}; Postfix's log:\n{self.log()}") from None

@@ -1,31 +1,33 @@
-"""Integration fixtures: a real `mta serve` process on loopback, and clients.
+"""A real `mta serve` on loopback in its own directory, as the tests and tools run it.
 
-Each test gets its own directory, config, DKIM key (made with `mta dkim
-keygen`, as a user would), self-signed certificate, spool and ports.
+``Mta(root)`` prepares a directory with everything a user would make: a DKIM
+key made by `mta dkim keygen`, a self-signed certificate, an empty users
+file, a spool and free ports; tests adjust ``.server``, ``.spool``,
+``.delivery`` and ``.routes``, then ``start()``. By default mail is parked
+(routed to a port nothing listens on, retried after an hour) so tests of
+accepting can look at the spool.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
+import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.harness.poll import eventually
 
 MTA = str(Path(sys.executable).parent / "mta")
 START_TIMEOUT = 15.0
@@ -48,17 +50,26 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``host`` right now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until `process` accepts connections on ``port``; fails at once if it exits."""
+
+    def listening() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"mta serve exited with {process.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"mta serve did not listen on {port} within {timeout}s")
+            return False
+        return True
+
+    eventually(listening, timeout, f"mta serve to listen on {port}", interval=0.05)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -85,6 +96,16 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def dkim_keygen(directory: Path, domain: str = "example.test", selector: str = "s1") -> str:
+    """Make a DKIM key with `mta dkim keygen`, as a user would; its DNS TXT record."""
+    keygen = run_mta(
+        "dkim", "keygen", "--domain", domain, "--selector", selector, "--out", str(directory)
+    )
+    if keygen.returncode != 0:
+        raise RuntimeError(f"mta dkim keygen failed: {keygen.stderr.strip()}")
+    return "".join(re.findall(r'"([^"]*)"', keygen.stdout))
 
 
 def run_mta(
@@ -125,18 +146,7 @@ class Mta:
 
     def __post_init__(self) -> None:
         self.port, self.metrics_port, self.parking_port = free_ports(3)
-        keygen = run_mta(
-            "dkim",
-            "keygen",
-            "--domain",
-            "example.test",
-            "--selector",
-            "s1",
-            "--out",
-            str(self.root / "dkim"),
-        )
-        assert keygen.returncode == 0, keygen.stderr
-        self.txt_record = "".join(re.findall(r'"([^"]*)"', keygen.stdout))
+        self.txt_record = dkim_keygen(self.root / "dkim")
         cert, key = make_certificate(self.root)
         self.users_file = self.root / "users"
         self.users_file.touch()
@@ -196,15 +206,14 @@ class Mta:
 
     def wait_for_no_sessions(self, timeout: float = 10.0) -> None:
         """Until the daemon has seen the end of every connection (wait_for_port's too)."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def no_sessions() -> bool:
             try:
-                if "mta_smtp_sessions_active 0.0" in self.metrics():
-                    return
+                return "mta_smtp_sessions_active 0.0" in self.metrics()
             except OSError:
-                pass  # /metrics starts just after the SMTP listener
-            assert time.monotonic() < deadline, "sessions still open, or no /metrics"
-            time.sleep(0.02)
+                return False  # /metrics starts just after the SMTP listener
+
+        eventually(no_sessions, timeout, "sessions still open, or no /metrics")
 
     def worker_pids(self) -> list[int]:
         """The worker processes of `mta serve` (none with ``workers = 1``)."""
@@ -223,18 +232,18 @@ class Mta:
             self.process.send_signal(sig)
         code = self.process.wait(timeout=timeout)
         self.process = None
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{pid}").exists() for pid in workers):
-            assert time.monotonic() < deadline, f"workers {workers} outlived `mta serve`"
-            time.sleep(0.01)
+        eventually(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+            10,
+            f"workers {workers} outlived `mta serve`",
+            interval=0.01,
+        )
         return code
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return run_mta(*args, "--config", str(self.config_path), stdin=stdin)
 
     def queue_list(self) -> list[dict[str, Any]]:
-        import json
-
         result = self.cli("queue", "list", "--json")
         assert result.returncode == 0, result.stderr
         return list(json.loads(result.stdout))
@@ -252,74 +261,9 @@ class Mta:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def wait_for_empty_spool(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while rows := self.queue_list():
-            assert time.monotonic() < deadline, f"still queued: {rows}"
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def mta(tmp_path: Path) -> Iterator[Mta]:
-    """A configured, not yet started MTA; tests adjust .server/.spool, then start()."""
-    instance = Mta(tmp_path)
-    yield instance
-    if instance.process is not None:
-        instance.process.kill()
-        instance.process.wait()
-
-
-@pytest.fixture
-def running_mta(mta: Mta) -> Iterator[Mta]:
-    mta.start()
-    yield mta
-    if mta.process is not None:
-        assert mta.stop() == 0, mta.log()
-
-
-@pytest.fixture(scope="session")
-def swaks() -> str:
-    path = shutil.which("swaks")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("swaks is not installed; make test installs it as root")
-        pytest.skip("swaks is not installed (make test installs it as root)")
-    return path
-
-
-class RawSmtp:
-    """A byte-exact SMTP client, for what smtplib refuses to send."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(
-            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        eventually(
+            lambda: not self.queue_list(),
+            timeout,
+            lambda: f"still queued: {self.queue_list()}",
+            interval=0.1,
         )
-        self.buffer = b""
-
-    def reply(self) -> str:
-        """The next complete reply (all its lines), or "" when the server closed."""
-        lines = []
-        while True:
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return "\n".join(lines)
-                self.buffer += chunk
-            line, self.buffer = self.buffer.split(b"\r\n", 1)
-            lines.append(line.decode())
-            if len(line) < 4 or line[3:4] == b" ":
-                return "\n".join(lines)
-
-    def hello(self, name: str = "client.test") -> str:
-        """Read the greeting, say EHLO; the EHLO reply."""
-        assert self.reply().startswith("220 ")
-        return self.command(f"EHLO {name}")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def command(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()

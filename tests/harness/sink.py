@@ -23,57 +23,25 @@ empty line. The message ends with the line break the client sent before the
 final dot, so ``data`` (CRLF restored) is exactly what the client meant to
 send, with CRLF added at the end if it was missing.
 
-No test should assert on timing; ``wait_*`` helpers poll with a deadline and
-fail with what they saw.
+No test should assert on timing; ``wait_*`` helpers poll with ``eventually``
+and fail with what they saw.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
-import pytest
+from tests.harness.mta import free_port
+from tests.harness.poll import eventually
+from tests.harness.programs import require_program
 
-T = TypeVar("T")
 START_TIMEOUT = 5.0
-
-
-def smtp_sink_path() -> str:
-    """The smtp-sink binary; skips the test if missing (fails under CI)."""
-    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
-    if found is None:
-        message = "smtp-sink not installed (Debian package postfix)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-def free_port(host: str) -> int:
-    """A TCP port nothing listens on at ``host`` right now."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``condition`` until it returns something true; its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def is_listening(host: str, port: int) -> bool:
@@ -156,7 +124,7 @@ class Sink:
         options: Sequence[str] = (),
         name: str = "smtp-sink",
     ) -> None:
-        self.binary = smtp_sink_path()
+        self.binary = require_program("smtp-sink", "postfix")
         self.directory = directory
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -183,17 +151,21 @@ class Sink:
             self.process = subprocess.Popen(
                 self.command(), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not is_listening(self.host, self.port):
-            if self.process.poll() is not None:
+        process = self.process
+
+        def listening() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(
-                    f"smtp-sink exited with {self.process.returncode}: "
+                    f"smtp-sink exited with {process.returncode}: "
                     f"{self.output.read_text(errors='replace')}"
                 )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"smtp-sink did not listen on {self.host}:{self.port}")
-            time.sleep(0.02)
+            return is_listening(self.host, self.port)
+
+        try:
+            eventually(listening, START_TIMEOUT, f"smtp-sink to listen on {self.host}:{self.port}")
+        except AssertionError:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -235,7 +207,7 @@ class Sink:
             found = self.messages()
             return found if len(found) >= count else []
 
-        return wait_until(enough, timeout, f"{count} messages in {self.dump_dir}")
+        return eventually(enough, timeout, f"{count} messages in {self.dump_dir}")
 
     def counters(self) -> Counters:
         text = self.output.read_bytes().decode(errors="replace")
@@ -252,4 +224,4 @@ class Sink:
             counters = self.counters()
             return counters if condition(counters) else None
 
-        return wait_until(met, timeout, f"smtp-sink counters (now {self.counters()})")
+        return eventually(met, timeout, lambda: f"smtp-sink counters (now {self.counters()})")

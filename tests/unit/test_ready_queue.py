@@ -1,0 +1,173 @@
+"""The ready queue's waits and wake-ups, with an injected clock: no sleeps.
+
+The tests step the event loop instead of waiting for time to pass; a wait
+bounded by ``retry_in`` or ``recheck`` is tested with a bound of zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from mta import config
+from mta.outbound.egress import Egress, Lease
+from mta.outbound.ready_queue import Busy, ReadyQueue
+from mta.policy.limits import site_for
+from mta.spool.store import Spool
+
+HOUR = 3600.0
+
+
+async def step_loop() -> None:
+    """Let every task that can run do so (a wake-up takes a few loop turns)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class Slots:
+    """Free connection slots that named jobs take, recording who looked when."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+        self.free = 0
+        self.looks: list[tuple[str, float]] = []
+
+    def attempt(self, name: str) -> Callable[[float], str | Busy]:
+        def look(now: float) -> str | Busy:
+            self.looks.append((name, now))
+            if self.free == 0:
+                return Busy(HOUR)
+            self.free -= 1
+            return name
+
+        return look
+
+    def queue(self) -> ReadyQueue:
+        return ReadyQueue(lambda: self.now[0], recheck=HOUR)
+
+
+def test_an_answer_that_is_not_busy_is_returned_without_waiting() -> None:
+    slots = Slots([100.0])
+    slots.free = 1
+
+    async def main() -> None:
+        assert await slots.queue().wait(slots.attempt("a")) == "a"
+
+    asyncio.run(main())
+    assert slots.looks == [("a", 100.0)]
+
+
+def test_a_busy_job_waits_for_a_wake_and_looks_again_at_the_new_time() -> None:
+    now = [100.0]
+    slots = Slots(now)
+
+    async def main() -> None:
+        queue = slots.queue()
+        waiting = asyncio.create_task(queue.wait(slots.attempt("a")))
+        await step_loop()
+        assert not waiting.done() and slots.looks == [("a", 100.0)]
+        now[0] = 105.0
+        slots.free = 1
+        queue.wake()
+        assert await waiting == "a"
+
+    asyncio.run(main())
+    assert slots.looks == [("a", 100.0), ("a", 105.0)]
+
+
+def test_a_wake_wakes_every_waiter_in_the_order_they_began_waiting() -> None:
+    slots = Slots([100.0])
+
+    async def main() -> None:
+        queue = slots.queue()
+        waiting = {}
+        for name in ("a", "b", "c"):
+            waiting[name] = asyncio.create_task(queue.wait(slots.attempt(name)))
+            await step_loop()
+        slots.looks.clear()
+        slots.free = 1
+        queue.wake()
+        await step_loop()
+        # All three looked; the first took the one slot, the others wait again.
+        assert [name for name, _ in slots.looks] == ["a", "b", "c"]
+        assert waiting["a"].done() and not waiting["b"].done() and not waiting["c"].done()
+        await step_loop()
+        assert len(slots.looks) == 3  # waiting again, not looking over and over
+        slots.free = 2
+        queue.wake()
+        assert [await waiting["b"], await waiting["c"]] == ["b", "c"]
+
+    asyncio.run(main())
+
+
+def test_a_newcomer_may_take_a_slot_before_the_woken_waiter_looks() -> None:
+    slots = Slots([100.0])
+
+    async def main() -> None:
+        queue = slots.queue()
+        waiting = asyncio.create_task(queue.wait(slots.attempt("early")))
+        await step_loop()
+        slots.free = 1
+        queue.wake()
+        # Not first come, first served: this job asks before the woken one runs.
+        assert await queue.wait(slots.attempt("newcomer")) == "newcomer"
+        await step_loop()
+        assert not waiting.done()
+        assert [name for name, _ in slots.looks] == ["early", "newcomer", "early"]
+        waiting.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_busy_job_looks_again_after_retry_in_without_a_wake() -> None:
+    answers: list[str | Busy] = [Busy(0.0), "sent"]
+
+    async def main() -> None:
+        queue = ReadyQueue(lambda: 100.0, recheck=HOUR)
+        assert await queue.wait(lambda now: answers.pop(0)) == "sent"
+
+    asyncio.run(main())
+    assert answers == []
+
+
+def test_a_busy_job_looks_again_after_recheck_however_long_retry_in_is() -> None:
+    answers: list[str | Busy] = [Busy(HOUR), "sent"]
+
+    async def main() -> None:
+        queue = ReadyQueue(lambda: 100.0, recheck=0.0)
+        assert await queue.wait(lambda now: answers.pop(0)) == "sent"
+
+    asyncio.run(main())
+    assert answers == []
+
+
+def test_egress_jobs_waiting_for_a_connection_slot_take_it_in_turn(tmp_path: Path) -> None:
+    settings = config.parse({"policy": {"default": {"max_connections": 1}}})
+    spool = Spool(tmp_path / "spool", max_size=2**20)
+    egress = Egress(settings, spool, clock=lambda: 1_800_000_000.0)
+    site = site_for("ops.test", ["mx.ops.test"], {})
+
+    async def main() -> None:
+        first = await egress.lease("", site, "ops.test")
+        assert isinstance(first, Lease)
+        second = asyncio.create_task(egress.lease("", site, "ops.test"))
+        await step_loop()
+        third = asyncio.create_task(egress.lease("", site, "ops.test"))
+        await step_loop()
+        assert not second.done() and not third.done()
+        egress.release(first)
+        await step_loop()
+        assert second.done() and not third.done()
+        leased = second.result()
+        assert isinstance(leased, Lease) and leased.path is first.path
+        egress.release(leased)
+        last = await third
+        assert isinstance(last, Lease)
+        egress.release(last)
+        assert first.path.in_use == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        spool.close()
