@@ -372,6 +372,30 @@ class SuppressionConfig:
     add_hard_bounces: bool = setting(bool, True)  # invalid recipients join the list
 
 
+def redis_url(text: str) -> str:
+    if not re.fullmatch(r"(rediss?://[^\s/]+(/[0-9]+)?|unix:///\S+)", text):
+        raise ValueError(
+            f'expected "redis://HOST:PORT/DB", "rediss://..." or "unix:///PATH", got "{text}"'
+        )
+    return text
+
+
+def node_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise ValueError(f'a node name is 1 to 63 letters, digits, ".", "_" or "-", got "{text}"')
+    return text
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # Where the fleet's traffic-policy state lives; None: this node's workers
+    # share it through a file beside the spool, and no other node sees it.
+    redis: str | None = setting(str, None, parse=redis_url)
+    node: str = setting(str, socket.gethostname().split(".")[0] or "node", parse=node_name)
+    # A Redis answer slower than this counts as Redis away for that delivery.
+    redis_timeout: float = setting(float, 0.01, parse=positive)
+
+
 @dataclass(frozen=True)
 class DkimConfig:
     domain: str = setting(str, parse=lowercase_domain)
@@ -390,6 +414,7 @@ class Config:
     policy: PolicyConfig = setting(PolicyConfig, PolicyConfig())
     events: EventsConfig = setting(EventsConfig, EventsConfig())
     suppression: SuppressionConfig = setting(SuppressionConfig, SuppressionConfig())
+    cluster: ClusterConfig = setting(ClusterConfig, ClusterConfig())
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
     def __post_init__(self) -> None:
