@@ -45,7 +45,7 @@ BODY = (b"From: app@example.test\r\nSubject: backlog\r\n\r\n" + b"x" * 76 + b"\r
 def fill(spool_path: Path, count: int) -> float:
     """N deferred messages, 10,000 per transaction; the seconds it took."""
     spool = Spool(spool_path, max_size=64 * 2**30, min_free_disk=0)
-    new_id = IdGenerator()
+    new_id = IdGenerator(node="bench")
     started = time.monotonic()
     later = time.time() + 3600
     done = 0

@@ -1,20 +1,25 @@
 """`mta policy ...`: see the traffic policy in force, suspend and resume paths.
 
 Works on the spool like `mta queue`, daemon running or not: suspensions are
-stored in the spool's policy database, which the daemon re-reads every
-second, so `suspend` and `resume` take effect on a running daemon at once.
+stored in the spool's policy database, which the daemon looks at before each
+delivery, so `suspend` and `resume` take effect on a running daemon at once.
+`resume` also makes the jobs the suspension deferred due now, in the same
+commit: a running daemon starts them within a second (its scheduler's scan).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+import lmdb
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.config import Config, load
@@ -27,6 +32,7 @@ from mta.outbound.egress import (
     warmup_counter,
 )
 from mta.policy.warmup import daily_cap, day_of
+from mta.spool.records import JobState
 from mta.spool.store import Spool
 
 OPERATOR = "operator"
@@ -93,20 +99,36 @@ def suspend(
         throttles = load_throttles(spool, txn)
         for name in names:
             throttles.suspend((name, site.lower()), now + seconds, OPERATOR)
-        save_throttles(spool, txn, throttles)
+        save_throttles(spool, txn, throttles, now)
     out.write(f"suspended {', '.join(names)} to {site} until {iso_time(now + seconds)}\n")
     return 0
 
 
 def resume(spool: Spool, config: Config, site: str, source: str | None, out: TextIO) -> int:
+    now = time.time()
     names = _sources(config, source)
     with spool.write() as txn:
         throttles = load_throttles(spool, txn)
-        for name in names:
-            throttles.resume((name, site.lower()))
-        save_throttles(spool, txn, throttles)
-    out.write(f"resumed {', '.join(names)} to {site}\n")
+        ends = {end for name in names for end in throttles.resume((name, site.lower()))}
+        save_throttles(spool, txn, throttles, now)
+        due = sum(_make_due(spool, txn, end, now) for end in ends if now < end < math.inf)
+    out.write(f"resumed {', '.join(names)} to {site}; {due} waiting jobs due now\n")
     return 0
+
+
+def _make_due(spool: Spool, txn: lmdb.Transaction, end: float, now: float) -> int:
+    """Make the jobs told to come back at a suspension's ``end`` due ``now``; how many.
+
+    A job a suspension defers waits until its end exactly (mta.outbound.egress
+    answers ``Wait``), so the due index finds them with a seek; a job whose
+    retry falls in that same millisecond by chance is only tried early.
+    """
+    keys = spool.due_at(txn, end)
+    for key in keys:
+        job = spool.job(txn, key)
+        assert job is not None, key  # the due index lists stored ready jobs only
+        spool.put_job(txn, job.with_state(JobState.READY, next_attempt=now), old=job)
+    return len(keys)
 
 
 def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:

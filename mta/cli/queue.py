@@ -3,24 +3,32 @@
 LMDB lets this process read while the daemon writes, and serialises writers
 across processes, so every command works on a live spool. Each command that
 changes jobs does so in one transaction: it happens entirely or not at all.
+The exception is ``evacuate``, for a node whose daemon is stopped for good: it
+hands the spool's mail to another node (mta.node.evacuate) and refuses a
+spool in use.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from mta import config
 from mta.cli import policy
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.mail.header import split_header
+from mta.node.evacuate import SpoolInUse, SpoolUsers, evacuate
 from mta.observe.timefmt import iso_time
-from mta.spool.ids import is_queue_id
+from mta.outbound.pool import client_settings
+from mta.spool.ids import LENGTH, is_queue_id
 from mta.spool.records import Job, JobState, Message
 from mta.spool.store import Spool
 
@@ -54,6 +62,11 @@ def add_commands(commands: Commands) -> None:
         sub.add_argument("ids", nargs="*", metavar="ID")
         sub.add_argument("--domain")
         sub.set_defaults(run=run_change, action=action)
+    evacuation = queue.add_parser(
+        "evacuate", parents=[with_config], help="hand a stopped node's mail to another node"
+    )
+    evacuation.add_argument("--to", required=True, metavar="HOST:PORT", help="the live node")
+    evacuation.set_defaults(run=run_evacuate)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -71,6 +84,34 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_change(args: argparse.Namespace) -> int:
     return change(open_spool(args), args.action, args.ids, args.domain, sys.stdout)
+
+
+def run_evacuate(args: argparse.Namespace) -> int:
+    try:
+        target = config.parse_host_port(args.to)
+    except ValueError as error:
+        raise CommandError(f"--to: {error}") from None
+    settings = config.load(args.config)
+    spool = open_spool(args)
+    with ExitStack() as cleanup:
+        users = SpoolUsers(spool.path)
+        cleanup.callback(users.close)
+        cleanup.callback(spool.close)  # first: closing the probe drops LMDB's locks
+        client = client_settings(settings, None, settings.server.hostname)
+        run = evacuate(spool, users, target, client, settings.egress.pool_header, sys.stdout)
+        try:
+            tally = asyncio.run(run)
+        except SpoolInUse as error:
+            raise CommandError(str(error)) from None
+    print(tally.summary(target))
+    if tally.stopped:
+        raise CommandError(f"stopped at {tally.stopped}; run the command again to go on")
+    if tally.recipients_left:
+        raise CommandError(
+            f"{tally.recipients_left} recipient(s) left in the spool, refused by {target} "
+            "or held: see `mta queue list`"
+        )
+    return 0
 
 
 def _short_time(seconds: float) -> str:
@@ -121,18 +162,19 @@ def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         out.write("Mail queue is empty\n")
         return
     out.write(
-        f"{'QUEUE ID':<16}  {'STATE':<5}  {'ATT':>3}  {'SIZE':>8}  {'ARRIVED (UTC)':<19}  SENDER\n"
+        f"{'QUEUE ID':<{LENGTH}}  {'STATE':<5}  {'ATT':>3}  {'SIZE':>8}  "
+        f"{'ARRIVED (UTC)':<19}  SENDER\n"
     )
     for row in rows:
         arrived = row["arrived"][:19].replace("T", " ")
         out.write(
-            f"{row['id']:<16}  {row['state']:<5}  {row['attempts']:>3}  {row['size']:>8}  "
+            f"{row['id']:<{LENGTH}}  {row['state']:<5}  {row['attempts']:>3}  {row['size']:>8}  "
             f"{arrived:<19}  <{row['sender']}>\n"
         )
         for recipient in row["recipients"]:
-            out.write(f"{'':<18}{recipient}\n")
+            out.write(f"{'':<{LENGTH + 2}}{recipient}\n")
         if row["last_reply"]:
-            out.write(f"{'':<18}({row['last_reply']})\n")
+            out.write(f"{'':<{LENGTH + 2}}({row['last_reply']})\n")
     messages = len({row["id"] for row in rows})
     out.write(f"-- {len(rows)} job(s) in {messages} message(s)\n")
 
@@ -284,5 +326,6 @@ def _check_ids(ids: Iterable[str]) -> None:
     bad = [queue_id for queue_id in ids if not is_queue_id(queue_id)]
     if bad:
         raise CommandError(
-            f"not a queue ID: {', '.join(bad)} (16 characters such as 0V8J2K9M4C1A7Q3E)"
+            f"not a queue ID: {', '.join(bad)} (22 characters such as "
+            "06H52NGPRM16V400A0NYTQ, or 16 from before IDs named their node)"
         )

@@ -36,7 +36,9 @@ class Event:
     reply or classification; a delivery has no classification.
     """
 
-    id: str  # "<queue id>.<recipient>.<attempt>.<type>": unique, stable across a resend
+    # "<queue id>.<recipient>.<attempt>.<type>": stable across a resend, and
+    # unique in the fleet because the queue ID ends in the node's tag.
+    id: str
     type: EventType
     time: str  # ISO 8601 UTC, when it happened
     queue_id: str

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvloop
 
+from mta.cluster.local_limits import LocalLimits, local_limits_dir
 from mta.config import Config, ConfigError, ServerConfig, load
 from mta.events.log import EventLog
 from mta.events.webhook import Webhook
@@ -146,7 +147,9 @@ class Daemon:
         if self.webhook is not None:
             self.events.wake = self.webhook.wake
         self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-        signer, new_id = Signer(resources.keys), IdGenerator()
+        signer, new_id = Signer(resources.keys), IdGenerator(node=config.cluster.node)
+        if role is None:
+            LocalLimits.clear(str(local_limits_dir(config.spool.path)))  # the last run's leases
         self.egress = Egress(config, self.spool)
         self.scheduler = Scheduler(
             self.spool,
@@ -225,6 +228,7 @@ class Daemon:
                 serve_metrics(config, self.spool, self.not_ready)
             loop = asyncio.get_running_loop()
             delivering = loop.create_task(self.scheduler.run())
+            renewing = loop.create_task(self.egress.shared.run())
             posting = loop.create_task(self.webhook.run()) if self.webhook else None
             if self.peers is not None:
                 self.peers.listen(self.scheduler.offer)
@@ -252,6 +256,7 @@ class Daemon:
             await self.sessions.drain(timeout)
             await self.scheduler.stop(timeout)
             await delivering
+            renewing.cancel()
             if posting is not None:
                 await posting
         finally:
@@ -302,6 +307,7 @@ class Daemon:
             ("[spool]", old.spool, new.spool),
             ("[metrics] listen", old.metrics.listen, new.metrics.listen),
             ("[events]", old.events, new.events),
+            ("[cluster]", old.cluster, new.cluster),
             ("[server] workers", old.server.workers, new.server.workers),
             (
                 "AUTH on or off ([server] users_file)",

@@ -45,6 +45,7 @@ import uvloop
 from prometheus_client import multiprocess
 
 from mta import config
+from mta.cluster.local_limits import LocalLimits, local_limits_dir
 from mta.inbound.auth import UsersFileError
 from mta.node import daemon
 from mta.node.ownership import Peers
@@ -100,6 +101,7 @@ class Supervisor:
         try:
             await self._check_listen()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # the last run's figures
+            LocalLimits.clear(str(local_limits_dir(self.settings.spool.path)))  # and leases
             self.metrics_dir.mkdir(mode=0o700)
             daemon.serve_metrics(
                 self.settings,

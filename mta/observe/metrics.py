@@ -102,3 +102,17 @@ WEBHOOK_POSTS = Counter(
 WEBHOOK_EVENTS = Counter(
     "mta_webhook_events_total", "Events the webhook accepted (answered 2xx) and left the spool."
 )
+CLUSTER_REDIS_UP = Gauge(
+    "mta_cluster_redis_up",
+    "1 while limits are shared through [cluster] redis; 0 while it is away or not configured.",
+    multiprocess_mode="livemin",
+)
+CLUSTER_REDIS_SECONDS = Histogram(
+    "mta_cluster_redis_seconds",
+    "Round trips to [cluster] redis (a lease and rate decision, a renewal, a release).",
+    buckets=_FAST_SECONDS,
+)
+CLUSTER_REDIS_ERRORS = Counter(
+    "mta_cluster_redis_errors_total",
+    "Requests to [cluster] redis that failed or took longer than redis_timeout.",
+)

@@ -61,7 +61,6 @@ class AttemptResult:
     relay: str
     replies: dict[str, Reply]
     lease: Lease | None = None  # the path used, when SMTP was tried
-    rules: tuple[Rule, ...] = ()  # response rules that suspended or throttled the path
     wait_until: float | None = None  # no path may send yet: not an attempt, only a later time
 
 
@@ -184,13 +183,16 @@ class Attempter:
                     job.recipients[start : start + size],
                     body,
                     lease.limits.max_messages_per_connection,
+                    lease.slot,
                 )
                 replies.update(delivery.replies)
                 relay = delivery.relay
+            # Before the lease goes back: jobs waiting for the path must find
+            # the suspension these replies call for.
+            rules = tuple(self.egress.react(lease, replies))
         finally:
             self.egress.release(lease)
-        rules = tuple(self.egress.react(lease, replies))
-        return AttemptResult(relay, _blocks_defer(replies, rules), lease, rules)
+        return AttemptResult(relay, _blocks_defer(replies, rules), lease)
 
     async def _bounce(
         self, message: Message, body: bytes, decision: Decision, relay: str
@@ -244,7 +246,6 @@ class Attempter:
         self.events.store(txn, events)
         if result.lease is not None:
             self.egress.count_sent(txn, result.lease, len(decision.delivered))
-            self.egress.persist(txn, result.rules, result.lease)
         current = self.spool.job(txn, key)
         if current is None:
             return False

@@ -7,6 +7,8 @@ policy applies per path:
 
 - connections: at most ``max_connections`` deliveries at once on a path;
 - rate: messages leave a path no faster than ``max_rate``, evenly spaced;
+  both held across the node's workers, or the fleet's nodes, by the shared
+  limits (mta.cluster.limits);
 - warmup: a source on a warmup plan sends each provider at most that day's
   cap; past it, the pool's other sources carry the traffic;
 - suspension and throttling: a response rule (mta.policy.rules) or an
@@ -20,32 +22,38 @@ send at all it answers ``Wait`` with the time the job should come back, and
 the job is deferred without counting an attempt.
 
 Suspensions live in the spool's policy database, so they survive restarts and
-``mta policy suspend|resume`` can change them from another process: the
-daemon re-reads them at most ``REFRESH`` seconds apart. Warmup counters live
-there too, incremented in the same commit that records the delivery.
+every worker and ``mta policy suspend|resume`` share them: each lease looks
+at them (one small record, parsed only when it changed), so a change is in
+force from the next lease of every worker on. A suspension a reply calls for
+is stored at once, in a commit of its own, before its delivery gives the
+lease back; deliveries already under way on the path finish (at most its
+connections). Warmup counters live there too, incremented in the same
+commit that records the delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import lmdb
 
+from mta.cluster.limits import Holding, SharedLimits, shared_limits
 from mta.config import Config, LimitsConfig
 from mta.mail.reply import Reply
 from mta.observe import metrics
 from mta.outbound.pool import Source, pools_from_config, sources_from_config
 from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.outbound.routes import Route
-from mta.outbound.smtp_client import Deliverer
+from mta.outbound.smtp_client import Deliverer, Slot
+from mta.policy.admission import Ask, Refused
 from mta.policy.limits import Limits, Site, effective, site_for
-from mta.policy.rate import RateLimiter
 from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
 from mta.policy.throttle import Throttles
 from mta.policy.warmup import day_of, remaining
@@ -53,7 +61,8 @@ from mta.spool.store import Spool
 
 log = logging.getLogger("mta.egress")
 
-REFRESH = 1.0  # seconds between reads of suspensions changed by the admin tool
+REFRESH = 1.0  # seconds between updates of the suspensions gauge
+SLOT_POLL = 0.05  # how often a line's first job looks for a slot freed elsewhere
 THROTTLES = "throttles"  # the spool policy-state name of the suspensions
 OTHER = "other"  # the metric label of sites that are no configured provider
 
@@ -62,34 +71,34 @@ def warmup_counter(source: str, provider: str, day: datetime.date) -> str:
     return f"warmup\0{source}\0{provider}\0{day.isoformat()}"
 
 
-def load_throttles(spool: Spool, txn: lmdb.Transaction) -> Throttles:
-    raw = spool.state(txn, THROTTLES)
+def _parse_throttles(raw: bytes | None) -> Throttles:
     return Throttles.from_json(raw.decode()) if raw else Throttles()
 
 
-def save_throttles(spool: Spool, txn: lmdb.Transaction, throttles: Throttles) -> None:
-    spool.set_state(txn, THROTTLES, throttles.to_json().encode())
+def load_throttles(spool: Spool, txn: lmdb.Transaction) -> Throttles:
+    return _parse_throttles(spool.state(txn, THROTTLES))
+
+
+def save_throttles(
+    spool: Spool, txn: lmdb.Transaction, throttles: Throttles, now: float | None = None
+) -> bytes:
+    """Store ``throttles`` (with ``now``, less what has expired); the stored record."""
+    raw = throttles.to_json(now).encode()
+    spool.set_state(txn, THROTTLES, raw)
+    return raw
 
 
 @dataclass
 class EgressPath:
-    """One (source, site) in memory: deliveries under way and the rate budget."""
+    """One (source, site) as this process sees it: its deliveries under way, for the gauge."""
 
     label: str  # the site's provider, or "other": the metric label
     in_use: int = 0
-    limiter: RateLimiter | None = None
 
-    def has_slot(self, limits: Limits) -> bool:
-        return limits.max_connections is None or self.in_use < limits.max_connections
 
-    def rate_wait(self, limits: Limits, now: float) -> float:
-        if limits.max_rate is None:
-            return 0.0
-        if self.limiter is None:
-            self.limiter = RateLimiter(limits.max_rate)
-        elif self.limiter.per_second != limits.max_rate:
-            self.limiter.set_rate(limits.max_rate, now)  # throttled, or back to normal
-        return self.limiter.wait(now)
+def path_name(source: str, site: str) -> str:
+    """The path's name in the shared limit state (mta.cluster)."""
+    return f"{source}>{site}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,13 @@ class Lease:
     site: Site
     limits: Limits
     path: EgressPath = field(repr=False)
+    slot: Slot = field(repr=False)  # its connection slot, and the connection holding it
     warmup_counter: str | None = None  # the day's count this delivery is reserved against
+
+
+# A usable source for a site: its pool weight, its path, its limits now, and
+# what to ask the shared limits for.
+Candidate = tuple[Source, int, EgressPath, Limits, Ask]
 
 
 @dataclass(frozen=True)
@@ -118,11 +133,14 @@ class Egress:
         spool: Spool,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.spool = spool
+        self.shared = shared or shared_limits(config.cluster, str(spool.path))
         self.clock = clock
         self.rng = rng or random.Random()
         self.sources: list[Source] = []
+        self._releasing: set[asyncio.Task[None]] = set()  # slots on their way back
         self._deliverers: list[Deliverer] = []
         self.configure(config)
         self.paths: dict[tuple[str, str], EgressPath] = {}
@@ -130,8 +148,9 @@ class Egress:
         # deliveries under way cannot overshoot the day's cap.
         self._reserved: Counter[str] = Counter()
         self.throttles = Throttles()
-        self._read_at = float("-inf")
-        # A busy job looks again at least as often as suspensions are re-read.
+        self._stored: bytes | None = None  # the spool's record self.throttles was read from
+        self._gauged_at = float("-inf")
+        # A busy job looks again at least this often.
         self.ready_queue = ReadyQueue(clock, recheck=REFRESH)
 
     def configure(self, config: Config) -> list[Deliverer]:
@@ -141,7 +160,9 @@ class Egress:
         keeps its client and its pooled connections; deliveries under way
         finish on whatever they leased.
         """
-        self.sources = sources_from_config(config, {s.name: s for s in self.sources})
+        self.sources = sources_from_config(
+            config, {s.name: s for s in self.sources}, self._slot_free
+        )
         kept = {id(source.deliverer) for source in self.sources}
         self.pools = pools_from_config(config, self.sources)
         policy = config.policy
@@ -171,39 +192,74 @@ class Egress:
 
     async def lease(self, pool: str, site: Site, domain: str) -> Lease | Wait:
         """A path to send on now (waiting for a slot or the rate), or when to come back."""
-        return await self.ready_queue.wait(lambda now: self._try_lease(pool, site, domain, now))
+        line = (pool, site.name, domain if domain in self.domain_limits else "")
+        return await self.ready_queue.wait(
+            line, lambda now: self._try_lease(pool, site, domain, now)
+        )
 
-    def _try_lease(self, pool: str, site: Site, domain: str, now: float) -> Lease | Wait | Busy:
+    async def _try_lease(
+        self, pool: str, site: Site, domain: str, now: float
+    ) -> Lease | Wait | Busy:
         self._refresh(now)
         usable, waits = self._usable(pool, site, domain, now)
         if not usable:
-            # Before a job waits for hours, make sure an operator has not
-            # just resumed the path (`mta policy resume`, then a flush).
-            self._refresh(now, force=True)
-            usable, waits = self._usable(pool, site, domain, now)
-        if not usable:
             until, reason = min(waits)
             return Wait(until, reason)
-        ready = [u for u in usable if u[2].has_slot(u[3]) and u[2].rate_wait(u[3], now) == 0]
-        if ready:
-            source, _, path, limits = self._pick(ready)
-            return self._take(source, site, path, limits, now)
-        return Busy(
-            min(
-                (u[2].rate_wait(u[3], now) for u in usable if u[2].has_slot(u[3])),
-                default=REFRESH,
-            )
-        )
+        candidates = self._preferred(usable)
+        idle = self._idle_slot(candidates, domain)
+        asks = [ask for *_, ask in candidates]
+        if idle is not None:
+            # Its connection holds a slot already: that source asks for the rate alone.
+            asks[0] = replace(asks[0], takes_slot=False)
+        admitted = await self.shared.admit(asks)
+        if isinstance(admitted, Refused):
+            if idle is not None:
+                self._give_back(candidates[0][0], idle)
+            # A slot freed in this process wakes the line at once; one freed by
+            # another worker or node is seen at the next look.
+            return Busy(SLOT_POLL if admitted.retry_in is None else admitted.retry_in)
+        source, _, path, limits, ask = candidates[admitted.index]
+        if admitted.holding is None:
+            assert idle is not None
+            slot = idle
+        else:
+            if idle is not None:
+                self._give_back(candidates[0][0], idle)
+            slot = Slot(ask.path, admitted.holding)
+        return self._take(source, site, path, limits, slot, now)
+
+    def _idle_slot(self, candidates: list[Candidate], domain: str) -> Slot | None:
+        """An open idle connection of a candidate, which then goes first (no handshake)."""
+        for index, (source, *_, ask) in enumerate(candidates):
+            slot = source.deliverer.take_idle(ask.path, domain)
+            if slot is not None:
+                candidates.insert(0, candidates.pop(index))
+                return slot
+        return None
 
     def release(self, lease: Lease) -> None:
+        """The delivery is over: its connection waits in the pool, or its slot is free."""
         lease.path.in_use -= 1
         self._gauge(lease)
-        self.ready_queue.wake()
+        self._give_back(lease.source, lease.slot)
+
+    def _give_back(self, source: Source, slot: Slot) -> None:
+        source.deliverer.give_back(slot)
+        self.ready_queue.wake()  # an idle connection, or a free slot, for the next job
+
+    def _slot_free(self, slot: Slot) -> None:
+        """A connection closed (or never opened): its slot goes back to the shared limits."""
+        if not isinstance(slot.holding, Holding):
+            return
+        task = asyncio.get_running_loop().create_task(self.shared.release(slot.holding))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        task.add_done_callback(lambda _: self.ready_queue.wake())
 
     def _usable(
         self, pool: str, site: Site, domain: str, now: float
-    ) -> tuple[list[tuple[Source, int, EgressPath, Limits]], list[tuple[float, str]]]:
-        usable: list[tuple[Source, int, EgressPath, Limits]] = []
+    ) -> tuple[list[Candidate], list[tuple[float, str]]]:
+        usable: list[Candidate] = []
         waits: list[tuple[float, str]] = []
         base = self.limits(site, domain)
         for source, weight in self.pools.get(pool) or self.pools[""]:
@@ -222,25 +278,35 @@ class Egress:
                 continue
             limits = base.scaled(restriction.factor) if restriction.factor < 1 else base
             path = self.paths.setdefault(key, EgressPath(site.provider or OTHER))
-            usable.append((source, weight, path, limits))
+            interval = None if limits.max_rate is None else 1.0 / limits.max_rate
+            ask = Ask(path_name(*key), limits.max_connections, interval)
+            usable.append((source, weight, path, limits, ask))
         return usable, waits
 
-    def _pick(
-        self, ready: Sequence[tuple[Source, int, EgressPath, Limits]]
-    ) -> tuple[Source, int, EgressPath, Limits]:
-        return self.rng.choices(list(ready), weights=[weight for _, weight, _, _ in ready])[0]
+    def _preferred(self, usable: list[Candidate]) -> list[Candidate]:
+        """The usable sources in a random order weighted by the pool: the first free one sends."""
+        left, ordered = list(usable), []
+        while left:
+            chosen = self.rng.choices(left, weights=[c[1] for c in left])[0]
+            left.remove(chosen)
+            ordered.append(chosen)
+        return ordered
 
     def _take(
-        self, source: Source, site: Site, path: EgressPath, limits: Limits, now: float
+        self,
+        source: Source,
+        site: Site,
+        path: EgressPath,
+        limits: Limits,
+        slot: Slot,
+        now: float,
     ) -> Lease:
         path.in_use += 1
-        if path.limiter is not None:
-            path.limiter.take(now)
         counter = None
         if source.warmup is not None:
             counter = warmup_counter(source.name, site.provider or OTHER, day_of(now))
             self._reserved[counter] += 1
-        lease = Lease(source, site, limits, path, counter)
+        lease = Lease(source, site, limits, path, slot, counter)
         self._gauge(lease)
         return lease
 
@@ -283,8 +349,14 @@ class Egress:
     # --- reacting to replies ---
 
     def react(self, lease: Lease, replies: Mapping[str, Reply]) -> list[Rule]:
-        """Apply the response rules to what the site answered; the rules that acted."""
+        """Apply the response rules to what the site answered; the rules that acted.
+
+        What they decide is in the spool when this returns (call it before
+        giving the lease back): no later lease on the path, in this worker or
+        another, can miss it.
+        """
         acted: dict[str, Rule] = {}
+        decided = Throttles()
         now = self.clock()
         for reply in {str(reply): reply for reply in replies.values()}.values():
             rule = match(self.rules, reply)
@@ -293,9 +365,9 @@ class Egress:
             acted[rule.name] = rule
             key = (lease.source.name, lease.site.name)
             if rule.action is Action.SUSPEND:
-                self.throttles.suspend(key, now + rule.duration, rule.name)
+                decided.suspend(key, now + rule.duration, rule.name)
             else:
-                self.throttles.throttle(key, rule.factor, now + rule.duration, rule.name)
+                decided.throttle(key, rule.factor, now + rule.duration, rule.name)
             metrics.THROTTLE_EVENTS.labels(rule.name).inc()
             log.warning(
                 "%s %s to %s for %.0fs after %s: %s",
@@ -306,36 +378,43 @@ class Egress:
                 rule.name,
                 reply,
             )
+        if acted:
+            self._store(decided, now)
         return list(acted.values())
 
-    def persist(self, txn: lmdb.Transaction, rules: Sequence[Rule], lease: Lease) -> None:
-        """Merge what ``react`` decided into the stored suspensions (in the delivery's commit)."""
-        if not rules:
+    def _store(self, decided: Throttles, now: float) -> None:
+        """Add ``decided`` to the spool's suspensions in a commit of its own, now: the
+        delivery's commit comes later, after jobs waiting for the path have leased."""
+        self.throttles.merge(decided)  # in force here even if the spool cannot take it
+        try:
+            with self.spool.write() as txn:
+                stored = load_throttles(self.spool, txn)
+                stored.merge(decided)
+                raw = save_throttles(self.spool, txn, stored, now)
+        except lmdb.Error as error:
+            log.error("suspension not stored, in force in this worker only: %s", error)
             return
-        stored = load_throttles(self.spool, txn)
-        key = (lease.source.name, lease.site.name)
-        state = self.throttles.state(key, self.clock())
-        if state.suspended_until:
-            stored.suspend(key, state.suspended_until, state.reason)
-        if state.throttled_until:
-            stored.throttle(key, state.factor, state.throttled_until, state.reason)
-        save_throttles(self.spool, txn, stored)
+        self.throttles, self._stored = stored, raw
 
-    def _refresh(self, now: float, force: bool = False) -> None:
-        """Pick up suspensions the admin tool (or another worker) changed, at most
-        every REFRESH seconds unless ``force``."""
-        if not force and now - self._read_at < REFRESH:
-            return
-        self._read_at = now
+    def _refresh(self, now: float) -> None:
+        """Take the spool's suspensions if they changed since the last look (another
+        worker's reply, the admin tool), so they are in force from this lease on."""
         with self.spool.read() as txn:
-            self.throttles = load_throttles(self.spool, txn)
-        metrics.SUSPENSIONS_ACTIVE.set(
-            sum(1 for r in self.throttles.active(now).values() if r.suspended_until > now)
-        )
+            raw = self.spool.state(txn, THROTTLES)
+        if raw != self._stored:
+            self.throttles, self._stored = _parse_throttles(raw), raw
+        if now - self._gauged_at >= REFRESH:
+            self._gauged_at = now
+            metrics.SUSPENSIONS_ACTIVE.set(
+                sum(1 for r in self.throttles.active(now).values() if r.suspended_until > now)
+            )
 
     async def close(self) -> None:
         for deliverer in self._deliverers:
             await deliverer.close()
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        await self.shared.close()
 
 
 def response_rules(config: Config) -> tuple[Rule, ...]:

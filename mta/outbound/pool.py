@@ -10,11 +10,11 @@ delivery.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mta.config import Config
-from mta.outbound.smtp_client import ClientSettings, Deliverer
+from mta.outbound.smtp_client import ClientSettings, Deliverer, Slot
 from mta.policy.warmup import WarmupPlan
 
 
@@ -41,9 +41,12 @@ def client_settings(config: Config, source_address: str | None, helo: str) -> Cl
     )
 
 
-def sources_from_config(config: Config, current: Mapping[str, Source]) -> list[Source]:
+def sources_from_config(
+    config: Config, current: Mapping[str, Source], on_slot_free: Callable[[Slot], None]
+) -> list[Source]:
     """One Deliverer per source, so that connections are pooled per source address;
-    a source in ``current`` with the same settings keeps its Deliverer."""
+    a source in ``current`` with the same settings keeps its Deliverer. Each tells
+    ``on_slot_free`` when a connection slot is free again."""
     tls_domains = frozenset(config.delivery.require_tls)
     configured: list[tuple[str, str | None, WarmupPlan | None, str | None]] = [
         (s.name, s.address, s.warmup.plan() if s.warmup else None, s.ehlo)
@@ -56,7 +59,7 @@ def sources_from_config(config: Config, current: Mapping[str, Source]) -> list[S
         if old and old.deliverer.settings == settings and old.tls_domains == tls_domains:
             deliverer = old.deliverer
         else:
-            deliverer = Deliverer(settings, tls_domains.__contains__)
+            deliverer = Deliverer(settings, tls_domains.__contains__, on_slot_free)
         sources.append(Source(name, address, plan, deliverer, tls_domains))
     return sources
 

@@ -2,18 +2,18 @@
 
 A due job has its route and its site; ``Egress.lease`` looks for a path
 (source, site) of its pool with a free connection slot and rate budget. When
-every usable path is busy, the job waits here, holding its delivery slot,
-until a delivery ends somewhere or the earliest rate budget frees, and then
-looks again. What counts as usable or busy, and how long the rate asks to
-wait, is the caller's decision (mta.policy and Egress); this module is only
-the waiting and the wake-ups.
+every usable path is busy, the job waits here, in the line of its (pool,
+site), until a delivery ends or the rate budget frees, and then looks again.
+What counts as usable or busy, and how long to wait, is the caller's decision
+(mta.policy, the shared limits and Egress); this module is only the waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,37 +28,58 @@ class Busy:
 
 
 class ReadyQueue:
-    """Jobs waiting for a path, woken when a delivery gives one back.
+    """Jobs waiting for a path, one line per (pool, site), first come first served.
 
     Guarantees:
 
-    - a waiter looks again (calls its ``attempt`` with a fresh time) after
-      every ``wake``, and at the latest ``retry_in`` or ``recheck`` seconds
-      after it began waiting, whichever comes first;
-    - ``wake`` wakes every waiter, whatever path it waits for, since a job
-      may leave over any source of its pool; they look again in the order
-      they began waiting.
-
-    It is not first come, first served: a woken waiter competes with jobs
-    that ask before it runs, the first to look takes the free slot, and the
-    others wait again.
+    - only the first job of a line looks (calls its ``attempt``); the others
+      wait behind it, so a busy site costs one look per wake-up, not one per
+      waiting job (a look may be a round trip to Redis);
+    - when the first job leaves the line (it got a path, or was told to come
+      back later), the next one looks at once;
+    - the first job looks again after every ``wake`` and at the latest
+      ``retry_in`` or ``recheck`` seconds after its last look.
     """
 
     def __init__(self, clock: Callable[[], float], recheck: float) -> None:
         self.clock = clock
         self.recheck = recheck
+        self._lines: dict[Hashable, deque[asyncio.Future[None]]] = {}
         self._released = asyncio.Event()
 
-    async def wait(self, attempt: Callable[[float], T | Busy]) -> T:
-        """The first answer of ``attempt(now)`` that is not ``Busy``."""
-        while True:
-            outcome = attempt(self.clock())
-            if not isinstance(outcome, Busy):
-                return outcome
-            self._released.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), min(outcome.retry_in, self.recheck))
+    async def wait(self, line: Hashable, attempt: Callable[[float], Awaitable[T | Busy]]) -> T:
+        """The first answer of ``attempt(now)`` that is not ``Busy``, in ``line``'s order."""
+        waiting = self._lines.setdefault(line, deque())
+        turn = asyncio.get_running_loop().create_future()
+        waiting.append(turn)
+        try:
+            if len(waiting) > 1:
+                await turn
+            while True:
+                outcome = await attempt(self.clock())
+                if not isinstance(outcome, Busy):
+                    return outcome
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._released.wait(), min(outcome.retry_in, self.recheck)
+                    )
+        finally:
+            self._leave(line, waiting, turn)
 
     def wake(self) -> None:
-        """A path has a free slot again: every waiter looks again."""
+        """A path has a free slot again: the first job of every line looks again."""
         self._released.set()
+
+    def waiting(self) -> int:
+        return sum(len(line) for line in self._lines.values())
+
+    def _leave(
+        self, line: Hashable, waiting: deque[asyncio.Future[None]], turn: asyncio.Future[None]
+    ) -> None:
+        was_first = waiting[0] is turn
+        waiting.remove(turn)
+        if not waiting:
+            del self._lines[line]
+        elif was_first and not waiting[0].done():
+            waiting[0].set_result(None)

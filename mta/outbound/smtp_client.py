@@ -37,12 +37,19 @@ without certificate checks (encryption without authentication). If the
 handshake fails and TLS is not required, the same address is tried again
 once in plaintext, as Postfix does, so a broken TLS stack cannot hold mail.
 
-Connections are pooled by (address, port) and reused for the next message to
-any route that lists that address: after a failed transaction the next one
-starts with RSET, a connection carries at most ``max_messages_per_connection``
-transactions and closes (QUIT) after ``idle_timeout`` unused. A pooled
-connection the server closed meanwhile is replaced silently. A connection is
-checked out of the pool while in use, so concurrent deliveries never share one.
+Connections are pooled and reused for the next message: after a failed
+transaction the next one starts with RSET, a connection carries at most
+``max_messages_per_connection`` transactions and closes (QUIT) after
+``idle_timeout`` unused. A pooled connection the server closed meanwhile is
+replaced silently. A connection is checked out of the pool while in use, so
+concurrent deliveries never share one.
+
+A delivery may carry a ``Slot``: a connection slot on its egress path,
+granted by the shared limits (mta.cluster). The connection opened for it holds
+the slot from open to close, idle in the pool included, because a receiver
+counts open connections, not messages. The pool then keeps connections per
+path, egress hands an idle one to the next delivery on the path
+(``take_idle``), and ``on_slot_free`` hears when a slot is free again.
 
 PIPELINING (RFC 2920) when the server offers it: two round trips per message
 instead of three plus one per recipient. The wire (mta.outbound.wire) is our
@@ -140,12 +147,26 @@ class _Target:
 
 
 @dataclass(eq=False)
-class _Connection:
+class Connection:
     wire: Wire
     session: ClientSession  # its mail transactions
     key: tuple[str, int]
     relay: str  # as named when opened, for logs
     tls: bool
+
+
+@dataclass(eq=False)
+class Slot:
+    """A connection slot on an egress path, and the connection that holds it.
+
+    ``holding`` is the shared limits' record of it (None for a delivery
+    without one). A slot is either with a delivery (``Deliverer.take_idle``
+    or a new one) or idle in the pool with its connection, until that closes.
+    """
+
+    path: str
+    holding: object = field(default=None, repr=False)
+    connection: Connection | None = None
     idle_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -191,11 +212,13 @@ class Deliverer:
         self,
         settings: ClientSettings,
         require_tls: Callable[[str], bool] = lambda domain: False,
+        on_slot_free: Callable[[Slot], None] = lambda slot: None,
     ) -> None:
         self.settings = settings
         self.require_tls = require_tls
+        self.on_slot_free = on_slot_free
         self._tls = _tls_context()
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[str, list[Slot]] = {}  # by path ("": deliveries without a slot)
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -206,27 +229,88 @@ class Deliverer:
         recipients: Sequence[str],
         data: bytes,
         max_messages: int | None = None,
+        slot: Slot | None = None,
     ) -> Delivery:
         """Send ``data`` from ``sender`` to ``recipients`` over ``route``; one reply each.
 
         ``max_messages``: the destination's own limit of messages per
         connection, when lower than ``ClientSettings.max_messages_per_connection``.
+        ``slot``: the connection slot this delivery holds (its connection is
+        used, or one is opened for it); the caller gives it back with
+        ``give_back``. Without one, an idle connection to the route is reused.
         """
+        tls_required = self.require_tls(route.domain)
+        targets = _targets(route)
+        if slot is not None:
+            return await self._deliver(targets, route, slot, sender, recipients, data, max_messages)
+        borrowed = self._take("", tls_required, {t.key for t in targets}) or Slot("")
+        try:
+            return await self._deliver(
+                targets, route, borrowed, sender, recipients, data, max_messages
+            )
+        finally:
+            self.give_back(borrowed)
+
+    def take_idle(self, path: str, domain: str) -> Slot | None:
+        """An idle slot of ``path``, with its open connection, for a delivery to ``domain``."""
+        return self._take(path, self.require_tls(domain), None)
+
+    def give_back(self, slot: Slot) -> None:
+        """A delivery is done with ``slot``: its connection waits in the pool, or
+        the slot is free."""
+        connection = slot.connection
+        settings = self.settings
+        if connection is None:
+            self.on_slot_free(slot)
+        elif not connection.wire.is_connected:
+            self._log_close(connection, "closed by server")
+            slot.connection = None
+            self.on_slot_free(slot)
+        elif self._closed:
+            self._retire(slot, "deliverer closed")
+        elif (
+            sum(
+                1
+                for s in self._idle.get(slot.path, ())
+                if s.connection and s.connection.key == connection.key
+            )
+            >= settings.max_idle_per_address
+        ):
+            self._retire(slot, "pool full")
+        else:
+            self._idle.setdefault(slot.path, []).append(slot)
+            slot.idle_timer = asyncio.get_running_loop().call_later(
+                settings.idle_timeout, self._expire, slot
+            )
+
+    async def _deliver(
+        self,
+        targets: list[_Target],
+        route: Route,
+        slot: Slot,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        max_messages: int | None,
+    ) -> Delivery:
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             return Delivery(NO_RELAY, {})
         tls_required = self.require_tls(route.domain)
-        targets = _targets(route)
-        # A pooled connection saves a handshake: try the first host that has one first.
-        pooled = next((t for t in targets if self._has_idle(t.key, tls_required)), None)
+        pooled = slot.connection
         if pooled is not None:
-            targets.remove(pooled)
-            targets.insert(0, pooled)
+            # A pooled connection saves a handshake: its host first.
+            first = next((t for t in targets if t.key == pooled.key), None)
+            if first is None:  # the route no longer lists that address
+                self._drop(slot, "not on the route")
+            else:
+                targets.remove(first)
+                targets.insert(0, first)
         failure = Unavailable(temporary("4.4.4", f"no MX host for {route.domain}"), NO_RELAY)
         for target in targets:
             try:
                 return await self._deliver_via(
-                    target, tls_required, sender, rcpts, data, max_messages
+                    target, tls_required, slot, sender, rcpts, data, max_messages
                 )
             except Unavailable as unavailable:
                 log.debug("%s unavailable: %s", target.relay, unavailable.reply)
@@ -236,9 +320,9 @@ class Deliverer:
     async def close(self) -> None:
         """QUIT and close every pooled connection; later connections are not pooled."""
         self._closed = True
-        for connections in self._idle.values():
-            for connection in connections:
-                self._retire(connection, "closing")
+        for slots in self._idle.values():
+            for slot in slots:
+                self._retire(slot, "closing")
         self._idle.clear()
         while self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -249,25 +333,24 @@ class Deliverer:
         self,
         target: _Target,
         tls_required: bool,
+        slot: Slot,
         sender: str,
         rcpts: list[str],
         data: bytes,
         max_messages: int | None,
     ) -> Delivery:
-        connection = self._checkout(target.key, tls_required)
-        if connection is not None:
+        pooled = slot.connection
+        if pooled is not None and pooled.key == target.key:
             try:
-                return await self._transaction(
-                    connection, target, sender, rcpts, data, max_messages
-                )
+                return await self._transaction(slot, target, sender, rcpts, data, max_messages)
             except Stale:
                 pass  # the server closed it while it sat in the pool: not a failure
-        connection = await self._open(target, tls_required)
-        return await self._transaction(connection, target, sender, rcpts, data, max_messages)
+        slot.connection = await self._open(target, tls_required)
+        return await self._transaction(slot, target, sender, rcpts, data, max_messages)
 
     async def _open(
         self, target: _Target, tls_required: bool, plaintext: bool = False
-    ) -> _Connection:
+    ) -> Connection:
         """A connected, greeted, EHLO'd (and if offered, encrypted) connection."""
         relay = target.relay
         sock = await self._connect_socket(target)
@@ -307,7 +390,7 @@ class Deliverer:
             wire.close()
             raise
         log.debug("connected to %s tls=%s", relay, "yes" if tls else "no")
-        return _Connection(wire, ClientSession(offered), target.key, relay, tls)
+        return Connection(wire, ClientSession(offered), target.key, relay, tls)
 
     async def _connect_socket(self, target: _Target) -> socket.socket:
         """A TCP connection to the target, from our source address if set."""
@@ -402,15 +485,17 @@ class Deliverer:
 
     async def _transaction(
         self,
-        connection: _Connection,
+        slot: Slot,
         target: _Target,
         sender: str,
         rcpts: list[str],
         data: bytes,
         max_messages: int | None,
     ) -> Delivery:
-        """Drive the connection's session through one message; hands the
-        connection back to the pool or closes it."""
+        """Drive the slot's connection through one message; the connection stays
+        with the slot if it may carry another."""
+        connection = slot.connection
+        assert connection is not None
         relay = target.relay
         wire, session = connection.wire, connection.session
         settings = self.settings
@@ -432,93 +517,107 @@ class Deliverer:
                 else:
                     outgoing = session.receive(reply)
         except Stale:
-            wire.close()
-            self._log_close(connection, "stale: closed by the server while pooled")
+            self._close_now(slot, "stale: closed by the server while pooled")
             raise
         except BaseException:
             # Unavailable, or cancelled mid-command: the session's state is unknown.
-            wire.close()
-            self._log_close(connection, "failed")
+            self._close_now(slot, "failed")
             raise
         if session.must_close:
             wire.close()
-        self._checkin(connection, max_messages)
+        self._after_transaction(slot, max_messages)
         return Delivery(relay, session.replies)
 
     # --- the pool ---
 
-    def _has_idle(self, key: tuple[str, int], tls_required: bool) -> bool:
-        return any(
-            c.wire.is_connected and (c.tls or not tls_required) for c in self._idle.get(key, ())
-        )
-
-    def _checkout(self, key: tuple[str, int], tls_required: bool) -> _Connection | None:
-        idle = self._idle.get(key, [])
+    def _take(
+        self, path: str, tls_required: bool, keys: set[tuple[str, int]] | None
+    ) -> Slot | None:
+        """An idle slot of ``path`` whose connection is usable (to one of ``keys``)."""
+        idle = self._idle.get(path, [])
         # Most recently used first, so that surplus connections age out.
-        for connection in reversed(list(idle)):
+        for slot in reversed(list(idle)):
+            connection = slot.connection
+            assert connection is not None
+            if keys is not None and connection.key not in keys:
+                continue
             if not connection.wire.is_connected:
-                idle.remove(connection)
-                self._unschedule(connection)
+                idle.remove(slot)
+                self._unschedule(slot)
                 self._log_close(connection, "closed by server")
+                slot.connection = None
+                self.on_slot_free(slot)
             elif connection.wire.has_unread:
                 # A reply while pooled: most likely "421 idle timeout"; and a
                 # reply nobody asked for would be read as the next command's.
-                idle.remove(connection)
-                self._retire(connection, "the server spoke while pooled")
+                idle.remove(slot)
+                self._retire(slot, "the server spoke while pooled")
             elif connection.tls or not tls_required:
-                idle.remove(connection)
-                self._unschedule(connection)
+                idle.remove(slot)
+                self._unschedule(slot)
                 connection.session.untested = True
-                return connection
+                return slot
         return None
 
-    def _checkin(self, connection: _Connection, max_messages: int | None = None) -> None:
-        settings = self.settings
-        limit = min(settings.max_messages_per_connection, max_messages or sys.maxsize)
+    def _after_transaction(self, slot: Slot, max_messages: int | None) -> None:
+        """Keep the connection with its slot if it may carry another message."""
+        connection = slot.connection
+        assert connection is not None
         connection.session.untested = False
+        limit = min(self.settings.max_messages_per_connection, max_messages or sys.maxsize)
         if not connection.wire.is_connected:
             self._log_close(connection, "closed by server")
-            return
-        if connection.wire.has_unread:
-            self._retire(connection, "out of step: more replies than commands")
-            return
-        if self._closed:
-            self._retire(connection, "deliverer closed")
-            return
-        if connection.session.transactions >= limit:
-            self._retire(connection, "message limit")
-            return
-        idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= settings.max_idle_per_address:
-            self._retire(connection, "pool full")
-            return
-        idle.append(connection)
-        connection.idle_timer = asyncio.get_running_loop().call_later(
-            settings.idle_timeout, self._expire, connection
-        )
+            slot.connection = None
+        elif connection.wire.has_unread:
+            self._drop(slot, "out of step: more replies than commands")
+        elif connection.session.transactions >= limit:
+            self._drop(slot, "message limit")
 
-    def _expire(self, connection: _Connection) -> None:
-        connection.idle_timer = None
-        idle = self._idle.get(connection.key, [])
-        if connection in idle:
-            idle.remove(connection)
+    def _expire(self, slot: Slot) -> None:
+        slot.idle_timer = None
+        idle = self._idle.get(slot.path, [])
+        if slot in idle:
+            idle.remove(slot)
             if not idle:
-                del self._idle[connection.key]
-            self._retire(connection, "idle")
+                del self._idle[slot.path]
+            self._retire(slot, "idle")
 
-    def _unschedule(self, connection: _Connection) -> None:
-        if connection.idle_timer is not None:
-            connection.idle_timer.cancel()
-            connection.idle_timer = None
+    def _unschedule(self, slot: Slot) -> None:
+        if slot.idle_timer is not None:
+            slot.idle_timer.cancel()
+            slot.idle_timer = None
 
-    def _retire(self, connection: _Connection, reason: str) -> None:
-        """QUIT and close in the background; close() waits for it."""
-        self._unschedule(connection)
-        task = asyncio.get_running_loop().create_task(self._quit(connection, reason))
+    def _close_now(self, slot: Slot, reason: str) -> None:
+        """Close the slot's connection at once; the slot stays with its delivery."""
+        connection = slot.connection
+        assert connection is not None
+        connection.wire.close()
+        self._log_close(connection, reason)
+        slot.connection = None
+
+    def _drop(self, slot: Slot, reason: str) -> None:
+        """QUIT the slot's connection in the background; the slot stays with its delivery."""
+        assert slot.connection is not None
+        self._quit_later(slot.connection, reason)
+        slot.connection = None
+
+    def _retire(self, slot: Slot, reason: str) -> None:
+        """QUIT the connection of a slot nobody holds, then the slot is free."""
+        self._unschedule(slot)
+        connection = slot.connection
+        slot.connection = None
+        if connection is None:
+            self.on_slot_free(slot)
+            return
+        self._quit_later(connection, reason, freeing=slot)
+
+    def _quit_later(self, connection: Connection, reason: str, freeing: Slot | None = None) -> None:
+        """QUIT and close in the background, then free ``freeing``; close() waits for it."""
+        task = asyncio.get_running_loop().create_task(self._quit(connection, reason, freeing))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _quit(self, connection: _Connection, reason: str) -> None:
+    async def _quit(self, connection: Connection, reason: str, freeing: Slot | None) -> None:
         wire = connection.wire
         try:
             if wire.is_connected:
@@ -529,8 +628,10 @@ class Deliverer:
         finally:
             wire.close()
             self._log_close(connection, reason)
+            if freeing is not None:
+                self.on_slot_free(freeing)
 
-    def _log_close(self, connection: _Connection, reason: str) -> None:
+    def _log_close(self, connection: Connection, reason: str) -> None:
         log.debug(
             "closed connection to %s after %d messages (%s)",
             connection.relay,

@@ -13,6 +13,9 @@ these per path and answers, for a given moment, what is in force.
 - Everything expired is forgotten when ``state`` or ``active`` next looks
   at it, so memory is bounded by what is in force (plus what was added
   since the last look).
+- A suspension remembers the ends it has had (``resume`` returns them): a
+  job deferred by it was told to come back at one of them, so that is where
+  the operator's resume finds the jobs to make due at once.
 
 ``to_json`` / ``from_json`` let the daemon keep suspensions across a
 restart (an operator's suspension must survive one); times are then
@@ -35,6 +38,10 @@ _FORMAT_VERSION = 1
 # so a real path has one or two; past this the two that end first are merged
 # into one with the lower factor and the later end (stricter, never looser).
 _MAX_THROTTLES = 8
+# Ends kept per suspension. A suspension is extended by the replies of the
+# deliveries in flight when it began, a few; jobs told an older end than
+# these come back at that end, and wait again for the current one.
+_MAX_ENDS = 8
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class _Throttle:
 class _Path:
     suspended_until: float = -math.inf
     suspend_reason: str = ""
+    ends: list[float] = field(default_factory=list)  # every suspended_until it had, ascending
     # Sorted by `until`; none dominates another (lower-or-equal factor and
     # later-or-equal end), so factors rise as ends get later.
     throttles: list[_Throttle] = field(default_factory=list)
@@ -97,6 +105,7 @@ class Throttles:
         if until > path.suspended_until:
             path.suspended_until = until
             path.suspend_reason = str(reason)
+            path.ends = [*path.ends, until][-_MAX_ENDS:]
 
     def throttle(self, key: Key, factor: float, until: float, reason: str) -> None:
         """Scale `key`'s limits by `factor` (0 < factor <= 1) before `until`."""
@@ -114,9 +123,21 @@ class Throttles:
             kept[:2] = [_Throttle(first.factor, second.until, first.reason)]
         path.throttles = kept
 
-    def resume(self, key: Key) -> None:
-        """Lift `key`'s suspension and throttles now (the operator's `policy resume`)."""
-        self._paths.pop(_check_key(key), None)
+    def resume(self, key: Key) -> tuple[float, ...]:
+        """Lift `key`'s suspension and throttles now (the operator's `policy resume`);
+        the ends the suspension had, when the jobs it deferred were told to come back."""
+        path = self._paths.pop(_check_key(key), None)
+        return tuple(path.ends) if path is not None else ()
+
+    def merge(self, other: Throttles) -> None:
+        """Add what `other` holds, as if each of its suspensions and throttles were made here."""
+        for key, theirs in other._paths.items():
+            if theirs.ends:
+                self.suspend(key, theirs.suspended_until, theirs.suspend_reason)
+                path = self._paths[key]
+                path.ends = sorted({*path.ends, *theirs.ends})[-_MAX_ENDS:]
+            for t in theirs.throttles:
+                self.throttle(key, t.factor, t.until, t.reason)
 
     def state(self, key: Key, now: float) -> Restriction:
         """What is in force on `key` at `now`; a path with nothing in force is forgotten."""
@@ -166,6 +187,7 @@ class Throttles:
             if suspended_until != -math.inf:
                 entry["suspended_until"] = suspended_until
                 entry["suspend_reason"] = path.suspend_reason
+                entry["ends"] = path.ends
             if throttles:
                 entry["throttles"] = [
                     {"factor": t.factor, "until": t.until, "reason": t.reason} for t in throttles
@@ -193,8 +215,11 @@ class Throttles:
                 key = (entry["source"], entry["site"])
                 if "suspended_until" in entry:
                     until = _check_time("suspended_until", entry["suspended_until"])
+                    # Written before ends were kept: the end in force is the only one.
+                    ends = {_check_time("ends", end) for end in entry.get("ends", [])}
                     if now is None or until > now:
-                        throttles.suspend(key, until, entry["suspend_reason"])
+                        for end in sorted(end for end in ends | {until} if end <= until):
+                            throttles.suspend(key, end, entry["suspend_reason"])
                 for item in entry.get("throttles", []):
                     until = _check_time("until", item["until"])
                     if now is None or until > now:
@@ -210,6 +235,7 @@ def _prune(path: _Path, now: float) -> Restriction | None:
     if not path.suspended_until > now:
         path.suspended_until = -math.inf
         path.suspend_reason = ""
+        path.ends = []
     path.throttles = [t for t in path.throttles if t.until > now]
     suspended = path.suspended_until > now
     throttle = min(path.throttles, key=lambda t: (t.factor, -t.until), default=None)

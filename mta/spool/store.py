@@ -334,20 +334,31 @@ class Spool:
     def due_in(self, txn: lmdb.Transaction, domain: str, until: float, limit: int) -> list[bytes]:
         """Keys of up to ``limit`` ready jobs of ``domain`` due by ``until``, soonest first:
         a seek, whatever the size of the rest of the queue."""
-        prefix = domain_prefix(domain)
-        cursor = txn.cursor(db=self._ready)
         keys: list[bytes] = []
-        if not cursor.set_range(prefix):
-            return keys
-        for raw, _ in cursor:
-            key = bytes(raw)
-            if not key.startswith(prefix) or len(keys) >= limit:
-                break
-            entry = key[len(prefix) :]
-            if due_time(entry) > until:
+        for entry in self._keys_from(txn, self._ready, domain_prefix(domain)):
+            if len(keys) >= limit or due_time(entry) > until:
                 break
             keys.append(entry[8:])
         return keys
+
+    def due_at(self, txn: lmdb.Transaction, when: float) -> list[bytes]:
+        """Keys of the ready jobs whose next attempt is ``when`` (to the millisecond of the
+        index): a seek, whatever the size of the rest of the queue."""
+        prefix = struct.pack(">Q", max(0, int(when * 1000)))  # as due_key writes it
+        return list(self._keys_from(txn, self._due, prefix))
+
+    def _keys_from(
+        self, txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes
+    ) -> Iterator[bytes]:
+        """The keys of ``db`` that start with ``prefix``, in order, without it: a seek."""
+        cursor = txn.cursor(db=db)
+        if not cursor.set_range(prefix):
+            return
+        for raw, _ in cursor:
+            key = bytes(raw)
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix) :]
 
     def jobs_of(self, txn: lmdb.Transaction, queue_id: str) -> list[Job]:
         return [Job.decode(value) for value in self._job_items(txn, queue_id)]

@@ -36,7 +36,7 @@ def send(mta: Mta, message: bytes = MESSAGE, recipients: list[str] | None = None
             assert code == 250, f"{code} {reply.decode(errors='replace')}"
         code, reply = client.data(message)
     assert code == 250, f"{code} {reply.decode(errors='replace')}"
-    match = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]{16})", reply)
+    match = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]{22})", reply)
     assert match, reply
     return match.group(1).decode()
 

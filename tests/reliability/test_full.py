@@ -63,7 +63,7 @@ def submit(mta: Mta, name: str, lines: int = 30) -> str:
 
 
 def queued_as(reply: str) -> str | None:
-    found = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]{16})", reply)
+    found = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]{22})", reply)
     return found.group(1) if found else None
 
 

@@ -404,7 +404,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory, keys: list[DkimKey]) -> I
         committer,
         Signer(keys),
         pool,
-        IdGenerator(),
+        IdGenerator(node="test"),
         on_queued=lambda message: None,
     )
     yield Listener(handler, spool, Sessions(max_total=1000, max_per_ip=1000))

@@ -20,7 +20,7 @@ from mta.mail.reply import Reply
 from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import MxHost, ResolveError, Route
-from mta.outbound.smtp_client import Delivery
+from mta.outbound.smtp_client import Delivery, Slot
 from mta.policy.retry import RetrySchedule
 from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
@@ -65,10 +65,17 @@ class FakeDeliverer:
         recipients: Sequence[str],
         data: bytes,
         max_messages: int | None = None,
+        slot: Slot | None = None,
     ) -> Delivery:
         self.meanwhile()
         replies = {r: self.ANSWERS[r.split("@")[0]] for r in recipients}
         return Delivery("mx.example.net[192.0.2.1]:25", replies)
+
+    def take_idle(self, path: str, domain: str) -> Slot | None:
+        return None  # no connection is ever kept open
+
+    def give_back(self, slot: Slot) -> None:
+        pass
 
 
 def run_attempt(
@@ -80,7 +87,7 @@ def run_attempt(
     events: Callable[[Spool], EventLog] | None = None,
 ) -> tuple[Spool, str]:
     spool = Spool(tmp_path / "spool", max_size=2**20)
-    new_id = IdGenerator(clock=lambda: NOW)
+    new_id = IdGenerator(node="test", clock=lambda: NOW)
     queue_id = new_id()
     with spool.write() as txn:
         spool.add(txn, Message(queue_id, sender, recipients, NOW, len(BODY)), BODY)

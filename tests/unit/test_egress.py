@@ -1,7 +1,9 @@
-"""Egress leases and the spool's suspensions, with a clock the test moves: no sleeps.
+"""Egress leases and the spool's suspensions, with a clock the test controls: no sleeps.
 
-Suspensions are read from the spool at most once a second on the hot path;
-these tests pin what an operator sees around `mta policy suspend|resume`.
+Every lease looks at the suspensions in the spool, which the workers of a
+node share; these tests pin that a suspension (a reply's or an operator's)
+and a resume are in force from the very next lease, in every worker, and
+that `mta policy resume` makes the jobs the suspension deferred due at once.
 """
 
 from __future__ import annotations
@@ -9,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mta import config
 from mta.cli import policy
+from mta.mail.reply import Reply
 from mta.outbound.egress import Egress, Lease, Wait
-from mta.policy.limits import site_for
+from mta.policy.limits import Site, site_for
+from mta.spool.records import Message, jobs_for
 from mta.spool.store import Spool
 
+TSS04 = Reply(421, "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred")
 
-def test_a_resume_is_seen_by_the_next_lease_not_a_second_later(tmp_path: Path) -> None:
+
+def test_a_suspension_and_a_resume_are_seen_by_the_next_lease(tmp_path: Path) -> None:
     settings = config.parse({})
     spool = Spool(tmp_path / "spool", max_size=2**20)
     now = [time.time()]  # policyctl stamps suspensions with the real time
@@ -29,15 +38,13 @@ def test_a_resume_is_seen_by_the_next_lease_not_a_second_later(tmp_path: Path) -
         return await egress.lease("", site, "ops.test")  # "": the default pool
 
     async def main() -> None:
-        first = await lease()  # reads the suspensions (none): the cache is fresh
+        first = await lease()  # reads the suspensions (none)
         assert isinstance(first, Lease)
         egress.release(first)
+        # The clock stands still: no periodic re-read can be what sees these.
         policy.suspend(spool, settings, "ops.test", None, 3600, io.StringIO())
-        now[0] += 1.5  # the next periodic read of the spool
         waiting = await lease()
         assert isinstance(waiting, Wait) and "operator" in waiting.reason
-        # A resume is seen at once, though the cache is fresh and says
-        # "suspended": the job must not wait the hour out.
         policy.resume(spool, settings, "ops.test", None, io.StringIO())
         resumed = await lease()
         assert isinstance(resumed, Lease)
@@ -45,5 +52,86 @@ def test_a_resume_is_seen_by_the_next_lease_not_a_second_later(tmp_path: Path) -
 
     try:
         asyncio.run(main())
+    finally:
+        spool.close()
+
+
+def _leaser(egress: Egress, site: Site) -> Callable[[], Coroutine[Any, Any, Lease | Wait]]:
+    return lambda: egress.lease("", site, site.name)  # "": the default pool
+
+
+def test_a_replys_suspension_holds_for_the_next_lease_in_every_worker(tmp_path: Path) -> None:
+    """No clock moves and no release comes first: before the fix, the worker's
+    own waiting jobs re-read the spool before the delivery's commit stored the
+    suspension, and the other worker looked only a second later."""
+    settings = config.parse({})
+    spool = Spool(tmp_path / "spool", max_size=2**20)
+    site = site_for("yahoo.test", ["mx.yahoo.test"], {})
+    worker = Egress(settings, spool)
+    # Another worker: its own memory, the node's spool and shared limits
+    # (one process may open an LMDB environment only once).
+    other_worker = Egress(settings, spool, shared=worker.shared)
+    lease, other_lease = _leaser(worker, site), _leaser(other_worker, site)
+
+    async def main() -> None:
+        assert isinstance(await other_lease(), Lease)  # it has looked: nothing suspended
+        first = await lease()
+        assert isinstance(first, Lease)
+        [rule] = worker.react(first, {"u@yahoo.test": TSS04})
+        assert rule.name == "yahoo-tss04"
+        elsewhere = await other_lease()
+        assert isinstance(elsewhere, Wait) and "yahoo-tss04" in elsewhere.reason
+        worker.release(first)  # wakes this worker's waiting jobs
+        here = await lease()
+        assert isinstance(here, Wait) and here.until == elsewhere.until
+
+    try:
+        asyncio.run(main())
+    finally:
+        spool.close()
+
+
+def test_resume_makes_the_jobs_the_suspension_deferred_due_now(tmp_path: Path) -> None:
+    settings = config.parse({})
+    spool = Spool(tmp_path / "spool", max_size=2**20)
+    site = site_for("yahoo.test", ["mx.yahoo.test"], {})
+    now = [time.time()]  # `mta policy resume` compares with the real time
+    egress = Egress(settings, spool, clock=lambda: now[0])
+    lease = _leaser(egress, site)
+
+    async def suspend() -> tuple[Wait, Wait]:
+        """Two deliveries under way get TSS04 a second apart: each reply
+        (re)suspends the path, and jobs deferred in between wait for the first end."""
+        first, second = await lease(), await lease()
+        assert isinstance(first, Lease) and isinstance(second, Lease)
+        egress.react(first, {"u@yahoo.test": TSS04})
+        egress.release(first)
+        before = await lease()
+        now[0] += 1
+        egress.react(second, {"v@yahoo.test": TSS04})
+        egress.release(second)
+        after = await lease()
+        assert isinstance(before, Wait) and isinstance(after, Wait)
+        return before, after
+
+    try:
+        before, after = asyncio.run(suspend())
+        assert after.until == before.until + 1
+        body = b"Subject: x\r\n\r\nx\r\n"
+        waits = {"a": before.until, "b": after.until, "c": after.until + 60}
+        with spool.write() as txn:
+            for queue_id, until in waits.items():
+                message = Message(queue_id, "", (f"{queue_id}@yahoo.test",), 0, len(body))
+                spool.add(txn, message, body)
+                [job] = jobs_for(message)
+                spool.put_job(txn, replace(job, next_attempt=until), old=job)
+        out = io.StringIO()
+        policy.resume(spool, settings, "yahoo.test", None, out)
+        assert out.getvalue() == "resumed default to yahoo.test; 2 waiting jobs due now\n"
+        with spool.read() as txn:
+            due = {key.split(b"\0")[0].decode(): when for when, key in spool.due(txn)}
+        assert due["a"] <= time.time() and due["b"] <= time.time()
+        assert due["c"] == int(waits["c"] * 1000) / 1000  # a retry of its own: untouched
+        assert isinstance(asyncio.run(lease()), Lease)
     finally:
         spool.close()

@@ -27,6 +27,7 @@ from mta.mail.reply import Reply
 from mta.observe.timefmt import iso_time
 from mta.policy.disposition import Decision
 from mta.spool.commit import GroupCommitter
+from mta.spool.ids import IdGenerator
 from mta.spool.records import Message
 from mta.spool.store import Spool
 from tests.unit.test_attempt import run_attempt
@@ -73,6 +74,17 @@ def test_a_reception_is_one_event_per_recipient() -> None:
     )
     assert first.attempt == 0
     assert first.mx is first.reply is first.dsn is first.classification is None
+
+
+def test_two_nodes_events_of_the_same_moment_and_process_differ() -> None:
+    # Containers: two nodes' workers with equal PIDs accept a message in the same millisecond.
+    a, b = (
+        replace(MESSAGE, id=IdGenerator(node=node, clock=lambda: NOW, pid=7)())
+        for node in ("mx1", "mx2")
+    )
+    events_a, events_b = received_events(a, NOW), received_events(b, NOW)
+    assert not {event.id for event in events_a} & {event.id for event in events_b}
+    assert events_a[0].id.startswith(a.id + ".")
 
 
 def test_an_event_is_compact_ascii_json_with_every_field() -> None:

@@ -73,7 +73,7 @@ def test_small_messages_are_signed_on_the_loop_large_ones_in_the_pool(
         committer,
         Signer([key]),
         pool,
-        IdGenerator(),
+        IdGenerator(node="test"),
         on_queued=lambda message: None,
     )
     small, large = message_of(4096), message_of(INLINE_SIGN_MAX + 4096)

@@ -1,4 +1,4 @@
-"""The ready queue's waits and wake-ups, with an injected clock: no sleeps.
+"""The ready queue's lines, waits and wake-ups, with an injected clock: no sleeps.
 
 The tests step the event loop instead of waiting for time to pass; a wait
 bounded by ``retry_in`` or ``recheck`` is tested with a bound of zero.
@@ -7,7 +7,7 @@ bounded by ``retry_in`` or ``recheck`` is tested with a bound of zero.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mta import config
@@ -19,10 +19,16 @@ from mta.spool.store import Spool
 HOUR = 3600.0
 
 
+LINE = ("pool", "site")
+
+
 async def step_loop() -> None:
     """Let every task that can run do so (a wake-up takes a few loop turns)."""
+    loop = asyncio.get_running_loop()
     for _ in range(20):
-        await asyncio.sleep(0)
+        turn = loop.create_future()
+        loop.call_soon(turn.set_result, None)
+        await turn
 
 
 class Slots:
@@ -33,8 +39,8 @@ class Slots:
         self.free = 0
         self.looks: list[tuple[str, float]] = []
 
-    def attempt(self, name: str) -> Callable[[float], str | Busy]:
-        def look(now: float) -> str | Busy:
+    def attempt(self, name: str) -> Callable[[float], Awaitable[str | Busy]]:
+        async def look(now: float) -> str | Busy:
             self.looks.append((name, now))
             if self.free == 0:
                 return Busy(HOUR)
@@ -52,7 +58,7 @@ def test_an_answer_that_is_not_busy_is_returned_without_waiting() -> None:
     slots.free = 1
 
     async def main() -> None:
-        assert await slots.queue().wait(slots.attempt("a")) == "a"
+        assert await slots.queue().wait(LINE, slots.attempt("a")) == "a"
 
     asyncio.run(main())
     assert slots.looks == [("a", 100.0)]
@@ -64,7 +70,7 @@ def test_a_busy_job_waits_for_a_wake_and_looks_again_at_the_new_time() -> None:
 
     async def main() -> None:
         queue = slots.queue()
-        waiting = asyncio.create_task(queue.wait(slots.attempt("a")))
+        waiting = asyncio.create_task(queue.wait(LINE, slots.attempt("a")))
         await step_loop()
         assert not waiting.done() and slots.looks == [("a", 100.0)]
         now[0] = 105.0
@@ -76,48 +82,81 @@ def test_a_busy_job_waits_for_a_wake_and_looks_again_at_the_new_time() -> None:
     assert slots.looks == [("a", 100.0), ("a", 105.0)]
 
 
-def test_a_wake_wakes_every_waiter_in_the_order_they_began_waiting() -> None:
+def test_only_the_first_of_a_line_looks_and_the_next_looks_when_it_leaves() -> None:
     slots = Slots([100.0])
 
     async def main() -> None:
         queue = slots.queue()
         waiting = {}
         for name in ("a", "b", "c"):
-            waiting[name] = asyncio.create_task(queue.wait(slots.attempt(name)))
+            waiting[name] = asyncio.create_task(queue.wait(LINE, slots.attempt(name)))
             await step_loop()
-        slots.looks.clear()
-        slots.free = 1
-        queue.wake()
-        await step_loop()
-        # All three looked; the first took the one slot, the others wait again.
-        assert [name for name, _ in slots.looks] == ["a", "b", "c"]
-        assert waiting["a"].done() and not waiting["b"].done() and not waiting["c"].done()
-        await step_loop()
-        assert len(slots.looks) == 3  # waiting again, not looking over and over
+        assert [name for name, _ in slots.looks] == ["a"]  # b and c wait behind a
+        assert queue.waiting() == 3
         slots.free = 2
         queue.wake()
-        assert [await waiting["b"], await waiting["c"]] == ["b", "c"]
+        await step_loop()
+        # a takes a slot and leaves; b looks at once and takes the other; c looks, waits.
+        assert [name for name, _ in slots.looks] == ["a", "a", "b", "c"]
+        assert waiting["a"].done() and waiting["b"].done() and not waiting["c"].done()
+        slots.free = 1
+        queue.wake()
+        assert await waiting["c"] == "c"
+        assert queue.waiting() == 0
 
     asyncio.run(main())
 
 
-def test_a_newcomer_may_take_a_slot_before_the_woken_waiter_looks() -> None:
+def test_a_newcomer_waits_behind_the_line_it_joins() -> None:
     slots = Slots([100.0])
 
     async def main() -> None:
         queue = slots.queue()
-        waiting = asyncio.create_task(queue.wait(slots.attempt("early")))
+        early = asyncio.create_task(queue.wait(LINE, slots.attempt("early")))
         await step_loop()
+        newcomer = asyncio.create_task(queue.wait(LINE, slots.attempt("newcomer")))
         slots.free = 1
         queue.wake()
-        # Not first come, first served: this job asks before the woken one runs.
-        assert await queue.wait(slots.attempt("newcomer")) == "newcomer"
         await step_loop()
-        assert not waiting.done()
-        assert [name for name, _ in slots.looks] == ["early", "newcomer", "early"]
-        waiting.cancel()
+        assert early.result() == "early" and not newcomer.done()
+        assert [name for name, _ in slots.looks] == ["early", "early", "newcomer"]
+        newcomer.cancel()
 
     asyncio.run(main())
+
+
+def test_lines_do_not_wait_for_each_other() -> None:
+    slots = Slots([100.0])
+
+    async def main() -> None:
+        queue = slots.queue()
+        blocked = asyncio.create_task(queue.wait(LINE, slots.attempt("a")))
+        await step_loop()
+        slots.free = 1
+        assert await queue.wait(("pool", "other site"), slots.attempt("b")) == "b"
+        blocked.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_first_job_hands_its_turn_on() -> None:
+    slots = Slots([100.0])
+
+    async def main() -> None:
+        queue = slots.queue()
+        first = asyncio.create_task(queue.wait(LINE, slots.attempt("a")))
+        await step_loop()
+        second = asyncio.create_task(queue.wait(LINE, slots.attempt("b")))
+        await step_loop()
+        slots.free = 1
+        first.cancel()
+        assert await second == "b"
+
+    asyncio.run(main())
+
+
+async def pop(answers: list[str | Busy]) -> str | Busy:
+    return answers.pop(0)
 
 
 def test_a_busy_job_looks_again_after_retry_in_without_a_wake() -> None:
@@ -125,7 +164,7 @@ def test_a_busy_job_looks_again_after_retry_in_without_a_wake() -> None:
 
     async def main() -> None:
         queue = ReadyQueue(lambda: 100.0, recheck=HOUR)
-        assert await queue.wait(lambda now: answers.pop(0)) == "sent"
+        assert await queue.wait(LINE, lambda now: pop(answers)) == "sent"
 
     asyncio.run(main())
     assert answers == []
@@ -136,7 +175,7 @@ def test_a_busy_job_looks_again_after_recheck_however_long_retry_in_is() -> None
 
     async def main() -> None:
         queue = ReadyQueue(lambda: 100.0, recheck=0.0)
-        assert await queue.wait(lambda now: answers.pop(0)) == "sent"
+        assert await queue.wait(LINE, lambda now: pop(answers)) == "sent"
 
     asyncio.run(main())
     assert answers == []

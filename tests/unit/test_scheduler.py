@@ -68,7 +68,7 @@ def test_due_jobs_start_and_future_ones_wait(tmp_path: Path) -> None:
     async def main() -> None:
         clock, attempts = Clock(), Attempts()
         spool, scheduler = make(tmp_path, attempts, clock)
-        new_id = IdGenerator(clock=clock)
+        new_id = IdGenerator(node="test", clock=clock)
         now_id = queue(spool, new_id, "a@one.test")
         later_id = queue(spool, new_id, "b@two.test", arrived=NOW + 30)
         assert scheduler.start_due() == NOW + 30  # when to look again
@@ -89,7 +89,7 @@ def test_limits_total_and_per_domain(tmp_path: Path) -> None:
     async def main() -> None:
         clock, attempts = Clock(), Attempts()
         spool, scheduler = make(tmp_path, attempts, clock, total=3, per_domain=2)
-        new_id = IdGenerator(clock=clock)
+        new_id = IdGenerator(node="test", clock=clock)
         for _ in range(3):
             queue(spool, new_id, "a@busy.test")
         queue(spool, new_id, "b@other.test")
@@ -114,7 +114,7 @@ def test_held_jobs_are_never_started(tmp_path: Path) -> None:
     async def main() -> None:
         clock, attempts = Clock(), Attempts()
         spool, scheduler = make(tmp_path, attempts, clock)
-        queue_id = queue(spool, IdGenerator(clock=clock), "a@one.test")
+        queue_id = queue(spool, IdGenerator(node="test", clock=clock), "a@one.test")
         with spool.write() as txn:
             [job] = spool.jobs_of(txn, queue_id)
             spool.put_job(txn, job.with_state(JobState.HELD), old=job)
@@ -135,7 +135,7 @@ def test_a_crashing_attempt_pauses_its_job_instead_of_spinning(tmp_path: Path) -
 
         spool = Spool(tmp_path / "spool", max_size=2**20)
         scheduler = Scheduler(spool, crash, 10, 10, clock=clock)
-        queue(spool, IdGenerator(clock=clock), "a@one.test")
+        queue(spool, IdGenerator(node="test", clock=clock), "a@one.test")
         scheduler.start_due()
         await asyncio.gather(*scheduler.in_flight.values(), return_exceptions=True)
         scheduler.start_due()
@@ -154,7 +154,7 @@ def test_a_queued_message_starts_at_once_and_a_free_slot_refills_its_domain(
     async def main() -> None:
         clock, attempts = Clock(), Attempts()
         spool, scheduler = make(tmp_path, attempts, clock, total=10, per_domain=1)
-        new_id = IdGenerator(clock=clock)
+        new_id = IdGenerator(node="test", clock=clock)
         first = Message(new_id(), "a@example.test", ("u@busy.test",), NOW, size=1)
         second = Message(new_id(), "a@example.test", ("v@busy.test",), NOW, size=1)
         for message in (first, second):
@@ -178,7 +178,7 @@ def test_a_queued_message_starts_at_once_and_a_free_slot_refills_its_domain(
 
 def test_due_in_finds_a_domains_due_jobs_by_seek(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_size=2**20)
-    new_id = IdGenerator(clock=Clock())
+    new_id = IdGenerator(node="test", clock=Clock())
     early = queue(spool, new_id, "a@one.test", "b@two.test", arrived=NOW)
     queue(spool, new_id, "c@one.test", arrived=NOW + 60)
     with spool.read() as txn:
@@ -196,7 +196,7 @@ def test_a_worker_starts_only_the_domains_it_owns(tmp_path: Path) -> None:
         scheduler = Scheduler(
             spool, attempts, 10, 10, clock=clock, owns=lambda domain: domain == "mine.test"
         )
-        new_id = IdGenerator(clock=clock)
+        new_id = IdGenerator(node="test", clock=clock)
         mine = queue(spool, new_id, "a@mine.test", "b@theirs.test")
         scheduler.start_due()  # the periodic scan
         assert list(scheduler.in_flight) == [job_key(mine, "mine.test")]

@@ -28,7 +28,7 @@ ARRIVED = 1_700_000_000.0
 
 
 def ids() -> IdGenerator:
-    return IdGenerator(clock=lambda: ARRIVED, pid=1)
+    return IdGenerator(node="test", clock=lambda: ARRIVED, pid=1)
 
 
 def message(queue_id: str, recipients: tuple[str, ...], body: bytes) -> Message:
@@ -753,7 +753,7 @@ def test_stats_counters_agree_with_a_scan(
     tmp_path_factory: pytest.TempPathFactory, operations: list
 ) -> None:  # type: ignore[type-arg]
     spool = Spool(tmp_path_factory.mktemp("spool"), max_size=2**20)
-    new_id = IdGenerator()
+    new_id = IdGenerator(node="test")
     ids: list[str] = []
     for action, pick, domains in operations:
         with spool.write() as txn:

@@ -58,6 +58,59 @@ def test_resume_lifts_suspension_and_throttle_at_once() -> None:
     throttles.resume(("nobody", "nowhere"))  # nothing to lift: no error
 
 
+def test_resume_returns_every_end_the_suspension_had() -> None:
+    throttles = Throttles()
+    throttles.suspend(YAHOO, T0 + 1800, "yahoo-tss04")
+    throttles.suspend(YAHOO, T0 + 1000, "yahoo-tss04")  # shorter: no job is told this end
+    throttles.suspend(YAHOO, T0 + 1801, "yahoo-tss04")  # a reply of a delivery in flight
+    assert throttles.resume(YAHOO) == (T0 + 1800, T0 + 1801)
+    assert throttles.resume(YAHOO) == ()  # nothing left to lift
+
+
+def test_an_expired_suspension_forgets_its_ends() -> None:
+    throttles = Throttles()
+    throttles.suspend(YAHOO, T0 + 10, "old")
+    assert not throttles.is_suspended(YAHOO, T0 + 20)
+    throttles.suspend(YAHOO, T0 + 100, "new")
+    assert throttles.resume(YAHOO) == (T0 + 100,)
+
+
+def test_merge_adds_the_other_side_and_keeps_both_sides_ends() -> None:
+    stored = Throttles()
+    stored.suspend(YAHOO, T0 + 1800, "operator")
+    stored.throttle(GMAIL, 0.5, T0 + 600, "gmail-rate-limited")
+    decided = Throttles()
+    decided.suspend(YAHOO, T0 + 1801, "yahoo-tss04")
+    decided.suspend(GMAIL, T0 + 60, "gmail-blocked")
+    decided.throttle(GMAIL, 0.25, T0 + 300, "gmail-rate-limited")
+    stored.merge(decided)
+    assert stored.state(YAHOO, T0) == Restriction(suspended_until=T0 + 1801, reason="yahoo-tss04")
+    assert stored.state(GMAIL, T0).suspended_until == T0 + 60
+    assert stored.factor(GMAIL, T0 + 100) == 0.25
+    assert stored.factor(GMAIL, T0 + 400) == 0.5
+    assert stored.resume(YAHOO) == (T0 + 1800, T0 + 1801)
+
+
+def test_a_suspension_keeps_a_bounded_number_of_ends() -> None:
+    throttles = Throttles()
+    for extra in range(20):
+        throttles.suspend(YAHOO, T0 + 1800 + extra, "yahoo-tss04")
+    ends = throttles.resume(YAHOO)
+    assert len(ends) == 8 and ends[-1] == T0 + 1819
+
+
+def test_the_ends_survive_json_and_a_record_without_them_has_one() -> None:
+    throttles = Throttles()
+    throttles.suspend(YAHOO, T0 + 1800, "yahoo-tss04")
+    throttles.suspend(YAHOO, T0 + 1802, "yahoo-tss04")
+    assert Throttles.from_json(throttles.to_json()).resume(YAHOO) == (T0 + 1800, T0 + 1802)
+    older = (
+        '{"version": 1, "paths": [{"source": "ip1", "site": "yahoo",'
+        f' "suspended_until": {T0 + 1800}, "suspend_reason": "operator"}}]}}'
+    )
+    assert Throttles.from_json(older).resume(YAHOO) == (T0 + 1800,)
+
+
 def test_a_throttle_scales_until_it_ends() -> None:
     throttles = Throttles()
     throttles.throttle(GMAIL, 0.5, T0 + 600, "too-many-connections")
@@ -184,6 +237,10 @@ def test_json_with_now_leaves_out_what_has_expired() -> None:
         ' "suspend_reason": "x"}]}',
         '{"version": 1, "paths": [{"source": "a", "site": "b",'
         ' "throttles": [{"factor": 2, "until": 5, "reason": "x"}]}]}',
+        '{"version": 1, "paths": [{"source": "a", "site": "b", "suspended_until": 5,'
+        ' "suspend_reason": "x", "ends": ["soon"]}]}',
+        '{"version": 1, "paths": [{"source": "a", "site": "b", "suspended_until": 5,'
+        ' "suspend_reason": "x", "ends": 4}]}',
     ],
 )
 def test_from_json_refuses_what_to_json_did_not_write(text: str) -> None:

@@ -1,0 +1,222 @@
+"""Connection leases and rates per egress path, shared by the node or the fleet.
+
+``SharedLimits`` is what egress asks before a delivery starts. Without
+``[cluster] redis`` it decides in the node's file (mta.cluster.local_limits),
+shared by every worker; with it, in Redis (mta.cluster.redis_limits), shared
+by every node that names the same server.
+
+While Redis is away (down, or slower than ``redis_timeout``), the node decides
+in its own file on its share of each limit: the connection limit split
+between the nodes last seen alive so that the shares add up to the limit,
+and the rate divided by their number. It tries Redis again a second later,
+and logs once when it goes and once when it comes back. Accepting mail never
+waits on any of this.
+
+Every lease is renewed while its delivery runs (``run``), so the leases of a
+process or node that died expire within ``LEASE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from mta.cluster.local_limits import LocalLimits, local_limits_dir
+from mta.cluster.redis_limits import RedisLimits
+from mta.config import ClusterConfig
+from mta.observe import metrics
+from mta.policy.admission import Ask, Granted, Refused, share
+
+log = logging.getLogger("mta.cluster")
+T = TypeVar("T")
+
+LEASE_SECONDS = 15.0  # a dead holder's slots come back within this
+RENEW_SECONDS = 5.0  # leases are renewed and the heartbeat sent this often
+ALIVE_SECONDS = 30.0  # a node silent this long no longer counts for the shares
+RETRY_SECONDS = 1.0  # after a Redis failure, decide locally this long
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A granted lease: which ask got it, and where it is kept."""
+
+    ask: Ask
+    lease: str
+    remote: bool  # in Redis, or in the node's file
+
+
+@dataclass(frozen=True)
+class Admitted:
+    index: int  # which ask was granted
+    holding: Holding | None  # None for a rate-only ask: no new lease
+
+
+class SharedLimits:
+    def __init__(
+        self,
+        node: str,
+        local: LocalLimits,
+        remote: RedisLimits | None = None,
+        timeout: float = 0.01,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.local = local
+        self.remote = remote
+        self.timeout = timeout
+        self.clock = clock
+        self.nodes = [node]  # the nodes last seen alive, sorted
+        self._away_until = float("-inf")
+        self._held: dict[str, Holding] = {}
+        # Leases asked for when Redis did not answer in time: the script may
+        # still have granted them when Redis woke up, to a holder that gave up.
+        self._unanswered: list[tuple[list[str], str]] = []
+        self._names = (f"{node}.{os.getpid()}.{n}" for n in itertools.count())
+        metrics.CLUSTER_REDIS_UP.set(1 if remote else 0)
+
+    @property
+    def shared_with(self) -> list[str]:
+        """The nodes this node's limits are shared with (itself included)."""
+        return self.nodes if self.remote else [self.node]
+
+    async def admit(self, asks: Sequence[Ask]) -> Admitted | Refused:
+        """The first free candidate (with its new lease), or how long until one may be."""
+        lease = next(self._names)
+        result = await self._admit_remote(asks, lease)
+        remote = result is not None
+        if result is None:
+            result = self.local.admit([self._fallback(ask) for ask in asks], lease)
+        if isinstance(result, Refused):
+            return result
+        ask = asks[result.index]
+        if not ask.takes_slot:
+            return Admitted(result.index, None)
+        holding = Holding(ask, lease, remote)
+        self._held[lease] = holding
+        return Admitted(result.index, holding)
+
+    async def release(self, holding: Holding) -> None:
+        self._held.pop(holding.lease, None)
+        if not holding.remote:
+            self.local.release(holding.ask.path, holding.lease)
+            return
+        with contextlib.suppress(*_REDIS_TROUBLE):
+            await self._ask_redis(self._redis.release(holding.ask.path, holding.lease))
+        # If Redis did not hear it, the lease expires there within LEASE_SECONDS.
+
+    async def run(self) -> None:
+        """Renew the leases held and, with Redis, keep the heartbeat; until cancelled."""
+        while True:
+            await self.renew()
+            await asyncio.sleep(RENEW_SECONDS)
+
+    async def renew(self) -> None:
+        held = list(self._held.values())
+        self.local.renew((h.ask.path, h.lease) for h in held if not h.remote)
+        if self.remote is None or self._away():
+            return
+        try:
+            await self._ask_redis(
+                self._redis.renew((h.ask.path, h.lease) for h in held if h.remote)
+            )
+            self.nodes = sorted(
+                await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
+            ) or [self.node]
+        except _REDIS_TROUBLE as error:
+            self._went_away(error)
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.client.aclose()
+        self.local.close()
+
+    # --- Redis, and deciding without it ---
+
+    @property
+    def _redis(self) -> RedisLimits:
+        assert self.remote is not None
+        return self.remote
+
+    def _away(self) -> bool:
+        return self.clock() < self._away_until
+
+    async def _admit_remote(self, asks: Sequence[Ask], lease: str) -> Granted | Refused | None:
+        if self.remote is None or self._away():
+            return None
+        try:
+            await self._forget_unanswered()
+            result = await self._ask_redis(self._redis.admit(asks, lease))
+        except _REDIS_TROUBLE as error:
+            self._unanswered.append(([ask.path for ask in asks], lease))
+            self._went_away(error)
+            return None
+        if self._away_until != float("-inf"):
+            self._away_until = float("-inf")
+            metrics.CLUSTER_REDIS_UP.set(1)
+            log.warning("redis is back: limits are shared with the fleet again")
+        return result
+
+    async def _forget_unanswered(self) -> None:
+        """Give back what Redis may have granted while we had stopped waiting."""
+        while self._unanswered:
+            paths, lease = self._unanswered[-1]
+            for path in paths:
+                await self._ask_redis(self._redis.release(path, lease))
+            self._unanswered.pop()
+
+    async def _ask_redis(self, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(call, self.timeout)
+        except BaseException:
+            metrics.CLUSTER_REDIS_ERRORS.inc()
+            raise
+        finally:
+            metrics.CLUSTER_REDIS_SECONDS.observe(time.perf_counter() - started)
+
+    def _went_away(self, error: BaseException) -> None:
+        if self._away_until == float("-inf"):
+            metrics.CLUSTER_REDIS_UP.set(0)
+            log.warning(
+                "redis away (%s): each limit is shared by %d nodes until it is back",
+                type(error).__name__ if isinstance(error, TimeoutError) else error,
+                len(self.nodes),
+            )
+        self._away_until = self.clock() + RETRY_SECONDS
+
+    def _fallback(self, ask: Ask) -> Ask:
+        """This node's share of ``ask`` while the fleet cannot coordinate."""
+        nodes = len(self.shared_with)
+        if nodes == 1:
+            return ask
+        rank = self.nodes.index(self.node) if self.node in self.nodes else nodes - 1
+        return replace(
+            ask,
+            max_connections=None
+            if ask.max_connections is None
+            else share(ask.max_connections, rank, nodes),
+            interval=None if ask.interval is None else ask.interval * nodes,
+        )
+
+
+_REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError)
+
+
+def shared_limits(cluster: ClusterConfig, spool_path: str) -> SharedLimits:
+    """The node's file beside the spool, and Redis when ``[cluster] redis`` names one."""
+    local = LocalLimits(str(local_limits_dir(spool_path)), LEASE_SECONDS)
+    if cluster.redis is None:
+        return SharedLimits(cluster.node, local)
+    client = aioredis.Redis.from_url(cluster.redis, socket_connect_timeout=1.0)
+    remote = RedisLimits(client, LEASE_SECONDS)
+    return SharedLimits(cluster.node, local, remote, cluster.redis_timeout)

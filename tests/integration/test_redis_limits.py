@@ -1,0 +1,160 @@
+"""The Redis store's scripts against the pure model, on a real redis-server.
+
+mta.policy.admission is the reference: for any sequence of decisions,
+renewals and releases (times chosen by the test, passed to the script in
+place of Redis's clock), the script must answer what the model answers and
+leave the same leases behind. Then what a node does while Redis is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mta.cluster.limits import Admitted, SharedLimits
+from mta.cluster.local_limits import LocalLimits
+from mta.cluster.redis_limits import RedisLimits, lease_key
+from mta.policy import admission
+from mta.policy.admission import Ask, Granted, PathState, Refused
+from tests.harness.redis_server import RedisServer
+
+TTL = 10.0
+PATHS = ("ip1>gmail", "ip2>gmail", "ip1>yahoo")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+asks = st.lists(
+    st.builds(
+        Ask,
+        path=st.sampled_from(PATHS),
+        max_connections=st.one_of(st.none(), st.integers(min_value=0, max_value=3)),
+        interval=st.one_of(st.none(), st.sampled_from([0.125, 0.5, 2.0])),
+        burst=st.integers(min_value=1, max_value=3),
+        takes_slot=st.booleans(),
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda ask: ask.path,
+)
+steps = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.125, 0.25, 1.0, 3.0, 11.0]),  # time passing first
+        st.one_of(
+            st.tuples(st.just("admit"), asks),
+            st.tuples(st.just("release"), st.integers(min_value=0, max_value=20)),
+            st.tuples(st.just("renew"), st.integers(min_value=0, max_value=20)),
+        ),
+    ),
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps)
+def test_the_script_decides_as_the_model_does(
+    redis_server: RedisServer, sequence: list[tuple[float, tuple[str, object]]]
+) -> None:
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushdb()
+        store = RedisLimits(client, TTL)
+        model = {path: PathState() for path in PATHS}
+        now, held = 1_800_000_000.0, []
+        for n, (elapsed, (operation, argument)) in enumerate(sequence):
+            now += elapsed
+            if operation == "admit":
+                chosen: list[Ask] = argument  # type: ignore[assignment]
+                lease = f"lease{n}"
+                expected = admission.admit([model[a.path] for a in chosen], chosen, lease, now, TTL)
+                got = await store.admit(chosen, lease, now=now)
+                if isinstance(expected, Refused) and expected.retry_in is not None:
+                    assert isinstance(got, Refused) and got.retry_in is not None
+                    assert got.retry_in == pytest.approx(expected.retry_in, abs=1e-5)
+                else:
+                    assert got == expected
+                if isinstance(got, Granted) and chosen[got.index].takes_slot:
+                    held.append((chosen[got.index].path, lease))
+            elif held:
+                path, lease = held[int(argument) % len(held)]  # type: ignore[call-overload]
+                if operation == "release":
+                    held.remove((path, lease))
+                    admission.release(model[path], lease)
+                    await store.release(path, lease)
+                else:
+                    model[path].leases[lease] = now + TTL  # renewing re-asserts
+                    await store.renew([(path, lease)], now=now)
+            for path in PATHS:
+                admission.prune(model[path], now)
+                stored = await client.zrangebyscore(lease_key(path), f"({now:.6f}", "+inf")
+                assert sorted(s.decode() for s in stored) == sorted(model[path].leases)
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_while_redis_is_stopped_a_node_takes_its_share_and_comes_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    ask = Ask("ip1>gmail", max_connections=5)
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushdb()
+        clock = [0.0]
+        shared = SharedLimits(
+            "node-b",
+            LocalLimits(str(tmp_path / "limits"), TTL),
+            RedisLimits(client, TTL),
+            timeout=0.5,
+            clock=lambda: clock[0],
+        )
+        other = RedisLimits(client, TTL)
+        await other.heartbeat("node-a", 30.0)
+        await shared.renew()  # the heartbeat: node-a and node-b are alive
+        assert shared.nodes == ["node-a", "node-b"]
+        first = await shared.admit([ask])
+        assert not isinstance(first, Refused) and first.holding and first.holding.remote
+        redis_server.pause()
+        try:
+            # Away: node-b (rank 1 of 2) may hold 2 of the 5 connections.
+            held = [await shared.admit([ask]) for _ in range(3)]
+            assert [isinstance(h, Refused) for h in held] == [False, False, True]
+            assert all(not h.holding.remote for h in held if isinstance(h, Admitted) and h.holding)
+        finally:
+            redis_server.resume()
+        clock[0] += 1.5  # past the retry pause: Redis is asked again
+        back = await shared.admit([ask])
+        assert not isinstance(back, Refused) and back.holding and back.holding.remote
+        # The lease asked for while Redis was stopped was given back when it woke.
+        assert await other.in_use("ip1>gmail") == 2  # the first lease and this one
+        await shared.close()
+
+    asyncio.run(main())
+
+
+def test_a_lease_of_a_node_that_died_expires(redis_server: RedisServer) -> None:
+    ask = Ask("ip1>yahoo", max_connections=1)
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushdb()
+        store = RedisLimits(client, TTL)
+        assert await store.admit([ask], "dead-node.1", now=1000.0) == Granted(0)
+        assert await store.admit([ask], "live-node.1", now=1000.0 + TTL - 1) == Refused(None)
+        assert await store.admit([ask], "live-node.1", now=1000.0 + TTL) == Granted(0)
+        await client.aclose()
+
+    asyncio.run(main())
