@@ -7,6 +7,17 @@ Usage:
   .venv/bin/python tools/bench.py --skip-postfix --py-spy /tmp/prof   # only ours, profiled
   .venv/bin/python tools/bench.py --rate 200 [--size 4k ...]   # every load paced at 200 msg/s
   .venv/bin/python tools/bench.py --half-peak --size 4k         # latency at half of peak load
+  .venv/bin/python tools/bench.py --cluster --skip-postfix --size 4k   # the cost of [cluster] redis
+
+``--cluster`` starts a redis-server on loopback (tests/harness/redis_server.py,
+nothing saved to disk) and runs ours a second time per load and round with
+``[cluster] redis`` naming it (``node = "bench"``, other cluster settings at
+their defaults), beside the usual runs, alternating which goes first; a
+table then compares the two: delivered/s and CPU ms/msg with Redis, without,
+and the ratio (CPU ms/msg is our processes'; a note gives redis-server's),
+and a "target:" line says whether the shared state costs at most 10% of
+delivered/s (the fleet issue's target).  Needs the Debian redis-server
+package.
 
 ``--rate R`` paces every load, open loop, at R messages/s in total over the
 sessions (see the client below) instead of sending as fast as possible; the
@@ -129,6 +140,8 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The test harness's redis-server; tools run from the repository root or with it on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_accept import (  # noqa: E402  (tools/ is not a package)
     MTA,
@@ -146,6 +159,9 @@ from bench_accept import (  # noqa: E402  (tools/ is not a package)
     tree_cpu,
     wait_for_banner,
 )
+
+from tests.harness.programs import SBIN  # noqa: E402
+from tests.harness.redis_server import RedisServer  # noqa: E402
 
 SENDER = "app@example.test"  # our DKIM key's domain
 RCPT_DOMAIN = "example.net"
@@ -344,14 +360,17 @@ async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, 
     return reader, writer, b"PIPELINING" in ehlo.upper()
 
 
+def _rcpt_domain(bench_id: int, domains: int) -> bytes:
+    """example.net, or with --domains N message k's domain d{k mod N}.example.net."""
+    if domains == 1:
+        return RCPT_DOMAIN.encode()
+    return b"d%d.%s" % (bench_id % domains, RCPT_DOMAIN.encode())
+
+
 async def _client_session(
-    state: _ClientState, port: int, per_connection: int, recipients: int, body: bytes
+    state: _ClientState, port: int, per_connection: int, recipients: int, body: bytes, domains: int
 ) -> None:
     date = email.utils.formatdate(localtime=False).encode()
-    envelope_rcpts = b"".join(
-        b"RCPT TO:<u%d@%s>\r\n" % (i, RCPT_DOMAIN.encode()) for i in range(recipients)
-    )
-    to_header = b"To: <u0@%s>\r\n" % RCPT_DOMAIN.encode()
     connection: tuple[asyncio.StreamReader, asyncio.StreamWriter, bool] | None = None
     sent = 0  # on this connection
     pending: tuple[int, int] | None = None  # (id, started ns) claimed but not yet begun
@@ -370,6 +389,11 @@ async def _client_session(
                 bench_id, started_ns = pending
                 pending = None  # from here on an error loses this message, as in SMTP
                 sent += 1
+                domain = _rcpt_domain(bench_id, domains)
+                envelope_rcpts = b"".join(
+                    b"RCPT TO:<u%d@%s>\r\n" % (i, domain) for i in range(recipients)
+                )
+                to_header = b"To: <u0@%s>\r\n" % domain
                 commands = [b"MAIL FROM:<%s>\r\n" % SENDER.encode()]
                 if pipelining:
                     commands.append(envelope_rcpts + b"DATA\r\n")
@@ -433,7 +457,9 @@ async def _client_main(args: argparse.Namespace) -> None:
     state.start_mono = time.monotonic()
     await asyncio.gather(
         *(
-            _client_session(state, args.port, args.per_connection, args.recipients, body)
+            _client_session(
+                state, args.port, args.per_connection, args.recipients, body, args.domains
+            )
             for _ in range(args.sessions)
         )
     )
@@ -662,7 +688,10 @@ class Server:
 class Ours(Server):
     name = "ours"
 
-    def __init__(self, root: Path, key: Path, options: dict[str, dict[str, str]]) -> None:
+    def __init__(
+        self, root: Path, key: Path, options: dict[str, dict[str, str]], name: str = "ours"
+    ) -> None:
+        self.name = name
         self.root = root
         self.key = key
         self.options = options
@@ -798,6 +827,8 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
                     str(load.per_connection),
                     "--recipients",
                     str(load.recipients),
+                    "--domains",
+                    str(args.domains),
                     "--rate",
                     repr(load.rate),
                     "--out",
@@ -903,31 +934,40 @@ class _suppress_bench_error:  # noqa: N801
 def bench_load(
     load: Load | dict[int, Load], args: argparse.Namespace, tmp: Path, key: Path, turn: int
 ) -> list[list[Run]]:
-    """[ours runs, Postfix runs] over --rounds rounds, alternating who goes first.
+    """[ours runs, Postfix runs, ours with [cluster] redis runs] over --rounds rounds,
+    rotating who goes first.
 
-    load is the same for both MTAs, or {0: ours' load, 1: Postfix's load} (either may be
-    missing: that MTA is not run), as --half-peak gives each MTA its own rate.
+    load is the same for every MTA (ours with Redis only with --cluster), or {0: ours'
+    load, 1: Postfix's load} (either may be missing: that MTA is not run), as
+    --half-peak gives each MTA its own rate.
     """
-    loads = load if isinstance(load, dict) else {0: load, 1: load}
+    loads = load if isinstance(load, dict) else {0: load, 1: load, 2: load}
+    kinds = [
+        k for k in sorted(loads) if (k != 1 or not args.skip_postfix) and (k != 2 or args.cluster)
+    ]
     counter = itertools.count()
-    runs: list[list[Run]] = [[], []]
+    runs: list[list[Run]] = [[], [], []]
     for round_no in range(args.rounds):
-        order = [0, 1] if (turn + round_no) % 2 == 0 else [1, 0]
-        for which in order:
-            if which not in loads or which == 1 and args.skip_postfix:
-                continue
+        first = (turn + round_no) % len(kinds) if kinds else 0
+        for which in kinds[first:] + kinds[:first]:
             load = loads[which]
             work = tmp / f"run{next(counter)}-{turn}"
             work.mkdir()
             work.chmod(0o755)
             server: Server = (
-                Ours(work / "mta", key, args.mta_options)
+                PostfixRelay(work / "postfix", load.size)
+                if which == 1
+                else Ours(work / "mta", key, args.mta_options)
                 if which == 0
-                else PostfixRelay(work / "postfix", load.size)
+                else Ours(work / "mta", key, args.cluster_options, "cluster")
             )
             paced = f" at {load.rate:.0f}/s" if load.rate else ""
             print(f"  {load.label()}{paced}: {server.name} ...", file=sys.stderr, flush=True)
+            redis_cpu = tree_cpu(args.redis_pid) if which == 2 else 0.0
             run = bench_one(server, load, args, work)
+            if which == 2 and run.delivered:
+                redis_cpu = tree_cpu(args.redis_pid) - redis_cpu
+                run.notes.append(f"redis-server: {1000 * redis_cpu / run.delivered:.2f} ms CPU/msg")
             runs[which].append(run)
             shutil.rmtree(work, ignore_errors=True)
             # Every round's figures, for the spread behind a median.
@@ -1020,21 +1060,45 @@ def report(pairs: list[tuple[Run | None, Run | None]], rounds: int, rate: float 
     print()
     if rate:
         print(f"paced, open loop: {rate:g} messages/s over all sessions (accepted/s = achieved)")
-    if rounds > 1:
-        print(f"median of {rounds} rounds per MTA (by {'p99' if rate else 'delivered/s'})")
-    print(COLUMNS)
-    print("-" * len(COLUMNS))
-    for ours, theirs in pairs:
-        for run in (ours, theirs):
-            if run is not None:
-                print(row(run))
-        if ours and theirs and not ours.error and not theirs.error:
-            print(ratio_row(ours, theirs))
-    print("ratio = ours / Postfix (higher is better for the rates, lower for the rest)")
+    table(pairs, rounds, "p99" if rate else "delivered/s", "ours / Postfix")
     for ours, theirs in pairs:
         for run in (ours, theirs):
             for note in run.notes if run else []:
                 print(f"note: {run.mta} {run.load.label()}: {note}")  # type: ignore[union-attr]
+
+
+def table(pairs: list[tuple[Run | None, Run | None]], rounds: int, by: str, ratio: str) -> None:
+    """Each pair's rows, and the first's figures over the second's (``ratio`` says which)."""
+    if rounds > 1:
+        print(f"median of {rounds} rounds per MTA (by {by})")
+    print(COLUMNS)
+    print("-" * len(COLUMNS))
+    for first, second in pairs:
+        for run in (first, second):
+            if run is not None:
+                print(row(run))
+        if first and second and not first.error and not second.error:
+            print(ratio_row(first, second))
+    print(f"ratio = {ratio} (higher is better for the rates, lower for the rest)")
+
+
+def cluster_report(pairs: list[tuple[Run | None, Run | None]], rounds: int) -> None:
+    """Ours without and with ``[cluster] redis`` per load, and the fleet issue's target."""
+    print()
+    print('[cluster] redis: ours with it ("cluster", redis-server on loopback), then without')
+    table([(shared, alone) for alone, shared in pairs], rounds, "delivered/s", "with / without")
+    for alone, shared in pairs:
+        if shared is None:
+            continue
+        for note in shared.notes:
+            print(f"note: {shared.mta} {shared.load.label()}: {note}")
+        if alone and not alone.error and not shared.error and alone.delivered_rate:
+            kept = shared.delivered_rate / alone.delivered_rate
+            verdict = "meets" if kept >= 0.9 else "misses"
+            print(
+                f"target: {shared.load.label()}: delivered/s with Redis {kept:.0%} of without, "
+                f"{verdict} the fleet issue's target (the shared state costs at most 10%)"
+            )
 
 
 PACED_COLUMNS = (
@@ -1248,6 +1312,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sessions", type=_int_list, help="concurrent client sessions, comma-separated (20)"
     )
     parser.add_argument(
+        "--domains",
+        type=int,
+        default=1,
+        help="recipient domains, message k to d{k mod N}.example.net (default 1: example.net)",
+    )
+    parser.add_argument(
         "--messages",
         type=int,
         help="messages per run (default 4000; 2000 per point of a sweep)",
@@ -1274,6 +1344,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs per MTA and load (median)")
     parser.add_argument("--skip-postfix", action="store_true", help="only measure our MTA")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also run ours with [cluster] redis (a redis-server started here) and compare",
+    )
     parser.add_argument(
         "--mta-option",
         type=_mta_option,
@@ -1310,8 +1385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} values must be at least 1")
     if any(v < 0 for v in args.per_connection or []):
         parser.error("--per-connection values must be 0 (all) or more")
-    if args.messages is not None and args.messages < 1 or args.rounds < 1:
-        parser.error("--messages and --rounds must be at least 1")
+    if args.messages is not None and args.messages < 1 or args.rounds < 1 or args.domains < 1:
+        parser.error("--messages, --rounds and --domains must be at least 1")
     if args.rate is not None and not 0 < args.rate < float("inf"):
         parser.error("--rate must be a positive number of messages/s")
     if args.rate and args.half_peak:
@@ -1348,6 +1423,19 @@ def loads_of(args: argparse.Namespace) -> list[Load]:
     ]
 
 
+def start_redis(root: Path) -> RedisServer:
+    if not (shutil.which("redis-server") or shutil.which("redis-server", path=SBIN)):
+        raise BenchError("--cluster needs redis-server (the Debian package redis-server)")
+    return RedisServer(root).start()
+
+
+def cluster_options(args: argparse.Namespace, url: str) -> dict[str, dict[str, str]]:
+    """Ours' --mta-option settings with ``[cluster]`` naming the Redis at ``url``."""
+    options = dict(args.mta_options)
+    options["cluster"] = {"redis": f'"{url}"', "node": '"bench"'} | options.get("cluster", {})
+    return options
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # every finally runs: servers stopped, temp dirs removed
 
@@ -1364,8 +1452,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     tmp.chmod(0o755)  # Postfix daemons drop to the postfix user and must reach the queue
     failed = False
+    redis: RedisServer | None = None
     try:
         key = make_key(tmp / "dkim")
+        if args.cluster:
+            redis = start_redis(tmp / "redis")
+            assert redis.process is not None
+            args.redis_pid = redis.process.pid
+            args.cluster_options = cluster_options(args, redis.url)
         loads = loads_of(args)
         print(
             f"{loads[0].messages} messages per run; client and sink: this tool (asyncio, uvloop); "
@@ -1374,11 +1468,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         pairs: list[tuple[Run | None, Run | None]] = []
+        clustered: list[tuple[Run | None, Run | None]] = []
         for turn, load in enumerate(loads):
-            ours_runs, their_runs = bench_load(load, args, tmp, key, turn)
+            ours_runs, their_runs, cluster_runs = bench_load(load, args, tmp, key, turn)
             pairs.append((median_run(ours_runs), median_run(their_runs)))
-            failed = failed or any(r.error for r in ours_runs + their_runs)
+            clustered.append((median_run(ours_runs), median_run(cluster_runs)))
+            failed = failed or any(r.error for r in ours_runs + their_runs + cluster_runs)
         report(pairs, args.rounds, args.rate or 0.0)
+        if args.cluster:
+            cluster_report(clustered, args.rounds)
         if args.rate:
             for load, (ours, theirs) in zip(loads, pairs, strict=True):
                 paced_report(
@@ -1409,6 +1507,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 

@@ -5,11 +5,14 @@ stored in the spool's policy database, which the daemon looks at before each
 delivery, so `suspend` and `resume` take effect on a running daemon at once.
 `resume` also makes the jobs the suspension deferred due now, in the same
 commit: a running daemon starts them within a second (its scheduler's scan).
+With ``[cluster] redis``, both are also told to the other nodes
+(mta.cluster.throttle_log), which apply them within about a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import re
@@ -19,9 +22,13 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import lmdb
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
+from mta.cluster.limits import ALIVE_SECONDS
+from mta.cluster.redis_limits import NODES
+from mta.cluster.throttle_log import Decision, ThrottleLog
 from mta.config import Config, load
 from mta.observe.timefmt import iso_time
 from mta.outbound.egress import (
@@ -32,7 +39,6 @@ from mta.outbound.egress import (
     warmup_counter,
 )
 from mta.policy.warmup import daily_cap, day_of
-from mta.spool.records import JobState
 from mta.spool.store import Spool
 
 OPERATOR = "operator"
@@ -95,40 +101,54 @@ def suspend(
 ) -> int:
     now = time.time()
     names = _sources(config, source)
+    decided = [
+        Decision("suspend", name, site.lower(), now + seconds, reason=OPERATOR) for name in names
+    ]
     with spool.write() as txn:
         throttles = load_throttles(spool, txn)
-        for name in names:
-            throttles.suspend((name, site.lower()), now + seconds, OPERATOR)
+        for decision in decided:
+            decision.apply(throttles)
         save_throttles(spool, txn, throttles, now)
     out.write(f"suspended {', '.join(names)} to {site} until {iso_time(now + seconds)}\n")
-    return 0
+    return tell_fleet(config, decided, out)
 
 
 def resume(spool: Spool, config: Config, site: str, source: str | None, out: TextIO) -> int:
     now = time.time()
     names = _sources(config, source)
+    decided = [Decision("resume", name, site.lower()) for name in names]
     with spool.write() as txn:
         throttles = load_throttles(spool, txn)
-        ends = {end for name in names for end in throttles.resume((name, site.lower()))}
+        ends = {end for decision in decided for end in decision.apply(throttles)}
         save_throttles(spool, txn, throttles, now)
-        due = sum(_make_due(spool, txn, end, now) for end in ends if now < end < math.inf)
+        due = sum(spool.make_due(txn, end, now) for end in ends if now < end < math.inf)
     out.write(f"resumed {', '.join(names)} to {site}; {due} waiting jobs due now\n")
+    return tell_fleet(config, decided, out)
+
+
+def tell_fleet(config: Config, decided: list[Decision], out: TextIO) -> int:
+    """With ``[cluster] redis``, tell the other nodes; 1 if Redis could not be told."""
+    url = config.cluster.redis
+    if url is None:
+        return 0
+
+    async def publish() -> None:
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            await ThrottleLog(client).publish(decided)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(publish())
+    except (OSError, RedisError) as error:
+        out.write(
+            f"not told to the other nodes ({error}): this node only; "
+            "run the command again when Redis answers\n"
+        )
+        return 1
+    out.write("told the other nodes through redis\n")
     return 0
-
-
-def _make_due(spool: Spool, txn: lmdb.Transaction, end: float, now: float) -> int:
-    """Make the jobs told to come back at a suspension's ``end`` due ``now``; how many.
-
-    A job a suspension defers waits until its end exactly (mta.outbound.egress
-    answers ``Wait``), so the due index finds them with a seek; a job whose
-    retry falls in that same millisecond by chance is only tried early.
-    """
-    keys = spool.due_at(txn, end)
-    for key in keys:
-        job = spool.job(txn, key)
-        assert job is not None, key  # the due index lists stored ready jobs only
-        spool.put_job(txn, job.with_state(JobState.READY, next_attempt=now), old=job)
-    return len(keys)
 
 
 def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:
@@ -191,6 +211,7 @@ def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
             },
         },
         "restrictions": restrictions(spool, now),
+        "shared": sharing(config),
     }
     if as_json:
         json.dump(document, out, indent=2)
@@ -198,6 +219,40 @@ def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
         return 0
     _print(document, out, now)
     return 0
+
+
+def sharing(config: Config) -> dict[str, Any]:
+    """Who shares this node's limits and suspensions: its workers, or the fleet's
+    nodes seen alive in Redis (None when Redis does not answer)."""
+    cluster = config.cluster
+    if cluster.redis is None:
+        return {"node": cluster.node, "redis": None, "nodes": [cluster.node]}
+
+    async def alive() -> list[str]:
+        client = aioredis.Redis.from_url(cluster.redis or "", socket_connect_timeout=2)
+        try:
+            since = (await client.time())[0] - ALIVE_SECONDS
+            names: list[bytes] = await client.zrangebyscore(NODES, since, "+inf")  # type: ignore[assignment]
+        finally:
+            await client.aclose()
+        return sorted(name.decode() for name in names)
+
+    try:
+        nodes: list[str] | None = asyncio.run(asyncio.wait_for(alive(), 3))
+    except (OSError, RedisError, TimeoutError):
+        nodes = None
+    return {"node": cluster.node, "redis": cluster.redis, "nodes": nodes}
+
+
+def print_sharing(shared: dict[str, Any], out: TextIO) -> None:
+    node = shared["node"]
+    if shared["redis"] is None:
+        out.write(f"node {node}: limits and suspensions shared by this node's workers\n")
+    elif shared["nodes"] is None:
+        out.write(f"node {node}: redis {shared['redis']} does not answer\n")
+    else:
+        nodes = ", ".join(shared["nodes"]) or "none yet"
+        out.write(f"node {node}: limits and suspensions shared through redis with {nodes}\n")
 
 
 def _limit_text(limits: dict[str, Any]) -> str:
@@ -213,6 +268,7 @@ def _limit_text(limits: dict[str, Any]) -> str:
 
 def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
     today = datetime.fromtimestamp(now, UTC).date().isoformat()
+    print_sharing(document["shared"], out)
     out.write("sources:\n")
     for row in document["sources"] or [{"source": "default", "address": None, "warmup": None}]:
         address = row["address"] or "(the host's own address)"

@@ -79,7 +79,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_stats(args: argparse.Namespace) -> int:
     spool = open_spool(args)
-    return stats(spool, policy.restrictions(spool, time.time()), args.json, sys.stdout)
+    shared = policy.sharing(config.load(args.config))
+    return stats(spool, policy.restrictions(spool, time.time()), shared, args.json, sys.stdout)
 
 
 def run_change(args: argparse.Namespace) -> int:
@@ -222,16 +223,24 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
     return 0
 
 
-def stats(spool: Spool, paths: list[dict[str, Any]], as_json: bool, out: TextIO) -> int:
+def stats(
+    spool: Spool,
+    paths: list[dict[str, Any]],
+    shared: dict[str, Any],
+    as_json: bool,
+    out: TextIO,
+) -> int:
     """Totals, counts by domain, waiting jobs by the class of their last reply,
-    and ``paths`` (suspended or throttled); from counters, so it answers at once
-    whatever the size of the spool."""
+    ``paths`` (suspended or throttled) and who shares the limits (``shared``,
+    from mta.cli.policy.sharing); from counters, so it answers at once whatever
+    the size of the spool."""
     with spool.read() as txn:
         figures = spool.stats(txn)
     if as_json:
-        json.dump(asdict(figures) | {"restrictions": paths}, out, indent=2)
+        json.dump(asdict(figures) | {"restrictions": paths, "shared": shared}, out, indent=2)
         out.write("\n")
         return 0
+    policy.print_sharing(shared, out)
     states = ", ".join(f"{state} {count}" for state, count in sorted(figures.by_state.items()))
     out.write(
         f"messages {figures.messages}, bytes {figures.bytes}, jobs {figures.jobs}"

@@ -1,4 +1,8 @@
-"""`mta suppress ...`: the suppression list, daemon running or not."""
+"""`mta suppress ...`: the suppression list, daemon running or not.
+
+With `[cluster] redis`, add and remove reach the other nodes through this node's
+daemon (mta.cluster.suppression_sync): at once if it runs, else when it starts.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +42,10 @@ def _entries(texts: list[str]) -> list[str]:
 def run_add(args: argparse.Namespace) -> int:
     entries = _entries(args.entries)
     spool = open_spool(args)
-    why = suppression.new(suppression.OPERATOR, args.reason).encode()
+    why = suppression.new(suppression.OPERATOR, args.reason)
     with spool.write() as txn:
         for entry in entries:
-            spool.suppress(txn, entry, why)
+            suppression.add(spool, txn, entry, why)
     print(f"suppressed {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     return 0
 
@@ -50,7 +54,7 @@ def run_remove(args: argparse.Namespace) -> int:
     entries = _entries(args.entries)
     spool = open_spool(args)
     with spool.write() as txn:
-        missing = [entry for entry in entries if not spool.unsuppress(txn, entry)]
+        missing = [entry for entry in entries if not suppression.remove(spool, txn, entry)]
     print(f"removed {len(entries) - len(missing)}")
     if missing:
         raise CommandError(f"not on the suppression list: {', '.join(missing)}")

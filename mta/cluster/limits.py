@@ -12,8 +12,18 @@ and the rate divided by their number. It tries Redis again a second later,
 and logs once when it goes and once when it comes back. Accepting mail never
 waits on any of this.
 
-Every lease is renewed while its delivery runs (``run``), so the leases of a
-process or node that died expire within ``LEASE_SECONDS``.
+Every lease is renewed while its connection is open (``run``), so the leases
+of a process or node that died expire within ``LEASE_SECONDS``.
+
+What a node holds is counted wherever a decision is made. The node's file
+always holds every lease of all its workers (a lease Redis grants is written
+there too: one write per new connection, as a reused one holds its lease), so a
+node deciding there while Redis is away counts them all; and before a node
+decides in Redis again after Redis was away, or after Redis restarted empty
+(its epoch key is gone or new), it writes its whole file back to Redis; after
+an empty restart Redis grants nothing until every node has had the time to. While
+Redis is away, a rate starts afresh on each node's share, so the first moments
+of a change may let a burst through (the fallback's margin).
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from mta.cluster.local_limits import LocalLimits, local_limits_dir
-from mta.cluster.redis_limits import RedisLimits
+from mta.cluster.redis_limits import EpochChanged, RedisLimits
+from mta.cluster.throttle_log import Decision, ThrottleLog
 from mta.config import ClusterConfig
 from mta.observe import metrics
 from mta.policy.admission import Ask, Granted, Refused, share
@@ -41,18 +52,17 @@ log = logging.getLogger("mta.cluster")
 T = TypeVar("T")
 
 LEASE_SECONDS = 15.0  # a dead holder's slots come back within this
-RENEW_SECONDS = 5.0  # leases are renewed and the heartbeat sent this often
+RENEW_SECONDS = 1.0  # leases are renewed (and Redis's epoch checked) this often
 ALIVE_SECONDS = 30.0  # a node silent this long no longer counts for the shares
 RETRY_SECONDS = 1.0  # after a Redis failure, decide locally this long
 
 
 @dataclass(frozen=True)
 class Holding:
-    """A granted lease: which ask got it, and where it is kept."""
+    """A granted lease, and which ask got it."""
 
     ask: Ask
     lease: str
-    remote: bool  # in Redis, or in the node's file
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,14 @@ class SharedLimits:
         self.node = node
         self.local = local
         self.remote = remote
+        self.throttle_log = ThrottleLog(remote.client) if remote is not None else None
         self.timeout = timeout
         self.clock = clock
         self.nodes = [node]  # the nodes last seen alive, sorted
         self._away_until = float("-inf")
         self._held: dict[str, Holding] = {}
+        self._tell_redis_all = True  # write the node's file to Redis before deciding there
+        self._telling: set[asyncio.Task[None]] = set()
         # Leases asked for when Redis did not answer in time: the script may
         # still have granted them when Redis woke up, to a holder that gave up.
         self._unanswered: list[tuple[list[str], str]] = []
@@ -93,26 +106,26 @@ class SharedLimits:
         """The first free candidate (with its new lease), or how long until one may be."""
         lease = next(self._names)
         result = await self._admit_remote(asks, lease)
-        remote = result is not None
         if result is None:
             result = self.local.admit([self._fallback(ask) for ask in asks], lease)
+        elif isinstance(result, Granted) and asks[result.index].takes_slot:
+            self.local.renew([(asks[result.index].path, lease)])
         if isinstance(result, Refused):
             return result
         ask = asks[result.index]
         if not ask.takes_slot:
             return Admitted(result.index, None)
-        holding = Holding(ask, lease, remote)
+        holding = Holding(ask, lease)
         self._held[lease] = holding
         return Admitted(result.index, holding)
 
     async def release(self, holding: Holding) -> None:
         self._held.pop(holding.lease, None)
-        if not holding.remote:
-            self.local.release(holding.ask.path, holding.lease)
-            return
+        self.local.release(holding.ask.path, holding.lease)
+        if self.remote is None or self._away():
+            return  # Redis's copy, if any, expires within LEASE_SECONDS
         with contextlib.suppress(*_REDIS_TROUBLE):
             await self._ask_redis(self._redis.release(holding.ask.path, holding.lease))
-        # If Redis did not hear it, the lease expires there within LEASE_SECONDS.
 
     async def run(self) -> None:
         """Renew the leases held and, with Redis, keep the heartbeat; until cancelled."""
@@ -121,21 +134,48 @@ class SharedLimits:
             await asyncio.sleep(RENEW_SECONDS)
 
     async def renew(self) -> None:
-        held = list(self._held.values())
-        self.local.renew((h.ask.path, h.lease) for h in held if not h.remote)
+        held = [(h.ask.path, h.lease) for h in self._held.values()]
+        self.local.renew(held)
         if self.remote is None or self._away():
             return
         try:
-            await self._ask_redis(
-                self._redis.renew((h.ask.path, h.lease) for h in held if h.remote)
-            )
+            await self._ask_redis(self._redis.renew(held))
             self.nodes = sorted(
                 await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
             ) or [self.node]
         except _REDIS_TROUBLE as error:
             self._went_away(error)
 
+    def tell(self, decisions: list[Decision]) -> None:
+        """Tell the fleet a suspension, throttle or resume, in the background."""
+        if self.throttle_log is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._tell(decisions))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell(self, decisions: list[Decision]) -> None:
+        assert self.throttle_log is not None
+        try:
+            await self._ask_redis(self.throttle_log.publish(decisions))
+        except _REDIS_TROUBLE as error:
+            self._went_away(error)  # kept, and appended with the next decisions read
+
+    async def read_decisions(self, after: str) -> tuple[list[Decision], str] | None:
+        """The fleet's decisions after stream ID ``after``, and the new place;
+        None while Redis is away or not configured."""
+        if self.throttle_log is None or self._away():
+            return None
+        try:
+            await self._ask_redis(self.throttle_log.publish([]))
+            return await self._ask_redis(self.throttle_log.read(after))
+        except _REDIS_TROUBLE as error:
+            self._went_away(error)
+            return None
+
     async def close(self) -> None:
+        while self._telling:
+            await asyncio.gather(*self._telling, return_exceptions=True)
         if self.remote is not None:
             await self.remote.client.aclose()
         self.local.close()
@@ -155,7 +195,13 @@ class SharedLimits:
             return None
         try:
             await self._forget_unanswered()
-            result = await self._ask_redis(self._redis.admit(asks, lease))
+            if self._tell_redis_all:
+                await self._reassert()
+            try:
+                result = await self._ask_redis(self._redis.admit(asks, lease))
+            except EpochChanged:  # Redis restarted empty, or this node is new to it
+                await self._reassert()
+                result = await self._ask_redis(self._redis.admit(asks, lease))
         except _REDIS_TROUBLE as error:
             self._unanswered.append(([ask.path for ask in asks], lease))
             self._went_away(error)
@@ -184,7 +230,14 @@ class SharedLimits:
         finally:
             metrics.CLUSTER_REDIS_SECONDS.observe(time.perf_counter() - started)
 
+    async def _reassert(self) -> None:
+        """Write every lease of the node (its file) to Redis, then join Redis's epoch."""
+        await self._ask_redis(self._redis.restore(self.local.leases()))
+        await self._ask_redis(self._redis.join())
+        self._tell_redis_all = False
+
     def _went_away(self, error: BaseException) -> None:
+        self._tell_redis_all = True  # what the node decides meanwhile goes back first
         if self._away_until == float("-inf"):
             metrics.CLUSTER_REDIS_UP.set(0)
             log.warning(
@@ -218,5 +271,6 @@ def shared_limits(cluster: ClusterConfig, spool_path: str) -> SharedLimits:
     if cluster.redis is None:
         return SharedLimits(cluster.node, local)
     client = aioredis.Redis.from_url(cluster.redis, socket_connect_timeout=1.0)
-    remote = RedisLimits(client, LEASE_SECONDS)
+    # Every node renews, so writes its leases back, within RENEW_SECONDS.
+    remote = RedisLimits(client, LEASE_SECONDS, settle=2 * RENEW_SECONDS + 0.5)
     return SharedLimits(cluster.node, local, remote, cluster.redis_timeout)

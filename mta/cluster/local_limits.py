@@ -64,6 +64,16 @@ class LocalLimits:
             admission.release(state, lease)
             _store(txn, path, state)
 
+    def leases(self) -> list[tuple[str, str, float]]:
+        """Every unexpired lease of the node: (path, lease, seconds it has left)."""
+        now, found = self.clock(), []
+        with self.env.begin() as txn:
+            for key in txn.cursor().iternext(values=False):
+                path = bytes(key).decode()
+                leases = _load(txn, path).leases.items()
+                found += [(path, lease, expiry - now) for lease, expiry in leases if expiry > now]
+        return found
+
     def in_use(self, path: str) -> int:
         """Unexpired leases on ``path`` (for `mta policy show` and tests)."""
         with self.env.begin() as txn:

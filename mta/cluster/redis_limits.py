@@ -18,6 +18,7 @@ one slot.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 import redis.asyncio as aioredis
@@ -27,12 +28,21 @@ from mta.policy.admission import TOLERANCE, Ask, Granted, Refused
 PREFIX = "mta:"
 NODES = PREFIX + "nodes"
 
-# KEYS: per ask, the path's lease set and its tat. ARGV: lease, ttl, now
-# ("" = Redis's clock; the tests pass one), tolerance, then per ask
-# max_connections (-1: unlimited; -2: the rate only, no lease), interval (-1:
-# unlimited) and burst. Returns {index, ""} (1-based) or {0, retry_in} (""
-# when only a release can help). Mirrors admission.admit.
+# KEYS: per ask, the path's lease set and its tat; then the settling key and
+# the epoch key. ARGV: lease, ttl, now ("" = Redis's clock; the tests pass
+# one), tolerance, the epoch the node last wrote its leases under, then per ask
+# max_connections (-1: unlimited), interval (-1: unlimited), burst and
+# takes_slot (1 or 0). Returns {index, ""} (1-based), {0, retry_in} ("" when
+# only a release can help), or {-1, epoch} when the epoch is not the node's:
+# Redis lost what the nodes hold, or this node is new to it. While the settling
+# key lives (a new epoch, the nodes writing their leases back), nothing is
+# granted. Otherwise it mirrors admission.admit.
 _ADMIT = """
+if redis.call('GET', KEYS[#KEYS]) ~= ARGV[5] then
+  return {-1, redis.call('GET', KEYS[#KEYS]) or ''}
+end
+local settling = redis.call('PTTL', KEYS[#KEYS - 1])
+if settling > 0 then return {0, string.format('%.3f', settling / 1000)} end
 local now = tonumber(ARGV[3])
 if not now then
   local t = redis.call('TIME')
@@ -40,14 +50,17 @@ if not now then
 end
 local lease, ttl, tolerance = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local best = nil
-for i = 1, #KEYS / 2 do
+for i = 1, (#KEYS - 2) / 2 do
   local leases, tat_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local base = 4 + 3 * (i - 1)
+  local base = 5 + 4 * (i - 1)
   local max_connections = tonumber(ARGV[base + 1])
   local interval, burst = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local takes_slot = ARGV[base + 4] == '1'
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', string.format('%.6f', now))
-  local free = max_connections < 0 or redis.call('ZCARD', leases) < max_connections
-  local takes_slot = max_connections ~= -2
+  local needed = 0
+  if takes_slot then needed = 1 end
+  local free = max_connections < 0
+    or max_connections - redis.call('ZCARD', leases) >= needed
   local tat = nil
   if free and interval > 0 then
     tat = tonumber(redis.call('GET', tat_key))
@@ -91,6 +104,18 @@ end
 return #KEYS
 """
 
+# KEYS: lease sets; ARGV: per key a lease and the seconds it has left.
+_RESTORE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 1, #KEYS do
+  local left = tonumber(ARGV[2 * i])
+  redis.call('ZADD', KEYS[i], string.format('%.6f', now + left), ARGV[2 * i - 1])
+  redis.call('PEXPIRE', KEYS[i], math.ceil(left * 1000) + 1000)
+end
+return #KEYS
+"""
+
 # KEYS: the node set; ARGV: node, how long a silent node counts as alive.
 # Returns the names of the nodes alive, sorted.
 _HEARTBEAT = """
@@ -104,6 +129,14 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+EPOCH = PREFIX + "epoch"
+SETTLING = PREFIX + "settling"
+
+
+class EpochChanged(Exception):
+    """Redis does not hold this node's leases: write them back, then ``join``."""
+
+
 def lease_key(path: str) -> str:
     return f"{PREFIX}path:{path}:leases"
 
@@ -113,25 +146,33 @@ def tat_key(path: str) -> str:
 
 
 class RedisLimits:
-    def __init__(self, client: aioredis.Redis, ttl: float) -> None:
+    def __init__(self, client: aioredis.Redis, ttl: float, settle: float = 0.0) -> None:
         self.client = client
         self.ttl = ttl
+        self.settle = settle  # after a new epoch, how long every node has to write back
+        self.epoch = ""  # the epoch this node's leases were last written under
         self._admit = client.register_script(_ADMIT)
         self._renew = client.register_script(_RENEW)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._restore = client.register_script(_RESTORE)
 
     async def admit(
         self, asks: Sequence[Ask], lease: str, now: float | None = None
     ) -> Granted | Refused:
         keys = [key for ask in asks for key in (lease_key(ask.path), tat_key(ask.path))]
-        args: list[str | float | int] = [lease, self.ttl, _now(now), TOLERANCE]
+        keys += [SETTLING, EPOCH]
+        args: list[str | float | int] = [lease, self.ttl, _now(now), TOLERANCE, self.epoch]
         for ask in asks:
             args += [
-                _connections_argument(ask),
+                -1 if ask.max_connections is None else ask.max_connections,
                 -1 if ask.interval is None else ask.interval,
                 ask.burst,
+                1 if ask.takes_slot else 0,
             ]
-        index, retry_in = await self._admit(keys=keys, args=args)
+        index, answer = await self._admit(keys=keys, args=args)
+        if int(index) < 0:
+            raise EpochChanged(answer)
+        retry_in = answer
         if int(index):
             return Granted(int(index) - 1)
         return Refused(float(retry_in) if retry_in else None)
@@ -143,6 +184,22 @@ class RedisLimits:
             await self._renew(
                 keys=[lease_key(path) for path, _ in pairs],
                 args=[self.ttl, _now(now), *(lease for _, lease in pairs)],
+            )
+
+    async def join(self) -> None:
+        """Take Redis's epoch (making one if Redis has none); call after writing
+        back every lease this node holds."""
+        if await self.client.set(EPOCH, os.urandom(8).hex(), nx=True) and self.settle:
+            await self.client.set(SETTLING, 1, px=int(self.settle * 1000))
+        epoch = await self.client.get(EPOCH)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch or "")
+
+    async def restore(self, leases: Sequence[tuple[str, str, float]]) -> None:
+        """Write back (path, lease, seconds left) leases Redis may not know."""
+        if leases:
+            await self._restore(
+                keys=[lease_key(path) for path, _, _ in leases],
+                args=[x for _, lease, left in leases for x in (lease, left)],
             )
 
     async def release(self, path: str, lease: str) -> None:
@@ -158,12 +215,6 @@ class RedisLimits:
     async def heartbeat(self, node: str, alive_for: float) -> list[str]:
         names = await self._heartbeat(keys=[NODES], args=[node, alive_for])
         return [name.decode() if isinstance(name, bytes) else name for name in names]
-
-
-def _connections_argument(ask: Ask) -> int:
-    if not ask.takes_slot:
-        return -2
-    return -1 if ask.max_connections is None else ask.max_connections
 
 
 def _now(now: float | None) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvloop
 
+from mta.cluster import suppression_sync
 from mta.cluster.local_limits import LocalLimits, local_limits_dir
 from mta.config import Config, ConfigError, ServerConfig, load
 from mta.events.log import EventLog
@@ -229,6 +230,14 @@ class Daemon:
             loop = asyncio.get_running_loop()
             delivering = loop.create_task(self.scheduler.run())
             renewing = loop.create_task(self.egress.shared.run())
+            first = self.role is None or self.role.index == 0  # one per node shares the list
+            syncer = suppression_sync.syncer(config.cluster, self.spool) if first else None
+            sharing = loop.create_task(syncer.run()) if syncer is not None else None
+            following = (
+                loop.create_task(self.egress.follow_fleet())
+                if config.cluster.redis and (self.role is None or self.role.index == 0)
+                else None
+            )
             posting = loop.create_task(self.webhook.run()) if self.webhook else None
             if self.peers is not None:
                 self.peers.listen(self.scheduler.offer)
@@ -257,6 +266,10 @@ class Daemon:
             await self.scheduler.stop(timeout)
             await delivering
             renewing.cancel()
+            if sharing is not None:
+                sharing.cancel()
+            if following is not None:
+                following.cancel()
             if posting is not None:
                 await posting
         finally:

@@ -277,7 +277,7 @@ class Attempter:
         for recipient, reply in decision.bounced:
             if reply.code >= 500 and classify(self.egress.rules, reply) == "invalid_recipient":
                 listed = suppression.new(suppression.BOUNCE, str(reply), self.clock())
-                self.spool.suppress(txn, recipient, listed.encode())
+                suppression.add(self.spool, txn, recipient, listed)
 
     def _events(
         self, job: Job, message: Message, result: AttemptResult, decision: Decision

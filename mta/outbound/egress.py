@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field, replace
 import lmdb
 
 from mta.cluster.limits import Holding, SharedLimits, shared_limits
+from mta.cluster.throttle_log import Decision
 from mta.config import Config, LimitsConfig
 from mta.mail.reply import Reply
 from mta.observe import metrics
@@ -62,6 +64,8 @@ from mta.spool.store import Spool
 log = logging.getLogger("mta.egress")
 
 REFRESH = 1.0  # seconds between updates of the suspensions gauge
+FOLLOW_SECONDS = 1.0  # how often the fleet's suspension decisions are read
+FLEET_CURSOR = "fleet-decisions"  # the spool policy-state name of where they were read to
 SLOT_POLL = 0.05  # how often a line's first job looks for a slot freed elsewhere
 THROTTLES = "throttles"  # the spool policy-state name of the suspensions
 OTHER = "other"  # the metric label of sites that are no configured provider
@@ -213,7 +217,11 @@ class Egress:
             asks[0] = replace(asks[0], takes_slot=False)
         admitted = await self.shared.admit(asks)
         if isinstance(admitted, Refused):
-            if idle is not None:
+            if idle is not None and admitted.retry_in is None:
+                # Its path is over its limit (a throttle, or this node's share
+                # while Redis is away): the connection closes, freeing its slot.
+                candidates[0][0].deliverer.retire(idle, "over the path's connection limit")
+            elif idle is not None:
                 self._give_back(candidates[0][0], idle)
             # A slot freed in this process wakes the line at once; one freed by
             # another worker or node is seen at the next look.
@@ -356,18 +364,19 @@ class Egress:
         another, can miss it.
         """
         acted: dict[str, Rule] = {}
-        decided = Throttles()
+        decided: list[Decision] = []
         now = self.clock()
         for reply in {str(reply): reply for reply in replies.values()}.values():
             rule = match(self.rules, reply)
             if rule is None or rule.action is Action.NONE or rule.name in acted:
                 continue
             acted[rule.name] = rule
-            key = (lease.source.name, lease.site.name)
+            path = (lease.source.name, lease.site.name)
             if rule.action is Action.SUSPEND:
-                decided.suspend(key, now + rule.duration, rule.name)
+                decided.append(Decision("suspend", *path, now + rule.duration, reason=rule.name))
             else:
-                decided.throttle(key, rule.factor, now + rule.duration, rule.name)
+                until = now + rule.duration
+                decided.append(Decision("throttle", *path, until, rule.factor, rule.name))
             metrics.THROTTLE_EVENTS.labels(rule.name).inc()
             log.warning(
                 "%s %s to %s for %.0fs after %s: %s",
@@ -378,23 +387,43 @@ class Egress:
                 rule.name,
                 reply,
             )
-        if acted:
+        if decided:
             self._store(decided, now)
+            self.shared.tell(decided)
         return list(acted.values())
 
-    def _store(self, decided: Throttles, now: float) -> None:
-        """Add ``decided`` to the spool's suspensions in a commit of its own, now: the
-        delivery's commit comes later, after jobs waiting for the path have leased."""
-        self.throttles.merge(decided)  # in force here even if the spool cannot take it
+    def _store(self, decided: list[Decision], now: float, cursor: str | None = None) -> None:
+        """Make ``decided`` in the spool's suspensions in a commit of its own, now: the
+        delivery's commit comes later, after jobs waiting for the path have leased.
+        A resume makes the jobs it held due at once; ``cursor``: the fleet's
+        decisions are read up to there (mta.cluster.throttle_log)."""
+        for decision in decided:
+            decision.apply(self.throttles)  # in force here even if the spool cannot take it
         try:
             with self.spool.write() as txn:
                 stored = load_throttles(self.spool, txn)
-                stored.merge(decided)
+                for decision in decided:
+                    for end in decision.apply(stored):
+                        if now < end < math.inf:
+                            self.spool.make_due(txn, end, now)
                 raw = save_throttles(self.spool, txn, stored, now)
+                if cursor is not None:
+                    self.spool.set_state(txn, FLEET_CURSOR, cursor.encode())
         except lmdb.Error as error:
             log.error("suspension not stored, in force in this worker only: %s", error)
             return
         self.throttles, self._stored = stored, raw
+
+    async def follow_fleet(self) -> None:
+        """Apply the fleet's suspensions, throttles and resumes to the spool, every
+        second, until cancelled; one process per node does it."""
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            with self.spool.read() as txn:
+                cursor = (self.spool.state(txn, FLEET_CURSOR) or b"0-0").decode()
+            read = await self.shared.read_decisions(cursor)
+            if read is not None and read[1] != cursor:
+                self._store(read[0], self.clock(), cursor=read[1])
 
     def _refresh(self, now: float) -> None:
         """Take the spool's suspensions if they changed since the last look (another

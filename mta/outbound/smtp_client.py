@@ -255,6 +255,10 @@ class Deliverer:
         """An idle slot of ``path``, with its open connection, for a delivery to ``domain``."""
         return self._take(path, self.require_tls(domain), None)
 
+    def retire(self, slot: Slot, reason: str) -> None:
+        """Close the connection of a slot taken with ``take_idle``; then the slot is free."""
+        self._retire(slot, reason)
+
     def give_back(self, slot: Slot) -> None:
         """A delivery is done with ``slot``: its connection waits in the pool, or
         the slot is free."""

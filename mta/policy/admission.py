@@ -22,7 +22,10 @@ Per path:
 pool's sources for the site) and takes a lease on the first one that has a
 free connection slot and rate budget: one decision, so a store needs one round
 trip for it. A candidate that would reuse an open connection (which holds its
-lease already) asks for the rate alone (``takes_slot=False``).
+lease already) takes no new lease (``takes_slot=False``): it may go on while
+the path is not over its limit, so that a path above its limit (a throttle
+lowered it, or Redis went away and the node's share is smaller) sheds
+connections as they come back from use.
 
 Pure: the time is an argument.
 """
@@ -45,7 +48,7 @@ class Ask:
     max_connections: int | None = None
     interval: float | None = None  # seconds per message: 1 / max_rate
     burst: int = 1
-    takes_slot: bool = True  # False: the rate only, over a connection already leased
+    takes_slot: bool = True  # False: over a connection already leased
 
 
 @dataclass
@@ -88,9 +91,10 @@ def admit(
     waits = []
     for index, (state, ask) in enumerate(zip(states, asks, strict=True)):
         prune(state, now)
-        limited = ask.takes_slot and ask.max_connections is not None
-        if limited and len(state.leases) >= ask.max_connections:  # type: ignore[operator]
-            continue
+        if ask.max_connections is not None:
+            room = ask.max_connections - len(state.leases)
+            if room < (1 if ask.takes_slot else 0):
+                continue
         wait = rate_wait(state, ask, now)
         if wait > 0:
             waits.append(wait)

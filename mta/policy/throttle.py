@@ -129,16 +129,6 @@ class Throttles:
         path = self._paths.pop(_check_key(key), None)
         return tuple(path.ends) if path is not None else ()
 
-    def merge(self, other: Throttles) -> None:
-        """Add what `other` holds, as if each of its suspensions and throttles were made here."""
-        for key, theirs in other._paths.items():
-            if theirs.ends:
-                self.suspend(key, theirs.suspended_until, theirs.suspend_reason)
-                path = self._paths[key]
-                path.ends = sorted({*path.ends, *theirs.ends})[-_MAX_ENDS:]
-            for t in theirs.throttles:
-                self.throttle(key, t.factor, t.until, t.reason)
-
     def state(self, key: Key, now: float) -> Restriction:
         """What is in force on `key` at `now`; a path with nothing in force is forgotten."""
         restriction = self._in_force(key, now)

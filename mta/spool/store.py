@@ -13,6 +13,7 @@ Named databases inside the environment:
     events    sequence number (8 bytes, big-endian) -> an event (JSON) waiting
               for the webhook; written in the commit that made the event happen
     suppress  address or "@domain" (lower case) -> why it is suppressed (JSON)
+    suppress_sync  what sharing that list through Redis keeps (mta.spool.suppression)
     counts    "d" NUL domain NUL state -> jobs and recipients (2 x 8 bytes), and
               "c" NUL class -> jobs whose last reply was of that class: what
               `mta queue stats` prints, without reading a million jobs
@@ -121,6 +122,7 @@ class Spool:
         self._policy = self.env.open_db(b"policy")
         self._events = self.env.open_db(b"events")
         self._suppress = self.env.open_db(b"suppress")
+        self.suppress_sync = self.env.open_db(b"suppress_sync")
         self._counts = self.env.open_db(b"counts")
         self._count_existing_jobs()
 
@@ -346,6 +348,20 @@ class Spool:
         index): a seek, whatever the size of the rest of the queue."""
         prefix = struct.pack(">Q", max(0, int(when * 1000)))  # as due_key writes it
         return list(self._keys_from(txn, self._due, prefix))
+
+    def make_due(self, txn: lmdb.Transaction, when: float, now: float) -> int:
+        """Make the ready jobs told to come back at ``when`` due ``now``; how many.
+
+        A job a suspension defers waits until its end exactly (mta.outbound.egress
+        answers ``Wait``), so a resume finds them with a seek; a job whose retry
+        falls in that same millisecond by chance is only tried early.
+        """
+        keys = self.due_at(txn, when)
+        for key in keys:
+            job = self.job(txn, key)
+            assert job is not None, key  # the due index lists stored ready jobs only
+            self.put_job(txn, job.with_state(JobState.READY, next_attempt=now), old=job)
+        return len(keys)
 
     def _keys_from(
         self, txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes

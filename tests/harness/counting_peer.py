@@ -1,10 +1,10 @@
 """A receiving SMTP server that records what traffic policy is about.
 
 For each connection: the client's address; for each message: when its MAIL
-command came. It also tracks how many connections are open at once, and
-can answer the first N RCPT commands with a chosen reply (a provider's
-throttling reply, say). It speaks just enough SMTP for our client, in its own
-thread and event loop, on a loopback address.
+command came, and its Subject. It also tracks how many connections are open
+at once, and can answer the first N RCPT commands with a chosen reply (a
+provider's throttling reply, say). It speaks just enough SMTP for our
+client, in its own thread and event loop, on a loopback address.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class Seen:
     clients: list[str] = field(default_factory=list)  # one per message: the client address
     mail_times: list[float] = field(default_factory=list)  # monotonic time of each MAIL
     refused: int = 0
+    subjects: list[str] = field(default_factory=list)  # one per message accepted
 
 
 class CountingPeer(ThreadedServer):
@@ -45,6 +46,7 @@ class CountingPeer(ThreadedServer):
                 list(self.seen.clients),
                 list(self.seen.mail_times),
                 self.seen.refused,
+                list(self.seen.subjects),
             )
 
     def _count_open(self, delta: int) -> None:
@@ -76,11 +78,14 @@ class CountingPeer(ThreadedServer):
             writer.close()
 
     async def _data(self, reader: asyncio.StreamReader, client: str) -> str:
-        while (await reader.readline()) not in (b".\r\n", b""):
-            pass
+        subject = ""
+        while (line := await reader.readline()) not in (b".\r\n", b""):
+            if not subject and line.startswith(b"Subject: "):
+                subject = line[9:].decode("utf-8", "replace").strip()
         await asyncio.sleep(self.data_delay)
         with self._lock:
             self.seen.clients.append(client)
+            self.seen.subjects.append(subject)
         return "250 2.0.0 Ok: queued"
 
     def _answer(self, command: str) -> str:

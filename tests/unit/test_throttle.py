@@ -75,22 +75,6 @@ def test_an_expired_suspension_forgets_its_ends() -> None:
     assert throttles.resume(YAHOO) == (T0 + 100,)
 
 
-def test_merge_adds_the_other_side_and_keeps_both_sides_ends() -> None:
-    stored = Throttles()
-    stored.suspend(YAHOO, T0 + 1800, "operator")
-    stored.throttle(GMAIL, 0.5, T0 + 600, "gmail-rate-limited")
-    decided = Throttles()
-    decided.suspend(YAHOO, T0 + 1801, "yahoo-tss04")
-    decided.suspend(GMAIL, T0 + 60, "gmail-blocked")
-    decided.throttle(GMAIL, 0.25, T0 + 300, "gmail-rate-limited")
-    stored.merge(decided)
-    assert stored.state(YAHOO, T0) == Restriction(suspended_until=T0 + 1801, reason="yahoo-tss04")
-    assert stored.state(GMAIL, T0).suspended_until == T0 + 60
-    assert stored.factor(GMAIL, T0 + 100) == 0.25
-    assert stored.factor(GMAIL, T0 + 400) == 0.5
-    assert stored.resume(YAHOO) == (T0 + 1800, T0 + 1801)
-
-
 def test_a_suspension_keeps_a_bounded_number_of_ends() -> None:
     throttles = Throttles()
     for extra in range(20):
