@@ -68,7 +68,7 @@ class Holding:
 @dataclass(frozen=True)
 class Admitted:
     index: int  # which ask was granted
-    holding: Holding | None  # None for a rate-only ask: no new lease
+    holding: Holding | None  # None: no new lease (a reused connection, or no limits)
 
 
 class SharedLimits:
@@ -104,6 +104,8 @@ class SharedLimits:
 
     async def admit(self, asks: Sequence[Ask]) -> Admitted | Refused:
         """The first free candidate (with its new lease), or how long until one may be."""
+        if all(ask.max_connections is None and ask.interval is None for ask in asks):
+            return Admitted(0, None)  # nothing to count: no store is asked
         lease = next(self._names)
         result = await self._admit_remote(asks, lease)
         if result is None:
@@ -223,7 +225,8 @@ class SharedLimits:
     async def _ask_redis(self, call: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(call, self.timeout)
+            async with asyncio.timeout(self.timeout):  # no task of its own, unlike wait_for
+                return await call
         except BaseException:
             metrics.CLUSTER_REDIS_ERRORS.inc()
             raise

@@ -227,13 +227,12 @@ class Egress:
             # another worker or node is seen at the next look.
             return Busy(SLOT_POLL if admitted.retry_in is None else admitted.retry_in)
         source, _, path, limits, ask = candidates[admitted.index]
-        if admitted.holding is None:
-            assert idle is not None
-            slot = idle
+        if idle is not None and admitted.index == 0:
+            slot = idle  # the reused connection
         else:
             if idle is not None:
                 self._give_back(candidates[0][0], idle)
-            slot = Slot(ask.path, admitted.holding)
+            slot = Slot(ask.path, admitted.holding)  # a holding of None: nothing to give back
         return self._take(source, site, path, limits, slot, now)
 
     def _idle_slot(self, candidates: list[Candidate], domain: str) -> Slot | None:
