@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import time
 
 import pytest
 
@@ -84,9 +83,8 @@ def test_a_rate_limit_spaces_messages_evenly(mta: Mta) -> None:
         wait_for_messages(peer, 8)
         times = peer.snapshot().mail_times
     # 5/s is one message every 0.2 s, smooth (burst 1): any second holds at most
-    # 1 + 5 of them (mta/policy/rate.py), never a burst of back-to-back sends.
+    # 1 + 5 of them (mta/policy/admission.py), never a burst of back-to-back sends.
     assert most_in_one_second(times) <= 6, times
-    assert times[-1] - times[0] >= 7 * 0.2 * 0.9
     assert mta.stop() == 0
 
 
@@ -156,18 +154,25 @@ def test_a_throttling_reply_suspends_the_site_until_it_resumes_by_itself(mta: Mt
         mta.start()
         first = send(mta, message(unique()), ["a@yahoo.test"])
         eventually(lambda: "after test-tss04" in mta.log(), 10, mta.log)
-        suspended_at = time.monotonic()
         shown = json.loads(mta.cli("policy", "show", "--json").stdout)
         assert [(r["site"], r["reason"]) for r in shown["restrictions"]] == [
             ("yahoo.test", "test-tss04")
         ]
-        stats = mta.cli("queue", "stats").stdout
-        assert "yahoo.test: suspended" in stats and "rate_limited 1" in stats
+        assert "yahoo.test: suspended" in mta.cli("queue", "stats").stdout
         second = send(mta, message(unique()), ["b@yahoo.test"])
+        # Nothing goes to the site while it is suspended (3 s): the new message
+        # waits for the suspension, and the peer has accepted nothing yet...
+        eventually(
+            lambda: any(
+                row["id"] == second and "suspended (test-tss04)" in str(row["last_reply"])
+                for row in mta.queue_list()
+            ),
+            10,
+            lambda: str(mta.queue_list()),
+        )
+        assert peer.snapshot().clients == []
+        # ...then both go, by themselves.
         wait_for_messages(peer, 2, timeout=20)
-        times = peer.snapshot().mail_times
-        # Nothing went to the site while it was suspended (3 s), then both went.
-        assert times[-1] - suspended_at >= 2.0, times
         mta.wait_for_empty_spool()
         assert 'mta_throttle_events_total{rule="test-tss04"} 1.0' in mta.metrics()
     log = mta.log()
