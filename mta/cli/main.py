@@ -7,6 +7,7 @@ exit: 2 for bad configuration or usage, 1 for everything else. No tracebacks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (config.ConfigError, SigningError, UsersFileError) as error:
         print(f"mta: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # Whoever read our output stopped (`mta queue stats | head -1`): not an
+        # error; stdout goes to /dev/null so that exiting does not flush into it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CommandError, lmdb.Error, OSError) as error:
         print(f"mta: {_describe(error)}", file=sys.stderr)
         return 1

@@ -141,12 +141,17 @@ class SharedLimits:
         if self.remote is None or self._away():
             return
         try:
+            await self._forget_unanswered()
+            if self._tell_redis_all:
+                await self._reassert()
             await self._ask_redis(self._redis.renew(held))
             self.nodes = sorted(
                 await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
             ) or [self.node]
         except _REDIS_TROUBLE as error:
             self._went_away(error)
+            return
+        self._came_back()
 
     def tell(self, decisions: list[Decision]) -> None:
         """Tell the fleet a suspension, throttle or resume, in the background."""
@@ -208,11 +213,15 @@ class SharedLimits:
             self._unanswered.append(([ask.path for ask in asks], lease))
             self._went_away(error)
             return None
+        self._came_back()
+        return result
+
+    def _came_back(self) -> None:
+        """Redis answered: after it was away, say so once."""
         if self._away_until != float("-inf"):
             self._away_until = float("-inf")
             metrics.CLUSTER_REDIS_UP.set(1)
             log.warning("redis is back: limits are shared with the fleet again")
-        return result
 
     async def _forget_unanswered(self) -> None:
         """Give back what Redis may have granted while we had stopped waiting."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.harness.client import send
-from tests.harness.mta import Mta, run_mta
+from tests.harness.mta import MTA, Mta, run_mta
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +149,19 @@ def test_queue_list_text_output(running_mta: Mta) -> None:
     queue_id = send(running_mta)
     text = running_mta.cli("queue", "list").stdout
     assert queue_id in text and "user@example.net" in text and "<app@example.test>" in text
+
+
+def test_a_reader_that_stops_early_is_not_an_error(running_mta: Mta) -> None:
+    # `mta queue stats | head -1`: the pipe is closed before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run(
+        [MTA, "queue", "stats", "--config", str(running_mta.config_path)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    os.close(write_end)
+    assert result.returncode == 0
+    assert result.stderr == ""

@@ -185,3 +185,32 @@ def test_a_lease_of_a_node_that_died_expires(redis_server: RedisServer) -> None:
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_node_that_only_renews_sees_redis_come_back(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushdb()
+        clock = [0.0]
+        shared = SharedLimits(
+            "node-c",
+            LocalLimits(str(tmp_path / "limits"), TTL),
+            RedisLimits(client, TTL),
+            timeout=0.5,
+            clock=lambda: clock[0],
+        )
+        redis_server.pause()
+        try:
+            await shared.renew()
+        finally:
+            redis_server.resume()
+        assert "redis away" in caplog.text
+        clock[0] += 1.5
+        await shared.renew()  # no delivery needed to notice
+        assert "redis is back" in caplog.text
+        assert await client.zrange("mta:nodes", 0, -1) == [b"node-c"]
+        await shared.close()
+
+    asyncio.run(main())
