@@ -89,28 +89,17 @@ if best then return {0, string.format('%.6f', best)} end
 return {0, ''}
 """
 
-# KEYS: lease sets; ARGV: ttl, now ("" = Redis's clock), then a lease per key.
+# KEYS: lease sets; ARGV: now ("" = Redis's clock; the tests pass one), then
+# per key a lease and the seconds it has left. Renewing and writing back alike.
 _RENEW = """
-local now = tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], string.format('%.6f', now + ttl), ARGV[2 + i])
-  redis.call('PEXPIRE', KEYS[i], math.ceil(ttl * 1000) + 1000)
-end
-return #KEYS
-"""
-
-# KEYS: lease sets; ARGV: per key a lease and the seconds it has left.
-_RESTORE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for i = 1, #KEYS do
-  local left = tonumber(ARGV[2 * i])
-  redis.call('ZADD', KEYS[i], string.format('%.6f', now + left), ARGV[2 * i - 1])
+  local left = tonumber(ARGV[2 * i + 1])
+  redis.call('ZADD', KEYS[i], string.format('%.6f', now + left), ARGV[2 * i])
   redis.call('PEXPIRE', KEYS[i], math.ceil(left * 1000) + 1000)
 end
 return #KEYS
@@ -154,7 +143,6 @@ class RedisLimits:
         self._admit = client.register_script(_ADMIT)
         self._renew = client.register_script(_RENEW)
         self._heartbeat = client.register_script(_HEARTBEAT)
-        self._restore = client.register_script(_RESTORE)
 
     async def admit(
         self, asks: Sequence[Ask], lease: str, now: float | None = None
@@ -179,12 +167,7 @@ class RedisLimits:
 
     async def renew(self, held: Iterable[tuple[str, str]], now: float | None = None) -> None:
         """Re-assert the leases this node holds, so they outlive a Redis restart too."""
-        pairs = list(held)
-        if pairs:
-            await self._renew(
-                keys=[lease_key(path) for path, _ in pairs],
-                args=[self.ttl, _now(now), *(lease for _, lease in pairs)],
-            )
+        await self.restore([(path, lease, self.ttl) for path, lease in held], now)
 
     async def join(self) -> None:
         """Take Redis's epoch (making one if Redis has none); call after writing
@@ -194,12 +177,14 @@ class RedisLimits:
         epoch = await self.client.get(EPOCH)
         self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch or "")
 
-    async def restore(self, leases: Sequence[tuple[str, str, float]]) -> None:
-        """Write back (path, lease, seconds left) leases Redis may not know."""
+    async def restore(
+        self, leases: Sequence[tuple[str, str, float]], now: float | None = None
+    ) -> None:
+        """Write (path, lease, seconds left) leases, whether Redis knows them or not."""
         if leases:
-            await self._restore(
+            await self._renew(
                 keys=[lease_key(path) for path, _, _ in leases],
-                args=[x for _, lease, left in leases for x in (lease, left)],
+                args=[_now(now), *(x for _, lease, left in leases for x in (lease, left))],
             )
 
     async def release(self, path: str, lease: str) -> None:
