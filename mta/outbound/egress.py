@@ -5,7 +5,8 @@ whose MX hosts belong to one provider share one site ("gmail"), any other
 domain is its own site. A *path* is a (source, site) pair, and the traffic
 policy applies per path:
 
-- connections: at most ``max_connections`` deliveries at once on a path;
+- connections: at most ``max_connections`` connections open at once on a
+  path, idle pooled ones included (a receiver counts them);
 - rate: messages leave a path no faster than ``max_rate``, evenly spaced;
   both held across the node's workers, or the fleet's nodes, by the shared
   limits (mta.cluster.limits);
@@ -28,7 +29,9 @@ force from the next lease of every worker on. A suspension a reply calls for
 is stored at once, in a commit of its own, before its delivery gives the
 lease back; deliveries already under way on the path finish (at most its
 connections). Warmup counters live there too, incremented in the same
-commit that records the delivery.
+commit that records the delivery. With ``[cluster] redis`` every suspension,
+throttle and resume is also told to the other nodes, and one process per
+node applies theirs (``follow_fleet``; mta.cluster.throttle_log).
 """
 
 from __future__ import annotations
