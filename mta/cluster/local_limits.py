@@ -32,7 +32,7 @@ def local_limits_dir(spool_path: str | Path) -> Path:
 class LocalLimits:
     def __init__(self, directory: str, ttl: float, clock: Callable[[], float] = time.time):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(directory, map_size=_MAP_SIZE, sync=False, metasync=False)
+        self.env = lmdb.open(directory, map_size=_MAP_SIZE, sync=False, metasync=False, mode=0o600)
         self.ttl = ttl
         self.clock = clock
 

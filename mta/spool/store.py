@@ -40,6 +40,7 @@ hears of the commit only after that sync, as before.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -62,6 +63,8 @@ from mta.spool.records import (
 )
 
 _BYTES = b"bytes"
+log = logging.getLogger("mta.spool")
+
 # LMDB reserves address space, not disk: a map twice the spool limit leaves
 # room for its B-trees and free pages before MapFullError could ever hit.
 _MAP_HEADROOM = 2**30
@@ -92,6 +95,15 @@ class SpoolStats:
     by_class: dict[str, int] = field(default_factory=dict)  # waiting jobs by last reply
 
 
+def _keep_private(path: Path) -> None:
+    """The spool directory 0700 and its files 0600, even if an older version or a
+    hand-made directory left them readable by others."""
+    for item, mode in ((path, 0o700), (path / "data.mdb", 0o600), (path / "lock.mdb", 0o600)):
+        if item.exists() and item.stat().st_mode & 0o077:
+            log.warning("%s was open to other users: now %o", item, mode)
+            item.chmod(mode)
+
+
 class Spool:
     def __init__(
         self, path: str | Path, max_size: int, min_free_disk: int = 0, create: bool = True
@@ -102,6 +114,7 @@ class Spool:
         self.min_free_disk = min_free_disk
         if create:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _keep_private(self.path)
         elif not (self.path / "data.mdb").exists():
             raise SpoolMissing(f"no spool at {self.path} (has mta serve run with this config?)")
         self.env = lmdb.open(
@@ -110,6 +123,7 @@ class Spool:
             max_dbs=16,  # room for the databases later work adds
             sync=True,
             metasync=False,  # write() syncs the meta page, outside the writer lock
+            mode=0o600,  # queued mail is nobody else's business, whatever the umask
         )
         # A process killed with SIGKILL leaves its reader slots behind.
         self.env.reader_check()
