@@ -32,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import dns.exception
 import dns.message
@@ -41,6 +40,7 @@ import dns.rcode
 
 from tests.harness.poll import eventually
 from tests.harness.programs import require_program
+from tests.harness.service import Service
 
 ZONES = ("test", "invalid")
 START_TIMEOUT = 10.0
@@ -70,7 +70,7 @@ def free_udp_and_tcp_port() -> int:
 Addresses = str | Sequence[str]
 
 
-class DnsServer:
+class DnsServer(Service):
     """NSD serving the given records; ``start()``/``stop()`` or ``with``."""
 
     def __init__(
@@ -141,17 +141,6 @@ class DnsServer:
         if self._directory is not None:
             self._directory.cleanup()
             self._directory = None
-
-    def __enter__(self) -> DnsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log(self) -> str:
         if self._directory is None:

@@ -64,13 +64,13 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from tests.harness.mta import free_port, make_certificate
 from tests.harness.poll import eventually
 from tests.harness.programs import require_program
+from tests.harness.service import Service
 from tests.harness.sink import is_listening
 
 START_TIMEOUT = 20.0
@@ -224,7 +224,7 @@ def _alive(pid: int) -> bool:
     return pid in _parent_pids()
 
 
-class PostfixReceiver:
+class PostfixReceiver(Service):
     """Postfix on ``host``:``port``, storing mail for ``mailboxes`` ("user@domain") in Maildirs."""
 
     def __init__(
@@ -422,17 +422,6 @@ class PostfixReceiver:
         if self._final_log is None:
             self._final_log = self.log()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostfixReceiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log(self) -> str:
         """Postfix's log so far (after stop(), as it was when it stopped)."""

@@ -12,16 +12,16 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 from tests.harness.mta import free_port
 from tests.harness.poll import eventually
 from tests.harness.programs import require_program
+from tests.harness.service import Service
 
 START_TIMEOUT = 10.0
 
 
-class RedisServer:
+class RedisServer(Service):
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.program = require_program("redis-server", "redis-server")
         self.root = root
@@ -94,14 +94,3 @@ class RedisServer:
     def _signal(self, number: signal.Signals) -> None:
         assert self.process is not None, "redis-server is not running"
         self.process.send_signal(number)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

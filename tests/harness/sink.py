@@ -35,11 +35,11 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from tests.harness.mta import free_port
 from tests.harness.poll import eventually
 from tests.harness.programs import require_program
+from tests.harness.service import Service
 
 START_TIMEOUT = 5.0
 
@@ -113,7 +113,7 @@ class Counters:
     messages: int
 
 
-class Sink:
+class Sink(Service):
     """smtp-sink on ``host``:``port`` (a free port by default), dumping into ``directory``."""
 
     def __init__(
@@ -177,17 +177,6 @@ class Sink:
                 self.process.kill()
                 self.process.wait(timeout=5)
         self.process = None
-
-    def __enter__(self) -> Sink:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def messages(self) -> list[Dumped]:
         """Every complete transaction dumped so far, oldest first."""
