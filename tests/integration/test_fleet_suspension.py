@@ -17,7 +17,7 @@ from tests.harness.dns_server import DnsServer
 from tests.harness.mta import Mta
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
-from tests.integration.test_suspension import DOMAINS, PEER, POLICY, DefersOnce
+from tests.integration.test_suspension import DOMAINS, PEER, POLICY, DefersOnce, bigmail_dns
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +52,7 @@ def waiting_for_the_suspension(mta: Mta, count: int) -> bool:
 def test_a_suspension_on_one_node_holds_on_the_other_and_a_resume_frees_both(
     tmp_path: Path,
 ) -> None:
-    dns = DnsServer(
-        mx={domain: [(10, "mx.bigmail.test")] for domain in DOMAINS},
-        a={"mx.bigmail.test": PEER},
-    ).start()
+    dns = bigmail_dns().start()
     try:
         with RedisServer(tmp_path / "redis") as redis, DefersOnce(PEER, after=5) as peer:
             a = node(tmp_path / "a", "a", redis, dns, peer)

@@ -65,14 +65,19 @@ class DefersOnce(CountingPeer):
         return super()._answer(command)
 
 
+def bigmail_dns() -> DnsServer:
+    """NSD with the customer domains' MX at bigmail's one host, the receiver."""
+    return DnsServer(
+        mx={domain: [(10, "mx.bigmail.test")] for domain in DOMAINS},
+        a={"mx.bigmail.test": PEER},
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_tss04_suspension_stops_the_site_at_once_and_resume_lets_it_go(
     mta: Mta, workers: int
 ) -> None:
-    dns = DnsServer(
-        mx={domain: [(10, "mx.bigmail.test")] for domain in DOMAINS},
-        a={"mx.bigmail.test": PEER},
-    ).start()
+    dns = bigmail_dns().start()
     try:
         with DefersOnce(PEER, after=ACCEPTED_FIRST) as peer:
             mta.park_mail = False
