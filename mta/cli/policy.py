@@ -18,16 +18,17 @@ import math
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.cluster.limits import ALIVE_SECONDS
-from mta.cluster.redis_limits import NODES
+from mta.cluster.redis_limits import NODES, sent_key
 from mta.cluster.throttle_log import Decision, ThrottleLog
 from mta.config import Config, load
 from mta.observe.timefmt import iso_time
@@ -44,6 +45,7 @@ from mta.spool.store import Spool
 OPERATOR = "operator"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+T = TypeVar("T")
 
 
 def add_commands(commands: Commands) -> None:
@@ -168,8 +170,17 @@ def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:
 
 
 def _warmup(spool: Spool, config: Config, now: float) -> list[dict[str, Any]]:
+    """Each source's plan and today's counts: this node's, and with Redis the fleet's
+    (None when Redis does not answer)."""
     day = day_of(now)
     providers = [p.name for p in config.policy.provider] + [OTHER]
+    counters = {
+        (source.name, p): warmup_counter(source.name, p, day)
+        for source in config.egress.source
+        if source.warmup is not None
+        for p in providers
+    }
+    fleet = _fleet_counts(config, list(counters.values()))
     rows: list[dict[str, Any]] = []
     with spool.read() as txn:
         for source in config.egress.source:
@@ -177,16 +188,46 @@ def _warmup(spool: Spool, config: Config, now: float) -> list[dict[str, Any]]:
                 rows.append({"source": source.name, "address": source.address, "warmup": None})
                 continue
             w = source.warmup
-            cap = daily_cap(w.plan(), day)
-            sent = {p: spool.counter(txn, warmup_counter(source.name, p, day)) for p in providers}
-            rows.append(
-                {
-                    "source": source.name,
-                    "address": source.address,
-                    "warmup": {"start": w.start.isoformat(), "cap_today": cap, "sent_today": sent},
-                }
-            )
+            names = {p: counters[source.name, p] for p in providers}
+            warmup = {
+                "start": w.start.isoformat(),
+                "cap_today": daily_cap(w.plan(), day),
+                "sent_today": {p: spool.counter(txn, name) for p, name in names.items()},
+            }
+            if config.cluster.redis is not None:
+                warmup["fleet_sent_today"] = fleet and {p: fleet[n] for p, n in names.items()}
+            rows.append({"source": source.name, "address": source.address, "warmup": warmup})
     return rows
+
+
+def _fleet_counts(config: Config, counters: list[str]) -> dict[str, int] | None:
+    """The fleet's count of each warmup counter, from Redis; None without it."""
+
+    async def counts(client: aioredis.Redis) -> dict[str, int]:
+        return {
+            counter: sum(int(n) for n in await client.hvals(sent_key(counter)))  # type: ignore[misc]
+            for counter in counters
+        }
+
+    return _from_redis(config, counts) if counters else {}
+
+
+def _from_redis(config: Config, ask: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+    """What ``ask`` reads from the cluster's Redis; None when it does not answer."""
+
+    async def run() -> T:
+        client = aioredis.Redis.from_url(config.cluster.redis or "", socket_connect_timeout=2)
+        try:
+            return await ask(client)
+        finally:
+            await client.aclose()
+
+    if config.cluster.redis is None:
+        return None
+    try:
+        return asyncio.run(asyncio.wait_for(run(), 3))
+    except (OSError, RedisError, TimeoutError):
+        return None
 
 
 def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
@@ -228,20 +269,12 @@ def sharing(config: Config) -> dict[str, Any]:
     if cluster.redis is None:
         return {"node": cluster.node, "redis": None, "nodes": [cluster.node]}
 
-    async def alive() -> list[str]:
-        client = aioredis.Redis.from_url(cluster.redis or "", socket_connect_timeout=2)
-        try:
-            since = (await client.time())[0] - ALIVE_SECONDS
-            names: list[bytes] = await client.zrangebyscore(NODES, since, "+inf")  # type: ignore[assignment]
-        finally:
-            await client.aclose()
+    async def alive(client: aioredis.Redis) -> list[str]:
+        since = (await client.time())[0] - ALIVE_SECONDS
+        names: list[bytes] = await client.zrangebyscore(NODES, since, "+inf")  # type: ignore[assignment]
         return sorted(name.decode() for name in names)
 
-    try:
-        nodes: list[str] | None = asyncio.run(asyncio.wait_for(alive(), 3))
-    except (OSError, RedisError, TimeoutError):
-        nodes = None
-    return {"node": cluster.node, "redis": cluster.redis, "nodes": nodes}
+    return {"node": cluster.node, "redis": cluster.redis, "nodes": _from_redis(config, alive)}
 
 
 def print_sharing(shared: dict[str, Any], out: TextIO) -> None:
@@ -280,6 +313,10 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
         else:
             sent = ", ".join(f"{p} {n}" for p, n in warmup["sent_today"].items())
             state = f"warming up: {warmup['cap_today']} per provider on {today}; sent {sent}"
+            if "fleet_sent_today" in warmup:
+                fleet = warmup["fleet_sent_today"]
+                counts = ", ".join(f"{p} {n}" for p, n in (fleet or {}).items())
+                state += f"; the fleet sent {counts or '(redis does not answer)'}"
         out.write(f"  {row['source']:<12} {address:<16} {state}\n")
     if document["pools"]:
         out.write("pools:\n")

@@ -34,9 +34,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -66,9 +66,21 @@ class Holding:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """Recipients a delivery may send under its source's warmup cap; ``settle`` it
+    once the delivery is recorded."""
+
+    counter: str
+    name: str
+    recipients: int
+
+
+@dataclass(frozen=True)
 class Admitted:
     index: int  # which ask was granted
     holding: Holding | None  # None: no new lease (a reused connection, or no limits)
+    reservation: Reservation | None = None  # None: no warmup cap
+    left: int | None = None  # what the cap leaves after this reservation
 
 
 class SharedLimits:
@@ -79,18 +91,22 @@ class SharedLimits:
         remote: RedisLimits | None = None,
         timeout: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
+        counts: Callable[[], dict[str, int]] = dict,
     ) -> None:
+        """``counts``: the node's warmup counts in its spool (the current ones, at least)."""
         self.node = node
         self.local = local
         self.remote = remote
+        self.counts = counts
         self.throttle_log = ThrottleLog(remote.client) if remote is not None else None
         self.timeout = timeout
         self.clock = clock
         self.nodes = [node]  # the nodes last seen alive, sorted
         self._away_until = float("-inf")
         self._held: dict[str, Holding] = {}
+        self._reserved: dict[str, Reservation] = {}
         self._tell_redis_all = True  # write the node's file to Redis before deciding there
-        self._telling: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # writes to Redis in the background
         # Leases asked for when Redis did not answer in time: the script may
         # still have granted them when Redis woke up, to a holder that gave up.
         self._unanswered: list[tuple[list[str], str]] = []
@@ -104,22 +120,62 @@ class SharedLimits:
 
     async def admit(self, asks: Sequence[Ask]) -> Admitted | Refused:
         """The first free candidate (with its new lease), or how long until one may be."""
-        if all(ask.max_connections is None and ask.interval is None for ask in asks):
+        if all(ask.max_connections is None and ask.interval is None for ask in asks) and all(
+            ask.warmup is None for ask in asks
+        ):
             return Admitted(0, None)  # nothing to count: no store is asked
         lease = next(self._names)
         result = await self._admit_remote(asks, lease)
         if result is None:
-            result = self.local.admit([self._fallback(ask) for ask in asks], lease)
+            result = self._admit_here(asks, lease)
         elif isinstance(result, Granted) and asks[result.index].takes_slot:
             self.local.renew([(asks[result.index].path, lease)])
         if isinstance(result, Refused):
             return result
         ask = asks[result.index]
-        if not ask.takes_slot:
-            return Admitted(result.index, None)
-        holding = Holding(ask, lease)
-        self._held[lease] = holding
-        return Admitted(result.index, holding)
+        reservation = None
+        if ask.warmup is not None:
+            reservation = Reservation(ask.warmup.counter, lease, result.reserved)
+            self._reserved[lease] = reservation
+        holding = None
+        if ask.takes_slot:
+            holding = Holding(ask, lease)
+            self._held[lease] = holding
+        return Admitted(result.index, holding, reservation, result.left)
+
+    def _admit_here(self, asks: Sequence[Ask], lease: str) -> Granted | Refused:
+        """Decide in the node's file: alone, or on the node's share while Redis is away."""
+        if self.remote is None:
+            return self.local.admit(asks, lease, self._sent)
+        # The fleet's warmup counts are out of reach: those sources wait.
+        shares = [(i, self._fallback(ask)) for i, ask in enumerate(asks) if ask.warmup is None]
+        if not shares:
+            return Refused(RETRY_SECONDS)
+        result = self.local.admit([ask for _, ask in shares], lease)
+        if isinstance(result, Refused):
+            return result
+        return replace(result, index=shares[result.index][0])
+
+    def _sent(self, counter: str) -> int:
+        return self.counts().get(counter, 0)
+
+    def settle(self, reservation: Reservation) -> None:
+        """The delivery made under ``reservation`` is recorded in the spool: its
+        recipients count now, in the node's file or (in the background) in Redis."""
+        self._reserved.pop(reservation.name, None)
+        if self.remote is None:
+            self.local.settle(reservation.counter, reservation.name)
+            return
+        count = self._sent(reservation.counter)
+        self._background(self._settle_remote(reservation.counter, count, reservation.name))
+
+    async def _settle_remote(self, counter: str, count: int, reservation: str) -> None:
+        if self._away():
+            return  # written back with every count when Redis is back
+        try:
+            await self._ask_redis(self._redis.settle(self.node, [(counter, count, reservation)]))
+        except _REDIS_TROUBLE as error:
+            self._went_away(error)
 
     async def release(self, holding: Holding) -> None:
         self._held.pop(holding.lease, None)
@@ -138,28 +194,41 @@ class SharedLimits:
     async def renew(self) -> None:
         held = [(h.ask.path, h.lease) for h in self._held.values()]
         self.local.renew(held)
-        if self.remote is None or self._away():
+        if self.remote is None:
+            self.local.renew_reservations(self._reservations())
+            return
+        if self._away():
             return
         try:
             await self._forget_unanswered()
             if self._tell_redis_all:
                 await self._reassert()
             await self._ask_redis(self._redis.renew(held))
-            self.nodes = sorted(
-                await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
-            ) or [self.node]
+            reserved = [(*r, LEASE_SECONDS) for r in self._reservations()]
+            await self._ask_redis(self._redis.reserve(reserved))
+            try:
+                alive = await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
+            except EpochChanged:  # Redis restarted empty: every node writes back now
+                await self._reassert()
+                alive = await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
+            self.nodes = sorted(alive) or [self.node]
         except _REDIS_TROUBLE as error:
             self._went_away(error)
             return
         self._came_back()
 
+    def _reservations(self) -> list[tuple[str, str, int]]:
+        return [(r.counter, r.name, r.recipients) for r in self._reserved.values()]
+
     def tell(self, decisions: list[Decision]) -> None:
         """Tell the fleet a suspension, throttle or resume, in the background."""
-        if self.throttle_log is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._tell(decisions))
-        self._telling.add(task)
-        task.add_done_callback(self._telling.discard)
+        if self.throttle_log is not None:
+            self._background(self._tell(decisions))
+
+    def _background(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _tell(self, decisions: list[Decision]) -> None:
         assert self.throttle_log is not None
@@ -181,8 +250,8 @@ class SharedLimits:
             return None
 
     async def close(self) -> None:
-        while self._telling:
-            await asyncio.gather(*self._telling, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.remote is not None:
             await self.remote.client.aclose()
         self.local.close()
@@ -243,8 +312,13 @@ class SharedLimits:
             metrics.CLUSTER_REDIS_SECONDS.observe(time.perf_counter() - started)
 
     async def _reassert(self) -> None:
-        """Write every lease of the node (its file) to Redis, then join Redis's epoch."""
+        """Write every lease, warmup reservation and count of the node (its file,
+        this process, its spool) to Redis, then join Redis's epoch."""
         await self._ask_redis(self._redis.restore(self.local.leases()))
+        reserved = [(*r, LEASE_SECONDS) for r in self._reservations()]
+        await self._ask_redis(self._redis.reserve(reserved))
+        counts = [(counter, count, None) for counter, count in self.counts().items()]
+        await self._ask_redis(self._redis.settle(self.node, counts))
         await self._ask_redis(self._redis.join())
         self._tell_redis_all = False
 
@@ -274,15 +348,18 @@ class SharedLimits:
         )
 
 
-_REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError)
+_REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError, EpochChanged)
 
 
-def shared_limits(cluster: ClusterConfig, spool_path: str) -> SharedLimits:
-    """The node's file beside the spool, and Redis when ``[cluster] redis`` names one."""
+def shared_limits(
+    cluster: ClusterConfig, spool_path: str, counts: Callable[[], dict[str, int]] = dict
+) -> SharedLimits:
+    """The node's file beside the spool, and Redis when ``[cluster] redis`` names one;
+    ``counts``: the node's current warmup counts."""
     local = LocalLimits(str(local_limits_dir(spool_path)), LEASE_SECONDS)
     if cluster.redis is None:
-        return SharedLimits(cluster.node, local)
+        return SharedLimits(cluster.node, local, counts=counts)
     client = aioredis.Redis.from_url(cluster.redis, socket_connect_timeout=1.0)
     # Every node renews, so writes its leases back, within RENEW_SECONDS.
-    remote = RedisLimits(client, LEASE_SECONDS, settle=2 * RENEW_SECONDS + 0.5)
-    return SharedLimits(cluster.node, local, remote, cluster.redis_timeout)
+    remote = RedisLimits(client, LEASE_SECONDS, settling=2 * RENEW_SECONDS + 0.5)
+    return SharedLimits(cluster.node, local, remote, cluster.redis_timeout, counts=counts)

@@ -74,7 +74,7 @@ EGRESS_CONNECTIONS = Gauge(
 )
 WARMUP_REMAINING = Gauge(
     "mta_warmup_remaining",
-    "Messages a warming-up source may still send today, per provider.",
+    "Recipients a warming-up source may still send today, per provider.",
     ["source", "provider"],
     multiprocess_mode="livemin",
 )

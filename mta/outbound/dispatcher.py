@@ -165,22 +165,25 @@ class Attempter:
             reply = Reply(550 if failure.permanent else 451, f"{failure.status} {failure.text}")
             return AttemptResult(NO_RELAY, dict.fromkeys(job.recipients, reply))
         site = self.egress.site(job.domain, route)
-        lease = await self.egress.lease(message.pool, site, job.domain)
+        lease = await self.egress.lease(message.pool, site, job.domain, len(job.recipients))
         if isinstance(lease, Wait):
             reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
             return AttemptResult(
                 NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until
             )
-        replies: dict[str, Reply] = {}
+        sending = lease.recipients(job.recipients)
+        # The rest wait for another source, or the next day: a warmup cap.
+        capped = Reply(451, f"4.7.0 {lease.source.name} reached its warmup cap for {site.name}")
+        replies = dict.fromkeys(job.recipients[len(sending) :], capped)
         relay = NO_RELAY
         try:
             # A site may take only so many recipients per transaction.
-            size = lease.limits.max_recipients or len(job.recipients)
-            for start in range(0, len(job.recipients), size):
+            size = lease.limits.max_recipients or len(sending)
+            for start in range(0, len(sending), size):
                 delivery = await lease.source.deliverer.deliver(
                     route,
                     message.sender,
-                    job.recipients[start : start + size],
+                    sending[start : start + size],
                     body,
                     lease.limits.max_messages_per_connection,
                     lease.slot,

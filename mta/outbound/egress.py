@@ -11,7 +11,8 @@ policy applies per path:
   both held across the node's workers, or the fleet's nodes, by the shared
   limits (mta.cluster.limits);
 - warmup: a source on a warmup plan sends each provider at most that day's
-  cap; past it, the pool's other sources carry the traffic;
+  cap, counted per recipient across the node's workers (or the fleet) by the
+  shared limits; past it, the pool's other sources carry the traffic;
 - suspension and throttling: a response rule (mta.policy.rules) or an
   operator can suspend a path, or scale its limits down, for a while.
 
@@ -28,10 +29,11 @@ at them (one small record, parsed only when it changed), so a change is in
 force from the next lease of every worker on. A suspension a reply calls for
 is stored at once, in a commit of its own, before its delivery gives the
 lease back; deliveries already under way on the path finish (at most its
-connections). Warmup counters live there too, incremented in the same
-commit that records the delivery. With ``[cluster] redis`` every suspension,
-throttle and resume is also told to the other nodes, and one process per
-node applies theirs (``follow_fleet``; mta.cluster.throttle_log).
+connections). Warmup counts live there too, incremented in the same
+commit that records the delivery; a lease reserves the recipients it may
+send under the day's cap (``Reservation``) until that commit is made. With
+``[cluster] redis`` every suspension, throttle and resume is also told to the
+other nodes, and one process per node applies theirs (``follow_fleet``; mta.cluster.throttle_log).
 """
 
 from __future__ import annotations
@@ -42,13 +44,12 @@ import logging
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import lmdb
 
-from mta.cluster.limits import Holding, SharedLimits, shared_limits
+from mta.cluster.limits import Holding, Reservation, SharedLimits, shared_limits
 from mta.cluster.throttle_log import Decision
 from mta.config import Config, LimitsConfig
 from mta.mail.reply import Reply
@@ -57,11 +58,11 @@ from mta.outbound.pool import Source, pools_from_config, sources_from_config
 from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.outbound.routes import Route
 from mta.outbound.smtp_client import Deliverer, Slot
-from mta.policy.admission import Ask, Refused
+from mta.policy.admission import Ask, Refused, Warmup
 from mta.policy.limits import Limits, Site, effective, site_for
 from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
 from mta.policy.throttle import Throttles
-from mta.policy.warmup import day_of, remaining
+from mta.policy.warmup import daily_cap, day_of
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta.egress")
@@ -117,7 +118,11 @@ class Lease:
     limits: Limits
     path: EgressPath = field(repr=False)
     slot: Slot = field(repr=False)  # its connection slot, and the connection holding it
-    warmup_counter: str | None = None  # the day's count this delivery is reserved against
+    reservation: Reservation | None = None  # the recipients it may send under a warmup cap
+
+    def recipients(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of ``wanted`` this lease may send to: a warmup cap may leave fewer."""
+        return wanted if self.reservation is None else wanted[: self.reservation.recipients]
 
 
 # A usable source for a site: its pool weight, its path, its limits now, and
@@ -143,7 +148,7 @@ class Egress:
         shared: SharedLimits | None = None,
     ) -> None:
         self.spool = spool
-        self.shared = shared or shared_limits(config.cluster, str(spool.path))
+        self.shared = shared or shared_limits(config.cluster, str(spool.path), self._warmup_counts)
         self.clock = clock
         self.rng = rng or random.Random()
         self.sources: list[Source] = []
@@ -151,9 +156,6 @@ class Egress:
         self._deliverers: list[Deliverer] = []
         self.configure(config)
         self.paths: dict[tuple[str, str], EgressPath] = {}
-        # Warmup reservations: leased but not yet counted in the spool, so that
-        # deliveries under way cannot overshoot the day's cap.
-        self._reserved: Counter[str] = Counter()
         self.throttles = Throttles()
         self._stored: bytes | None = None  # the spool's record self.throttles was read from
         self._gauged_at = float("-inf")
@@ -178,6 +180,7 @@ class Egress:
         self.provider_limits = {p.name: limits_from_config(p) for p in policy.provider}
         self.domain_limits = {d: limits_from_config(lim) for d, lim in policy.domain.items()}
         self.rules = response_rules(config)
+        self._full: set[str] = set()  # warmup counters whose cap was used up (at these caps)
         retired = [d for d in self._deliverers if id(d) not in kept]
         self._deliverers = [source.deliverer for source in self.sources]
         return retired
@@ -197,18 +200,19 @@ class Egress:
             self.default_limits, self.provider_limits, self.domain_limits, site, domain
         )
 
-    async def lease(self, pool: str, site: Site, domain: str) -> Lease | Wait:
-        """A path to send on now (waiting for a slot or the rate), or when to come back."""
+    async def lease(self, pool: str, site: Site, domain: str, recipients: int = 1) -> Lease | Wait:
+        """A path to send ``recipients`` on now (waiting for a slot or the rate), or
+        when to come back; a warmup cap may let the lease take fewer."""
         line = (pool, site.name, domain if domain in self.domain_limits else "")
         return await self.ready_queue.wait(
-            line, lambda now: self._try_lease(pool, site, domain, now)
+            line, lambda now: self._try_lease(pool, site, domain, recipients, now)
         )
 
     async def _try_lease(
-        self, pool: str, site: Site, domain: str, now: float
+        self, pool: str, site: Site, domain: str, recipients: int, now: float
     ) -> Lease | Wait | Busy:
         self._refresh(now)
-        usable, waits = self._usable(pool, site, domain, now)
+        usable, waits = self._usable(pool, site, domain, recipients, now)
         if not usable:
             until, reason = min(waits)
             return Wait(until, reason)
@@ -220,6 +224,7 @@ class Egress:
             asks[0] = replace(asks[0], takes_slot=False)
         admitted = await self.shared.admit(asks)
         if isinstance(admitted, Refused):
+            self._note_full(site, [candidates[i] for i in admitted.full])
             if idle is not None and admitted.retry_in is None:
                 # Its path is over its limit (a throttle, or this node's share
                 # while Redis is away): the connection closes, freeing its slot.
@@ -236,7 +241,12 @@ class Egress:
             if idle is not None:
                 self._give_back(candidates[0][0], idle)
             slot = Slot(ask.path, admitted.holding)  # a holding of None: nothing to give back
-        return self._take(source, site, path, limits, slot, now)
+        if ask.warmup is not None and admitted.left is not None:
+            metrics.WARMUP_REMAINING.labels(source.name, site.provider or OTHER).set(admitted.left)
+        path.in_use += 1
+        lease = Lease(source, site, limits, path, slot, admitted.reservation)
+        self._gauge(lease)
+        return lease
 
     def _idle_slot(self, candidates: list[Candidate], domain: str) -> Slot | None:
         """An open idle connection of a candidate, which then goes first (no handshake)."""
@@ -267,7 +277,7 @@ class Egress:
         task.add_done_callback(lambda _: self.ready_queue.wake())
 
     def _usable(
-        self, pool: str, site: Site, domain: str, now: float
+        self, pool: str, site: Site, domain: str, recipients: int, now: float
     ) -> tuple[list[Candidate], list[tuple[float, str]]]:
         usable: list[Candidate] = []
         waits: list[tuple[float, str]] = []
@@ -279,8 +289,8 @@ class Egress:
                 reason = f"{source.name} to {site.name} suspended ({restriction.reason})"
                 waits.append((restriction.suspended_until, reason))
                 continue
-            left = self._warmup_left(source, site, now)
-            if left is not None and left <= 0:
+            warmup = self._warmup(source, site, recipients, now)
+            if warmup is not None and warmup.counter in self._full:
                 tomorrow = datetime.datetime.combine(
                     day_of(now) + datetime.timedelta(days=1), datetime.time(), datetime.UTC
                 ).timestamp()
@@ -289,7 +299,7 @@ class Egress:
             limits = base.scaled(restriction.factor) if restriction.factor < 1 else base
             path = self.paths.setdefault(key, EgressPath(site.provider or OTHER))
             interval = None if limits.max_rate is None else 1.0 / limits.max_rate
-            ask = Ask(path_name(*key), limits.max_connections, interval)
+            ask = Ask(path_name(*key), limits.max_connections, interval, warmup=warmup)
             usable.append((source, weight, path, limits, ask))
         return usable, waits
 
@@ -302,24 +312,6 @@ class Egress:
             ordered.append(chosen)
         return ordered
 
-    def _take(
-        self,
-        source: Source,
-        site: Site,
-        path: EgressPath,
-        limits: Limits,
-        slot: Slot,
-        now: float,
-    ) -> Lease:
-        path.in_use += 1
-        counter = None
-        if source.warmup is not None:
-            counter = warmup_counter(source.name, site.provider or OTHER, day_of(now))
-            self._reserved[counter] += 1
-        lease = Lease(source, site, limits, path, slot, counter)
-        self._gauge(lease)
-        return lease
-
     def _gauge(self, lease: Lease) -> None:
         label = lease.path.label
         in_use = sum(
@@ -331,30 +323,46 @@ class Egress:
 
     # --- warmup ---
 
-    def _warmup_left(self, source: Source, site: Site, now: float) -> int | None:
+    def _warmup(self, source: Source, site: Site, recipients: int, now: float) -> Warmup | None:
+        """The day's cap ``source`` counts against for the site's provider; None: no cap."""
         if source.warmup is None:
             return None
-        provider = site.provider or OTHER
         day = day_of(now)
-        counter = warmup_counter(source.name, provider, day)
+        cap = daily_cap(source.warmup, day)
+        if cap is None:
+            return None
+        counter = warmup_counter(source.name, site.provider or OTHER, day)
+        return Warmup(counter, cap, recipients)
+
+    def _note_full(self, site: Site, full: list[Candidate]) -> None:
+        """Caps that what was sent used up: those sources wait for the next day
+        (or a reload that raises the cap) without asking again."""
+        for source, *_, ask in full:
+            assert ask.warmup is not None
+            self._full.add(ask.warmup.counter)
+            metrics.WARMUP_REMAINING.labels(source.name, site.provider or OTHER).set(0)
+
+    def _warmup_counts(self) -> dict[str, int]:
+        """This node's count today of every source on a warmup plan, per provider."""
+        day = day_of(self.clock())
+        names = [
+            warmup_counter(source.name, provider, day)
+            for source in self.sources
+            if source.warmup is not None
+            for provider in (*self.providers, OTHER)
+        ]
         with self.spool.read() as txn:
-            sent = self.spool.counter(txn, counter)
-        left = remaining(source.warmup, day, sent + self._reserved[counter])
-        if left is not None:
-            metrics.WARMUP_REMAINING.labels(source.name, provider).set(left)
-        return left
+            return {name: self.spool.counter(txn, name) for name in names}
 
     def count_sent(self, txn: lmdb.Transaction, lease: Lease, delivered: int) -> None:
         """In the delivery's commit: add to the source's warmup count for the provider."""
-        if lease.warmup_counter is not None and delivered:
-            self.spool.add_to_counter(txn, lease.warmup_counter, delivered)
+        if lease.reservation is not None and delivered:
+            self.spool.add_to_counter(txn, lease.reservation.counter, delivered)
 
     def settle(self, lease: Lease) -> None:
         """After the delivery's commit: its warmup reservation is counted, or void."""
-        if lease.warmup_counter is not None:
-            self._reserved[lease.warmup_counter] -= 1
-            if self._reserved[lease.warmup_counter] <= 0:
-                del self._reserved[lease.warmup_counter]
+        if lease.reservation is not None:
+            self.shared.settle(lease.reservation)
 
     # --- reacting to replies ---
 

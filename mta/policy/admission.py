@@ -27,6 +27,17 @@ the path is not over its limit, so that a path above its limit (a throttle
 lowered it, or Redis went away and the node's share is smaller) sheds
 connections as they come back from use.
 
+Per warmup counter (a source's day with one provider, mta.policy.warmup):
+
+- *sent*: the recipients delivered that day, per node (each node's own count,
+  from its spool, so a store that lost them gets them back whole);
+- *reserved*: what deliveries under way may still deliver, per reservation,
+  with an expiry like a lease. A candidate on a warmup plan reserves the
+  recipients it is about to send, or what is left of the day's cap if that
+  is fewer; ``sent + reserved`` never exceeds the cap, so deliveries at once
+  on any worker or node cannot overshoot it. ``settle`` turns a reservation
+  into the count after the delivery is recorded.
+
 Pure: the time is an argument.
 """
 
@@ -41,6 +52,15 @@ TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
+class Warmup:
+    """A day's warmup cap a candidate counts against, and the recipients it would send."""
+
+    counter: str  # the source's day with the provider (egress.warmup_counter)
+    cap: int
+    wanted: int
+
+
+@dataclass(frozen=True)
 class Ask:
     """One candidate path and its limits (``None``: unlimited)."""
 
@@ -49,6 +69,7 @@ class Ask:
     interval: float | None = None  # seconds per message: 1 / max_rate
     burst: int = 1
     takes_slot: bool = True  # False: over a connection already leased
+    warmup: Warmup | None = None
 
 
 @dataclass
@@ -57,17 +78,28 @@ class PathState:
     tat: float | None = None  # None: no message yet (or long enough ago)
 
 
+@dataclass
+class CountState:
+    sent: dict[str, int] = field(default_factory=dict)  # node -> recipients delivered
+    reserved: dict[str, tuple[int, float]] = field(default_factory=dict)  # -> (n, expiry)
+
+
 @dataclass(frozen=True)
 class Granted:
     index: int  # which of the asks got the lease
+    reserved: int = 0  # recipients it may deliver under its warmup cap
+    left: int | None = None  # what the cap leaves after this reservation (None: no cap)
 
 
 @dataclass(frozen=True)
 class Refused:
     """No candidate is free. ``retry_in``: seconds until a rate budget frees,
-    ``None`` when only a connection slot (a release) can help."""
+    ``None`` when only a connection slot (a release) can help. ``full``: the
+    candidates whose warmup cap is used up by what was sent (not by
+    reservations, which may come back): none of them may send that day."""
 
     retry_in: float | None
+    full: tuple[int, ...] = ()
 
 
 def prune(state: PathState, now: float) -> None:
@@ -84,13 +116,36 @@ def rate_wait(state: PathState, ask: Ask, now: float) -> float:
     return wait if wait > TOLERANCE else 0.0
 
 
+def warmup_room(count: CountState, cap: int, now: float) -> int:
+    """What a warmup cap leaves now: the cap less what was sent and what is reserved."""
+    for reservation in [r for r, (_, expiry) in count.reserved.items() if expiry <= now]:
+        del count.reserved[reservation]
+    return cap - sum(count.sent.values()) - sum(n for n, _ in count.reserved.values())
+
+
 def admit(
-    states: Sequence[PathState], asks: Sequence[Ask], lease: str, now: float, ttl: float
+    states: Sequence[PathState],
+    asks: Sequence[Ask],
+    lease: str,
+    now: float,
+    ttl: float,
+    counts: Sequence[CountState | None] = (),
 ) -> Granted | Refused:
-    """Lease the first of ``asks`` (with its ``states``) that is free; update its state."""
-    waits = []
-    for index, (state, ask) in enumerate(zip(states, asks, strict=True)):
+    """Lease the first of ``asks`` (with its ``states``, and ``counts`` for the asks
+    with a warmup cap) that is free; update its state. ``lease`` names the
+    warmup reservation too."""
+    waits, full = [], []
+    counts = counts or [None] * len(asks)
+    for index, (state, count, ask) in enumerate(zip(states, counts, asks, strict=True)):
         prune(state, now)
+        cap_left = None
+        if ask.warmup is not None:
+            assert count is not None, "a warmup ask needs its counter's state"
+            cap_left = warmup_room(count, ask.warmup.cap, now)
+            if cap_left <= 0:
+                if sum(count.sent.values()) >= ask.warmup.cap:
+                    full.append(index)
+                continue
         if ask.max_connections is not None:
             room = ask.max_connections - len(state.leases)
             if room < (1 if ask.takes_slot else 0):
@@ -103,8 +158,28 @@ def admit(
             state.leases[lease] = now + ttl
         if ask.interval is not None:
             state.tat = max(state.tat or now, now) + ask.interval
-        return Granted(index)
-    return Refused(min(waits, default=None))
+        if ask.warmup is None or cap_left is None or count is None:
+            return Granted(index)
+        reserved = min(ask.warmup.wanted, cap_left)
+        count.reserved[lease] = (reserved, now + ttl)
+        return Granted(index, reserved, cap_left - reserved)
+    return Refused(min(waits, default=None), tuple(full))
+
+
+def settle(count: CountState, node: str, sent: int, reservation: str | None) -> None:
+    """The node has ``sent`` in all on the counter (its spool's count, after the
+    delivery's commit): take it, and void the reservation it was made under.
+    A count never goes down: a late, older count changes nothing."""
+    count.sent[node] = max(count.sent.get(node, 0), sent)
+    if reservation is not None:
+        count.reserved.pop(reservation, None)
+
+
+def renew_reservation(
+    count: CountState, reservation: str, recipients: int, now: float, ttl: float
+) -> None:
+    """Push a reservation's expiry to ``now + ttl``, writing it back if it was lost."""
+    count.reserved[reservation] = (recipients, now + ttl)
 
 
 def renew(state: PathState, lease: str, now: float, ttl: float) -> bool:

@@ -1,10 +1,11 @@
 """A receiving SMTP server that records what traffic policy is about.
 
 For each connection: the client's address; for each message: when its MAIL
-command came, and its Subject. It also tracks how many connections are open
-at once, and can answer the first N RCPT commands with a chosen reply (a
-provider's throttling reply, say). It speaks just enough SMTP for our
-client, in its own thread and event loop, on a loopback address.
+command came, its Subject, and how many recipients it was accepted for. It
+also tracks how many connections are open at once, and can answer the first
+N RCPT commands with a chosen reply (a provider's throttling reply, say).
+It speaks just enough SMTP for our client, in its own thread and event
+loop, on a loopback address.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Seen:
     mail_times: list[float] = field(default_factory=list)  # monotonic time of each MAIL
     refused: int = 0
     subjects: list[str] = field(default_factory=list)  # one per message accepted
+    recipients: int = 0  # recipients of the messages accepted, all told
 
 
 class CountingPeer(ThreadedServer):
@@ -47,6 +49,7 @@ class CountingPeer(ThreadedServer):
                 list(self.seen.mail_times),
                 self.seen.refused,
                 list(self.seen.subjects),
+                self.seen.recipients,
             )
 
     def _count_open(self, delta: int) -> None:
@@ -57,6 +60,7 @@ class CountingPeer(ThreadedServer):
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._count_open(+1)
         client = writer.get_extra_info("peername")[0]
+        accepted = 0  # recipients of the message under way
         try:
             writer.write(b"220 peer.test ESMTP\r\n")
             while line := await reader.readline():
@@ -64,9 +68,13 @@ class CountingPeer(ThreadedServer):
                 if command.upper() == "DATA":
                     writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     await writer.drain()
-                    reply = await self._data(reader, client)
+                    reply = await self._data(reader, client, accepted)
                 else:
                     reply = self._answer(command)
+                    if command[:4].upper() in ("MAIL", "RSET"):
+                        accepted = 0
+                    elif command[:4].upper() == "RCPT" and reply.startswith("250"):
+                        accepted += 1
                 writer.write(reply.encode() + b"\r\n")
                 await writer.drain()
                 if reply.startswith(("221", "421")):
@@ -77,7 +85,7 @@ class CountingPeer(ThreadedServer):
             self._count_open(-1)
             writer.close()
 
-    async def _data(self, reader: asyncio.StreamReader, client: str) -> str:
+    async def _data(self, reader: asyncio.StreamReader, client: str, recipients: int) -> str:
         subject = ""
         while (line := await reader.readline()) not in (b".\r\n", b""):
             if not subject and line.startswith(b"Subject: "):
@@ -86,6 +94,7 @@ class CountingPeer(ThreadedServer):
         with self._lock:
             self.seen.clients.append(client)
             self.seen.subjects.append(subject)
+            self.seen.recipients += recipients
         return "250 2.0.0 Ok: queued"
 
     def _answer(self, command: str) -> str:

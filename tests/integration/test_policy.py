@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -28,9 +29,9 @@ PEER = "127.0.0.20"
 TODAY = datetime.datetime.now(datetime.UTC).date().isoformat()
 
 
-def route_to(mta: Mta, peer: CountingPeer, domain: str) -> None:
+def route_to(mta: Mta, peer: CountingPeer, *domains: str) -> None:
     mta.park_mail = False
-    mta.routes = {domain: f"{PEER}:{peer.port}"}
+    mta.routes = {domain: f"{PEER}:{peer.port}" for domain in domains}
     mta.delivery |= {"retry_first": 1, "retry_max": 1}
 
 
@@ -138,6 +139,35 @@ def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) ->
         [waiting] = mta.queue_list()
     assert waiting["attempts"] == 0 and "warmup cap" in waiting["last_reply"]
     assert len(peer.snapshot().clients) == 2
+    assert "status=bounced" not in mta.log()
+    assert mta.stop() == 0
+
+
+def waiting_for_tomorrow(mta: Mta) -> list[dict[str, Any]] | None:
+    """The queue, once every job in it waits for the next warmup day."""
+    queued = mta.queue_list()
+    tomorrow = str(datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1))
+    return queued if all(str(job["next_attempt"]) >= tomorrow for job in queued) else None
+
+
+def test_a_warmup_cap_counts_recipients_across_workers(mta: Mta) -> None:
+    domains = [f"w{number}.test" for number in range(6)]
+    with CountingPeer(PEER) as peer:
+        route_to(mta, peer, *domains)
+        mta.server["workers"] = 2  # the domains hash to both
+        add_policy(
+            mta,
+            EGRESS.replace("first_day = 2", "first_day = 5")
+            .replace('"new-ip", "old-ip"', '"new-ip"')
+            .replace("weights = [1000, 1]", ""),
+        )
+        mta.start()
+        for number, domain in enumerate(domains):
+            send(mta, message(f"two {number}"), [f"a@{domain}", f"b@{domain}"])
+        queued = eventually(lambda: waiting_for_tomorrow(mta), 30, lambda: str(mta.queue_list()))
+    # 12 recipients, 5 a day: a job of two went with one, and the rest waits.
+    assert peer.snapshot().recipients == 5, peer.snapshot()
+    assert sum(len(job["recipients"]) for job in queued) == 7
     assert "status=bounced" not in mta.log()
     assert mta.stop() == 0
 

@@ -1,15 +1,17 @@
 """The Redis store's scripts against the pure model, on a real redis-server.
 
 mta.policy.admission is the reference: for any sequence of decisions,
-renewals and releases (times chosen by the test, passed to the script in
-place of Redis's clock), the script must answer what the model answers and
-leave the same leases behind. Then what a node does while Redis is away.
+renewals, releases and warmup counts (times chosen by the test, passed to the
+script in place of Redis's clock), the script must answer what the model
+answers and leave the same leases, reservations and counts behind. Then what
+a node does while Redis is away, or after it restarted empty.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,9 @@ from hypothesis import strategies as st
 
 from mta.cluster.limits import Admitted, SharedLimits
 from mta.cluster.local_limits import LocalLimits
-from mta.cluster.redis_limits import RedisLimits, lease_key
+from mta.cluster.redis_limits import RedisLimits, lease_key, reserved_key
 from mta.policy import admission
-from mta.policy.admission import Ask, Granted, PathState, Refused
+from mta.policy.admission import Ask, CountState, Granted, PathState, Refused, Warmup
 from tests.harness.redis_server import RedisServer
 
 TTL = 10.0
@@ -34,6 +36,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+COUNTERS = ("ip1", "ip2")  # a path's warmup counter is its source's
+
+
+def source(path: str) -> str:
+    return path.split(">")[0]
+
+
 asks = st.lists(
     st.builds(
         Ask,
@@ -42,10 +51,19 @@ asks = st.lists(
         interval=st.one_of(st.none(), st.sampled_from([0.125, 0.5, 2.0])),
         burst=st.integers(min_value=1, max_value=3),
         takes_slot=st.booleans(),
-    ),
+        warmup=st.one_of(
+            st.none(),
+            st.builds(
+                Warmup,
+                counter=st.just(""),
+                cap=st.integers(min_value=0, max_value=6),
+                wanted=st.integers(min_value=1, max_value=3),
+            ),
+        ),
+    ).map(lambda a: replace(a, warmup=a.warmup and replace(a.warmup, counter=source(a.path)))),
     min_size=1,
-    max_size=3,
-    unique_by=lambda ask: ask.path,
+    max_size=2,
+    unique_by=lambda ask: source(ask.path),
 )
 steps = st.lists(
     st.tuples(
@@ -54,6 +72,14 @@ steps = st.lists(
             st.tuples(st.just("admit"), asks),
             st.tuples(st.just("release"), st.integers(min_value=0, max_value=20)),
             st.tuples(st.just("renew"), st.integers(min_value=0, max_value=20)),
+            st.tuples(
+                st.sampled_from(["settle", "reserve"]),
+                st.tuples(
+                    st.integers(min_value=0, max_value=20),  # which reservation
+                    st.integers(min_value=0, max_value=3),  # recipients delivered
+                    st.sampled_from(["node-a", "node-b"]),
+                ),
+            ),
         ),
     ),
     max_size=40,
@@ -73,21 +99,39 @@ def test_the_script_decides_as_the_model_does(
         store = RedisLimits(client, TTL)
         await store.join()
         model = {path: PathState() for path in PATHS}
-        now, held = 1_800_000_000.0, []
+        counts = {counter: CountState() for counter in COUNTERS}
+        now, held, reserved = 1_800_000_000.0, [], []
         for n, (elapsed, (operation, argument)) in enumerate(sequence):
             now += elapsed
             if operation == "admit":
                 chosen: list[Ask] = argument  # type: ignore[assignment]
                 lease = f"lease{n}"
-                expected = admission.admit([model[a.path] for a in chosen], chosen, lease, now, TTL)
+                states = [model[a.path] for a in chosen]
+                warm = [counts[source(a.path)] if a.warmup else None for a in chosen]
+                expected = admission.admit(states, chosen, lease, now, TTL, warm)
                 got = await store.admit(chosen, lease, now=now)
                 if isinstance(expected, Refused) and expected.retry_in is not None:
                     assert isinstance(got, Refused) and got.retry_in is not None
                     assert got.retry_in == pytest.approx(expected.retry_in, abs=1e-5)
+                    assert got.full == expected.full
                 else:
                     assert got == expected
                 if isinstance(got, Granted) and chosen[got.index].takes_slot:
                     held.append((chosen[got.index].path, lease))
+                if isinstance(got, Granted) and chosen[got.index].warmup:
+                    reserved.append((source(chosen[got.index].path), lease, got.reserved))
+            elif operation in ("settle", "reserve"):
+                if reserved:
+                    which, delivered, node = argument  # type: ignore[misc]
+                    counter, name, n = reserved[which % len(reserved)]
+                    if operation == "settle":
+                        reserved.remove((counter, name, n))
+                        total = sum(counts[counter].sent.values()) + min(delivered, n)
+                        admission.settle(counts[counter], node, total, name)
+                        await store.settle(node, [(counter, total, name)])
+                    else:
+                        admission.renew_reservation(counts[counter], name, n, now, TTL)
+                        await store.reserve([(counter, name, n, TTL)], now=now)
             elif held:
                 path, lease = held[int(argument) % len(held)]  # type: ignore[call-overload]
                 if operation == "release":
@@ -101,6 +145,16 @@ def test_the_script_decides_as_the_model_does(
                 admission.prune(model[path], now)
                 stored = await client.zrangebyscore(lease_key(path), f"({now:.6f}", "+inf")
                 assert sorted(s.decode() for s in stored) == sorted(model[path].leases)
+            for counter in COUNTERS:
+                admission.warmup_room(counts[counter], 0, now)  # forgets what expired
+                assert await store.sent(counter) == counts[counter].sent
+                reservations = await client.hgetall(reserved_key(counter))
+                live = {
+                    name.decode(): int(value.split()[0])
+                    for name, value in reservations.items()
+                    if float(value.split()[1]) > now
+                }
+                assert live == {name: n for name, (n, _) in counts[counter].reserved.items()}
         await client.aclose()
 
     asyncio.run(main())
@@ -214,3 +268,84 @@ def test_a_node_that_only_renews_sees_redis_come_back(
         await shared.close()
 
     asyncio.run(main())
+
+
+def test_warmup_counts_are_the_fleets_and_come_back_after_an_empty_restart(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    day = "warmup\0new-ip\0gmail\0" + "2026-12-07"
+    ask = Ask("new-ip>gmail", warmup=Warmup(day, cap=5, wanted=2))
+    spool_counts = {"node-a": {day: 0}, "node-b": {day: 0}}
+
+    def node(name: str) -> SharedLimits:
+        return SharedLimits(
+            name,
+            LocalLimits(str(tmp_path / name), TTL),
+            RedisLimits(client_for(redis_server), TTL),
+            timeout=0.5,
+            counts=lambda: dict(spool_counts[name]),
+        )
+
+    async def deliver(shared: SharedLimits, delivered: int) -> Admitted | Refused:
+        admitted = await shared.admit([ask])
+        if isinstance(admitted, Admitted):
+            assert admitted.reservation is not None
+            spool_counts[shared.node][day] += delivered  # the delivery's commit
+            shared.settle(admitted.reservation)
+            await asyncio.gather(*shared._tasks)
+        return admitted
+
+    async def main() -> None:
+        client = client_for(redis_server)
+        await client.flushdb()
+        a, b = node("node-a"), node("node-b")
+        assert isinstance(await deliver(a, 2), Admitted)
+        assert isinstance(await deliver(b, 2), Admitted)
+        # One left of five: b's next delivery of two may send one.
+        last = await b.admit([ask])
+        assert isinstance(last, Admitted) and last.reservation is not None
+        assert last.reservation.recipients == 1 and last.left == 0
+        assert await a.admit([ask]) == Refused(None)  # reserved, not yet sent
+        spool_counts["node-b"][day] += 1
+        b.settle(last.reservation)
+        await asyncio.gather(*b._tasks)
+        assert await a.admit([ask]) == Refused(None, (0,))  # the day is used up
+        await client.flushdb()  # as a restarted Redis without persistence
+        # Both nodes write their counts back before Redis decides again.
+        await a.renew()
+        await b.renew()
+        assert await RedisLimits(client, TTL).sent(day) == {"node-a": 2, "node-b": 3}
+        assert await a.admit([ask]) == Refused(None, (0,))
+        await asyncio.gather(a.close(), b.close(), client.aclose())
+
+    asyncio.run(main())
+
+
+def test_while_redis_is_away_a_warming_up_source_waits_and_the_others_send(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    warming = Ask("new-ip>gmail", warmup=Warmup("day", cap=100, wanted=1))
+    warm = Ask("old-ip>gmail", max_connections=5)
+
+    async def main() -> None:
+        shared = SharedLimits(
+            "node-a",
+            LocalLimits(str(tmp_path / "limits"), TTL),
+            RedisLimits(client_for(redis_server), TTL),
+            timeout=0.5,
+        )
+        redis_server.pause()
+        try:
+            assert await shared.admit([warming]) == Refused(1.0)
+            granted = await shared.admit([warming, warm])
+            assert isinstance(granted, Admitted) and granted.index == 1
+            assert granted.reservation is None
+        finally:
+            redis_server.resume()
+        await shared.close()
+
+    asyncio.run(main())
+
+
+def client_for(server: RedisServer) -> aioredis.Redis:
+    return aioredis.Redis.from_url(server.url)

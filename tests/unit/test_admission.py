@@ -1,4 +1,5 @@
-"""The shared limit model: leases never above max_connections, GCRA never above its rate."""
+"""The shared limit model: leases never above max_connections, GCRA never above
+its rate, warmup reservations and counts never above the day's cap."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from hypothesis import strategies as st
 
 from mta.policy.admission import (
     Ask,
+    CountState,
     Granted,
     PathState,
     Refused,
+    Warmup,
     admit,
     release,
     renew,
+    renew_reservation,
+    settle,
     share,
 )
 
@@ -68,6 +73,72 @@ def test_the_shortest_rate_wait_of_the_candidates_is_reported() -> None:
     slow, fast = PathState(tat=110.0), PathState(tat=103.0)
     asks = [Ask("slow", interval=10.0), Ask("fast", interval=1.0)]
     assert admit([slow, fast], asks, "l", 100.0, TTL) == Refused(3.0)
+
+
+def warm(cap: int, wanted: int) -> Ask:
+    return Ask("a", warmup=Warmup("day", cap, wanted))
+
+
+def test_a_warmup_cap_reserves_what_is_left_and_reports_a_full_day() -> None:
+    count = CountState(sent={"node-a": 3, "node-b": 3})
+    assert admit([PathState()], [warm(10, 3)], "r1", 0.0, TTL, [count]) == Granted(0, 3, 1)
+    # One left: a delivery of five may send one of them.
+    assert admit([PathState()], [warm(10, 5)], "r2", 0.0, TTL, [count]) == Granted(0, 1, 0)
+    # Reserved, not sent: the day is not over, the reservations may come back.
+    assert admit([PathState()], [warm(10, 1)], "r3", 0.0, TTL, [count]) == Refused(None)
+    settle(count, "node-a", 3 + 3, "r1")  # r1 delivered all three
+    settle(count, "node-b", 3, "r2")  # r2 delivered none
+    assert admit([PathState()], [warm(10, 1)], "r4", 0.0, TTL, [count]) == Granted(0, 1, 0)
+    settle(count, "node-b", 4, "r4")
+    assert admit([PathState()], [warm(10, 1)], "r5", 0.0, TTL, [count]) == Refused(None, (0,))
+
+
+def test_a_warmup_reservation_of_a_dead_holder_expires_unless_renewed() -> None:
+    count = CountState()
+    assert admit([PathState()], [warm(2, 2)], "dead", 0.0, TTL, [count]) == Granted(0, 2, 0)
+    assert admit([PathState()], [warm(2, 1)], "r", TTL - 1, TTL, [count]) == Refused(None)
+    renew_reservation(count, "dead", 2, TTL - 1, TTL)
+    assert admit([PathState()], [warm(2, 1)], "r", TTL, TTL, [count]) == Refused(None)
+    assert admit([PathState()], [warm(2, 1)], "r", 2 * TTL, TTL, [count]) == Granted(0, 1, 1)
+
+
+def test_a_late_older_count_does_not_lower_the_nodes_count() -> None:
+    count = CountState()
+    settle(count, "node-a", 7, None)
+    settle(count, "node-a", 6, None)
+    assert count.sent == {"node-a": 7}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "deliver", "fail"]),
+            st.integers(min_value=1, max_value=4),  # recipients wanted, or delivered
+            st.sampled_from(["node-a", "node-b"]),
+        ),
+        max_size=60,
+    ),
+    st.integers(min_value=1, max_value=12),
+)
+def test_deliveries_at_once_never_send_more_than_the_cap(
+    steps: list[tuple[str, int, str]], cap: int
+) -> None:
+    count, sent = CountState(), {"node-a": 0, "node-b": 0}
+    under_way: list[tuple[str, int, str]] = []  # reservation, recipients, node
+    for n, (operation, number, node) in enumerate(steps):
+        if operation == "admit":
+            granted = admit([PathState()], [warm(cap, number)], f"r{n}", 0.0, TTL, [count])
+            if isinstance(granted, Granted):
+                assert 1 <= granted.reserved <= number
+                under_way.append((f"r{n}", granted.reserved, node))
+        elif under_way:
+            reservation, reserved, holder = under_way.pop(0)
+            if operation == "deliver":
+                sent[holder] += min(number, reserved)
+            settle(count, holder, sent[holder], reservation)
+        held = sum(n for n, _ in count.reserved.values())
+        assert sum(count.sent.values()) + held <= cap
+    assert sum(sent.values()) <= cap
 
 
 operations = st.lists(
