@@ -803,10 +803,10 @@ def bench_one(server: Server, load: Load, args: argparse.Namespace, work: Path) 
         sampler = Sampler(root_pid)
         sampler.start()
         spy_out = None
-        if args.py_spy and server.name == "ours":
+        if args.py_spy and server.name != "postfix":
             Path(args.py_spy).mkdir(parents=True, exist_ok=True)
             label = load.label().replace(" ", "_").replace("/", "per")
-            spy_out = str(Path(args.py_spy) / f"{label}.txt")
+            spy_out = str(Path(args.py_spy) / f"{server.name}-{label}.txt")  # ours, cluster
         with py_spy(root_pid, spy_out):
             cpu_before = tree_cpu(root_pid)
             client = children.start(
