@@ -1,17 +1,23 @@
 """The scheduler: which jobs to try now.
 
-The spool's ``due`` index holds every ready job by its next attempt time, so
-"what is due" is a range scan from the start of the index that stops at the
-first job in the future; the millions of jobs waiting for a retry are never
-read. A job is started when it is due, not already in flight, and its
-domain and the whole node are under their concurrency limits.
+The spool indexes every ready job by domain, then next attempt time. A pass
+walks the domains, not the jobs: one seek per domain finds its soonest job,
+and a domain with none due, one another worker owns, or one at its
+concurrency limit is passed over as a whole, so a backlog of a million jobs
+for one domain costs a pass one seek, not a million reads. A due domain's
+jobs are found by a seek in its part of the index. A job is started when it
+is due, not already in flight, and its domain and the whole node are under
+their concurrency limits. A pass visits at most ``DOMAINS_PER_PASS`` domains
+before it lets the event loop run again; the next pass goes on from there,
+and so does the one after the node-wide limit stopped a pass, so that every
+domain gets its turn.
 
 In-flight jobs are leased in memory only: their index entries stay put, so a
 crash or restart simply finds them due again (at least once:
 docs/architecture.md, invariant 3). A committed message's jobs are offered
 directly (``offer``: no polling delay in the normal path); a finished
 attempt looks up its domain's next due job with a seek in the per-domain
-index; a full scan runs at least every ``poll`` seconds (retries coming due,
+index; a pass runs at least every ``poll`` seconds (retries coming due,
 and ``mta queue flush|release`` from another process) and when the node-wide
 limit had turned jobs away.
 """
@@ -26,6 +32,8 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+import lmdb
+
 from mta.config import Config
 from mta.spool.records import split_job_key
 from mta.spool.store import Spool
@@ -34,6 +42,7 @@ log = logging.getLogger("mta.scheduler")
 
 Attempt = Callable[[bytes], Coroutine[Any, Any, None]]
 CRASH_PAUSE = 60.0
+DOMAINS_PER_PASS = 500  # domains one pass looks at before the event loop runs again
 
 
 class Scheduler:
@@ -58,6 +67,8 @@ class Scheduler:
         self._per_domain: Counter[str] = Counter()
         self._crashed: dict[bytes, float] = {}  # job key -> when to try it again
         self._full = False  # the node-wide limit turned a due job away: scan when a slot frees
+        self._resume_at = ""  # the domain the next pass starts from ("": the first)
+        self._soonest: float | None = None  # the soonest future job seen in this round
         self._wakeup = asyncio.Event()
         self._stopping = False
 
@@ -91,19 +102,30 @@ class Scheduler:
             self._wakeup.clear()
 
     def start_due(self) -> float | None:
-        """Start every job that is due and allowed; the next future due time, if seen."""
+        """Start the due jobs the limits allow, domain by domain from where the last
+        pass stopped; when to pass again: now if this pass stopped early, else the
+        soonest future job seen in a round of every domain (None: none seen)."""
         now = self.clock()
+        self._full = False
         with self.spool.read() as txn:
-            for when, key in self.spool.due(txn):
-                if when > now:
-                    return when
+            domains = self.spool.domains_with_ready_jobs(txn, self._resume_at)
+            for visited, (domain, soonest) in enumerate(domains):
+                if visited == DOMAINS_PER_PASS:
+                    self._resume_at = domain
+                    return now  # the event loop runs, then this goes on
+                if soonest > now:
+                    if self.owns(domain):
+                        self._soonest = min(soonest, self._soonest or soonest)
+                    continue
                 if len(self.in_flight) >= self.max_concurrent:
                     self._full = True
-                    return None  # a finishing attempt scans again
-                domain = split_job_key(key)[1]
+                    self._resume_at = domain  # its turn comes first when a slot frees
+                    return None
                 if self.owns(domain):
-                    self._try_start(key, domain, now)
-        return None
+                    self._start_domain(txn, domain, now)
+        self._resume_at = ""
+        round_soonest, self._soonest = self._soonest, None
+        return round_soonest
 
     def _try_start(self, key: bytes, domain: str, now: float) -> bool:
         """Start the job unless it runs, paused after a crash, or a limit says no."""
@@ -118,17 +140,20 @@ class Scheduler:
         return True
 
     def _refill(self, domain: str) -> None:
-        """A slot of ``domain`` came free: start its next due jobs, found by a seek in
-        the per-domain index (a full scan per finished attempt would cost as much as
-        the whole backlog)."""
-        free = self.max_per_domain - self._per_domain[domain]
-        if free <= 0 or self._stopping:
+        """A slot of ``domain`` came free: start its next due jobs."""
+        if self._stopping:
             return
-        now = self.clock()
         with self.spool.read() as txn:
-            # Jobs of the domain in flight are still in the index: look past them.
-            keys = self.spool.due_in(txn, domain, now, free + self._per_domain[domain])
-        for key in keys:
+            self._start_domain(txn, domain, self.clock())
+
+    def _start_domain(self, txn: lmdb.Transaction, domain: str, now: float) -> None:
+        """Start ``domain``'s due jobs up to its limit, found by a seek in the
+        per-domain index (a scan of the whole backlog would cost as much as it)."""
+        free = self.max_per_domain - self._per_domain[domain]
+        if free <= 0:
+            return
+        # Jobs of the domain in flight are still in the index: look past them.
+        for key in self.spool.due_in(txn, domain, now, free + self._per_domain[domain]):
             if self._per_domain[domain] >= self.max_per_domain:
                 return
             self._try_start(key, domain, now)
@@ -151,10 +176,12 @@ class Scheduler:
             self._crashed[key] = self.clock() + CRASH_PAUSE
         else:
             self._crashed.pop(key, None)
-        self._refill(domain)
-        if self._full:  # other domains may have due jobs the node-wide limit held back
-            self._full = False
+        if self._full:
+            # The node-wide limit turned other domains away: the slot is theirs
+            # first (the pass goes on from the first of them), not this domain's.
             self.wake()
+        else:
+            self._refill(domain)
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; give attempts in flight ``timeout`` seconds, then

@@ -357,6 +357,18 @@ class Spool:
             keys.append(entry[8:])
         return keys
 
+    def domains_with_ready_jobs(
+        self, txn: lmdb.Transaction, start: str = ""
+    ) -> Iterator[tuple[str, float]]:
+        """Each domain with ready jobs, in name order from ``start`` on, with its
+        soonest next attempt: one seek per domain, however many jobs it has."""
+        cursor = txn.cursor(db=self._ready)
+        found = cursor.set_range(start.encode())
+        while found:
+            domain, _, entry = bytes(cursor.key()).partition(b"\0")
+            yield domain.decode(), due_time(entry)
+            found = cursor.set_range(domain + b"\x01")  # past the domain's every entry
+
     def due_at(self, txn: lmdb.Transaction, when: float) -> list[bytes]:
         """Keys of the ready jobs whose next attempt is ``when`` (to the millisecond of the
         index): a seek, whatever the size of the rest of the queue."""

@@ -7,10 +7,16 @@ injected clock: nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from mta.spool import scheduled_queue
 from mta.spool.ids import IdGenerator
-from mta.spool.records import JobState, Message, job_key, jobs_for
+from mta.spool.records import JobState, Message, job_key, jobs_for, split_job_key
 from mta.spool.scheduled_queue import Scheduler
 from mta.spool.store import Spool
 
@@ -216,3 +222,87 @@ def test_a_worker_starts_only_the_domains_it_owns(tmp_path: Path) -> None:
         assert left == ["theirs.test", "theirs.test"]  # for the worker that owns them
 
     asyncio.run(main())
+
+
+def test_a_domain_at_its_limit_is_passed_over_whatever_its_backlog(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock, attempts = Clock(), Attempts()
+        spool, scheduler = make(tmp_path, attempts, clock, total=10, per_domain=1)
+        new_id = IdGenerator(node="test", clock=clock)
+        message = Message(new_id(), "a@example.test", ("u@busy.test",), NOW, size=1)
+        backlog = [replace(message, id=new_id()) for _ in range(5000)]
+        with spool.write() as txn:
+            for queued in backlog:
+                spool.add(txn, queued, b"x")
+        queue(spool, new_id, "v@quiet.test")
+        scheduler.start_due()
+        assert sorted(split_job_key(k)[1] for k in scheduler.in_flight) == [
+            "busy.test",
+            "quiet.test",
+        ]
+        read = count_index_reads(spool)
+        scheduler.start_due()
+        # busy.test at its limit, quiet.test's job in flight: a look at each domain.
+        assert len(read) <= 2, len(read)
+        attempts.release.set()
+        await asyncio.gather(*scheduler.in_flight.values())
+
+    asyncio.run(main())
+
+
+def test_a_pass_stops_after_so_many_domains_and_the_next_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scheduled_queue, "DOMAINS_PER_PASS", 3)
+
+    async def main() -> None:
+        clock, attempts = Clock(), Attempts()
+        spool, scheduler = make(tmp_path, attempts, clock)
+        new_id = IdGenerator(node="test", clock=clock)
+        for name in "abcde":
+            queue(spool, new_id, f"u@{name}.test")
+        queue(spool, new_id, "u@f.test", arrived=NOW + 30)
+        assert scheduler.start_due() == NOW  # stopped early: go on at once
+        assert started(scheduler) == ["a.test", "b.test", "c.test"]
+        assert scheduler.start_due() == NOW + 30  # the round is over
+        assert started(scheduler) == ["a.test", "b.test", "c.test", "d.test", "e.test"]
+        attempts.release.set()
+        await asyncio.gather(*scheduler.in_flight.values())
+
+    asyncio.run(main())
+
+
+def test_after_the_node_wide_limit_the_next_domain_gets_its_turn(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock, attempts = Clock(), Attempts()
+        spool, scheduler = make(tmp_path, attempts, clock, total=2, per_domain=5)
+        new_id = IdGenerator(node="test", clock=clock)
+        for name in "aaaabb":  # a backlog for a.test, older than b.test's mail
+            queue(spool, new_id, f"u@{name}.test")
+        scheduler.start_due()
+        assert started(scheduler) == ["a.test", "a.test"]
+        attempts.release.set()
+        await asyncio.gather(*scheduler.in_flight.values())
+        scheduler.start_due()
+        assert started(scheduler) == ["b.test", "b.test"]  # b's turn, though a's are older
+
+    asyncio.run(main())
+
+
+def count_index_reads(spool: Spool) -> list[object]:
+    """Every entry a pass reads from the spool's indexes of ready jobs, from now on."""
+    read: list[object] = []
+    for name in ("due", "due_in", "domains_with_ready_jobs"):
+        original = getattr(spool, name)
+
+        def counted(*args: object, _original: Any = original) -> Iterator[object]:
+            for entry in _original(*args):
+                read.append(entry)
+                yield entry
+
+        setattr(spool, name, counted)
+    return read
+
+
+def started(scheduler: Scheduler) -> list[str]:
+    return sorted(split_job_key(key)[1] for key in scheduler.in_flight)
