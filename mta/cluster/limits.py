@@ -295,10 +295,14 @@ class SharedLimits:
     async def _forget_unanswered(self) -> None:
         """Give back what Redis may have granted while we had stopped waiting."""
         while self._unanswered:
-            paths, lease = self._unanswered[-1]
-            for path in paths:
-                await self._ask_redis(self._redis.release(path, lease))
-            self._unanswered.pop()
+            # Taken off first: other deliveries of this process may be here too.
+            paths, lease = self._unanswered.pop()
+            try:
+                for path in paths:
+                    await self._ask_redis(self._redis.release(path, lease))
+            except BaseException:
+                self._unanswered.append((paths, lease))  # given back the next time
+                raise
 
     async def _ask_redis(self, call: Awaitable[T]) -> T:
         started = time.perf_counter()

@@ -349,3 +349,22 @@ def test_while_redis_is_away_a_warming_up_source_waits_and_the_others_send(
 
 def client_for(server: RedisServer) -> aioredis.Redis:
     return aioredis.Redis.from_url(server.url)
+
+
+def test_deliveries_at_once_give_back_what_redis_did_not_answer_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        shared = SharedLimits(
+            "node-a",
+            LocalLimits(str(tmp_path / "limits"), TTL),
+            RedisLimits(client_for(redis_server), TTL),
+            timeout=0.5,
+        )
+        shared._unanswered = [(["ip1>gmail"], "late-1"), (["ip2>gmail"], "late-2")]
+        # Two deliveries of this process find them at the same moment.
+        await asyncio.gather(shared._forget_unanswered(), shared._forget_unanswered())
+        assert shared._unanswered == []
+        await shared.close()
+
+    asyncio.run(main())
