@@ -35,7 +35,7 @@ from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.server import Session, Sessions
 from mta.node.ownership import Peers
-from mta.observe import http
+from mta.observe import http, loop_lag
 from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import Resolver
@@ -230,6 +230,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             delivering = loop.create_task(self.scheduler.run())
             renewing = loop.create_task(self.egress.shared.run())
+            watching = loop.create_task(loop_lag.watch())
             first = self.role is None or self.role.index == 0  # one per node shares the list
             syncer = suppression_sync.syncer(config.cluster, self.spool) if first else None
             sharing = loop.create_task(syncer.run()) if syncer is not None else None
@@ -266,6 +267,7 @@ class Daemon:
             await self.scheduler.stop(timeout)
             await delivering
             renewing.cancel()
+            watching.cancel()
             if sharing is not None:
                 sharing.cancel()
             if following is not None:

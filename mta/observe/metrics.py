@@ -116,3 +116,8 @@ CLUSTER_REDIS_ERRORS = Counter(
     "mta_cluster_redis_errors_total",
     "Requests to [cluster] redis that failed or took longer than redis_timeout.",
 )
+EVENT_LOOP_LAG_SECONDS = Histogram(
+    "mta_event_loop_lag_seconds",
+    "How much later than asked the event loop woke a task (mta.observe.loop_lag), per process.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
