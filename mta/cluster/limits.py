@@ -10,7 +10,9 @@ in its own file on its share of each limit: the connection limit split
 between the nodes last seen alive so that the shares add up to the limit,
 and the rate divided by their number. It tries Redis again a second later,
 and logs once when it goes and once when it comes back. Accepting mail never
-waits on any of this.
+waits on any of this. The nodes last seen alive are remembered beside the
+spool, so a node that starts while Redis is away takes its share, not the
+whole limit.
 
 Every lease is renewed while its connection is open (``run``), so the leases
 of a process or node that died expire within ``LEASE_SECONDS``.
@@ -31,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -55,6 +59,7 @@ LEASE_SECONDS = 15.0  # a dead holder's slots come back within this
 RENEW_SECONDS = 1.0  # leases are renewed (and Redis's epoch checked) this often
 ALIVE_SECONDS = 30.0  # a node silent this long no longer counts for the shares
 RETRY_SECONDS = 1.0  # after a Redis failure, decide locally this long
+NODES_FILE = "fleet-nodes.json"  # beside the spool: the nodes last seen alive
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,10 @@ class SharedLimits:
         timeout: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
         counts: Callable[[], dict[str, int]] = dict,
+        nodes_file: Path | None = None,
     ) -> None:
-        """``counts``: the node's warmup counts in its spool (the current ones, at least)."""
+        """``counts``: the node's warmup counts in its spool (the current ones, at
+        least); ``nodes_file``: where the nodes last seen alive are remembered."""
         self.node = node
         self.local = local
         self.remote = remote
@@ -101,7 +108,8 @@ class SharedLimits:
         self.throttle_log = ThrottleLog(remote.client) if remote is not None else None
         self.timeout = timeout
         self.clock = clock
-        self.nodes = [node]  # the nodes last seen alive, sorted
+        self.nodes_file = nodes_file
+        self.nodes = _recall_nodes(nodes_file, node)  # the nodes last seen alive, sorted
         self._away_until = float("-inf")
         self._held: dict[str, Holding] = {}
         self._reserved: dict[str, Reservation] = {}
@@ -211,11 +219,23 @@ class SharedLimits:
             except EpochChanged:  # Redis restarted empty: every node writes back now
                 await self._reassert()
                 alive = await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
-            self.nodes = sorted(alive) or [self.node]
+            self._seen_alive(sorted(alive) or [self.node])
         except _REDIS_TROUBLE as error:
             self._went_away(error)
             return
         self._came_back()
+
+    def _seen_alive(self, nodes: list[str]) -> None:
+        """Take the nodes Redis says are alive, and remember them for a start while
+        Redis is away: a node that forgot them would take every limit whole."""
+        if nodes == self.nodes:
+            return
+        self.nodes = nodes
+        if self.nodes_file is not None:
+            with contextlib.suppress(OSError):  # remembered next time, then
+                written = self.nodes_file.with_suffix(".new")
+                written.write_text(json.dumps(nodes))
+                written.replace(self.nodes_file)
 
     def _reservations(self) -> list[tuple[str, str, int]]:
         return [(r.counter, r.name, r.recipients) for r in self._reserved.values()]
@@ -352,6 +372,15 @@ class SharedLimits:
         )
 
 
+def _recall_nodes(nodes_file: Path | None, node: str) -> list[str]:
+    """The nodes last seen alive, as remembered, this one among them."""
+    remembered: list[str] = []
+    if nodes_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            remembered = [str(name) for name in json.loads(nodes_file.read_text())]
+    return sorted({*remembered, node})
+
+
 _REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError, EpochChanged)
 
 
@@ -366,4 +395,7 @@ def shared_limits(
     client = aioredis.Redis.from_url(cluster.redis, socket_connect_timeout=1.0)
     # Every node renews, so writes its leases back, within RENEW_SECONDS.
     remote = RedisLimits(client, LEASE_SECONDS, settling=2 * RENEW_SECONDS + 0.5)
-    return SharedLimits(cluster.node, local, remote, cluster.redis_timeout, counts=counts)
+    nodes_file = Path(spool_path) / NODES_FILE
+    return SharedLimits(
+        cluster.node, local, remote, cluster.redis_timeout, counts=counts, nodes_file=nodes_file
+    )

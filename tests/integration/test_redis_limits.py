@@ -368,3 +368,39 @@ def test_deliveries_at_once_give_back_what_redis_did_not_answer_once(
         await shared.close()
 
     asyncio.run(main())
+
+
+def test_a_node_starting_while_redis_is_away_takes_its_share_of_the_fleet_it_saw(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    ask = Ask("ip1>gmail", max_connections=3)
+    nodes_file = tmp_path / "fleet-nodes.json"
+
+    def node_b() -> SharedLimits:
+        return SharedLimits(
+            "node-b",
+            LocalLimits(str(tmp_path / "limits"), TTL),
+            RedisLimits(client_for(redis_server), TTL),
+            timeout=0.5,
+            nodes_file=nodes_file,
+        )
+
+    async def main() -> None:
+        await client_for(redis_server).flushdb()
+        for name in ("node-a", "node-c"):
+            await RedisLimits(client_for(redis_server), TTL).heartbeat(name, 30.0)
+        shared = node_b()
+        await shared.renew()  # sees node-a and node-c alive, and remembers them
+        await shared.close()
+        LocalLimits.clear(str(tmp_path / "limits"))  # a restart
+        redis_server.pause()
+        try:
+            restarted = node_b()
+            # Rank 1 of 3 nodes: a share of 1 of the 3 connections, not all 3.
+            assert isinstance(await restarted.admit([ask]), Admitted)
+            assert await restarted.admit([ask]) == Refused(None)
+        finally:
+            redis_server.resume()
+        await restarted.close()
+
+    asyncio.run(main())
