@@ -28,6 +28,7 @@ from mta.policy.admission import TOLERANCE, Ask, Granted, Refused
 PREFIX = "mta:"
 NODES = PREFIX + "nodes"
 
+
 def _clock(argument: int) -> str:
     """Lua setting ``now``: ARGV[argument] if given (the tests pass one), else
     Redis's own clock, so that nodes' clocks may differ."""
@@ -52,7 +53,9 @@ end"""
 # hold, or this node is new to it. While the settling key lives (a new epoch,
 # the nodes writing their leases back), nothing is granted. Otherwise it
 # mirrors admission.admit.
-_ADMIT = _clock(3) + """
+_ADMIT = (
+    _clock(3)
+    + """
 if redis.call('GET', KEYS[#KEYS]) ~= ARGV[5] then
   return {-1, redis.call('GET', KEYS[#KEYS]) or ''}
 end
@@ -128,10 +131,13 @@ local retry = ''
 if best then retry = string.format('%.6f', best) end
 return {0, retry, table.concat(full, ',')}
 """
+)
 
 # KEYS: lease sets; ARGV: now ("" = Redis's clock; the tests pass one), then
 # per key a lease and the seconds it has left. Renewing and writing back alike.
-_RENEW = _clock(1) + """
+_RENEW = (
+    _clock(1)
+    + """
 for i = 1, #KEYS do
   local left = tonumber(ARGV[2 * i + 1])
   redis.call('ZADD', KEYS[i], string.format('%.6f', now + left), ARGV[2 * i])
@@ -139,10 +145,13 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+)
 
 # KEYS: warmup reservation hashes; ARGV: now ("" = Redis's clock), then per
 # key a reservation, its recipients and the seconds it has left.
-_RESERVE = _clock(1) + """
+_RESERVE = (
+    _clock(1)
+    + """
 for i = 1, #KEYS do
   local left = tonumber(ARGV[3 * i + 1])
   redis.call('HSET', KEYS[i], ARGV[3 * i - 1],
@@ -151,6 +160,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+)
 
 # KEYS: per counter its sent hash and reservation hash; ARGV: node, how long a
 # count is kept (ms), then per counter the node's count and the reservation it
