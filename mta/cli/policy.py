@@ -31,6 +31,7 @@ from mta.cluster.limits import ALIVE_SECONDS
 from mta.cluster.redis_limits import NODES, sent_key
 from mta.cluster.throttle_log import Decision, ThrottleLog
 from mta.config import Config, load
+from mta.observe.escape import printable
 from mta.observe.timefmt import iso_time
 from mta.outbound.egress import (
     OTHER,
@@ -336,4 +337,4 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
             what = f"suspended until {row['suspended_until']}"
         else:
             what = f"throttled to {row['factor']:g}x until {row['throttled_until']}"
-        out.write(f"  {row['source']} -> {row['site']}: {what} ({row['reason']})\n")
+        out.write(f"  {row['source']} -> {row['site']}: {what} ({printable(row['reason'])})\n")

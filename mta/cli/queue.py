@@ -6,6 +6,12 @@ changes jobs does so in one transaction: it happens entirely or not at all.
 The exception is ``evacuate``, for a node whose daemon is stopped for good: it
 hands the spool's mail to another node (mta.node.evacuate) and refuses a
 spool in use.
+
+What clients and remote servers wrote (addresses, Message-ID, EHLO name,
+header fields, replies) is printed through ``mta.observe.escape.printable``:
+a header with a terminal escape shows ``\x1b`` rather than acting on the
+operator's terminal. ``--json`` gives the values exactly, JSON-escaped
+(ASCII only); ``show --raw`` the stored bytes, unescaped.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from mta.cli import policy
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.mail.header import split_header
 from mta.node.evacuate import SpoolInUse, SpoolUsers, evacuate
+from mta.observe.escape import printable
 from mta.observe.timefmt import iso_time
 from mta.outbound.pool import client_settings
 from mta.spool.ids import LENGTH, is_queue_id
@@ -170,12 +177,12 @@ def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         arrived = row["arrived"][:19].replace("T", " ")
         out.write(
             f"{row['id']:<{LENGTH}}  {row['state']:<5}  {row['attempts']:>3}  {row['size']:>8}  "
-            f"{arrived:<19}  <{row['sender']}>\n"
+            f"{arrived:<19}  <{printable(row['sender'])}>\n"
         )
         for recipient in row["recipients"]:
-            out.write(f"{'':<{LENGTH + 2}}{recipient}\n")
+            out.write(f"{'':<{LENGTH + 2}}{printable(recipient)}\n")
         if row["last_reply"]:
-            out.write(f"{'':<{LENGTH + 2}}({row['last_reply']})\n")
+            out.write(f"{'':<{LENGTH + 2}}({printable(row['last_reply'])})\n")
     messages = len({row["id"] for row in rows})
     out.write(f"-- {len(rows)} job(s) in {messages} message(s)\n")
 
@@ -207,20 +214,28 @@ def show(spool: Spool, queue_id: str, raw: bool, as_json: bool, out: TextIO) -> 
         return 0
     out.write(
         f"queue id:   {message.id}\narrived:    {_short_time(message.arrived)} UTC\n"
-        f"size:       {message.size}\nclient:     {message.client}\n"
-        f"sender:     <{message.sender}>\nmessage-id: {message.message_id}\n"
+        f"size:       {message.size}\nclient:     {printable(message.client)}\n"
+        f"sender:     <{printable(message.sender)}>\n"
+        f"message-id: {printable(message.message_id)}\n"
     )
     for job in jobs:
         out.write(
-            f"job {job.domain}: {job.state.value}, {job.attempts} attempt(s), "
+            f"job {printable(job.domain)}: {job.state.value}, {job.attempts} attempt(s), "
             f"next {_short_time(job.next_attempt)} UTC\n"
         )
         for recipient in job.recipients:
-            out.write(f"    <{recipient}>\n")
+            out.write(f"    <{printable(recipient)}>\n")
         if job.last_reply:
-            out.write(f"    last reply: {job.last_reply}\n")
-    out.write("\n" + "\n".join(headers) + "\n")
+            out.write(f"    last reply: {printable(job.last_reply)}\n")
+    out.write("\n" + "\n".join(_shown_header_line(line) for line in headers) + "\n")
     return 0
+
+
+def _shown_header_line(line: str) -> str:
+    """A header line for the terminal: a continuation's folding whitespace as
+    spaces, the rest through ``printable``."""
+    text = line.lstrip(" \t")
+    return line[: len(line) - len(text)].expandtabs(8) + printable(text)
 
 
 def stats(

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
+from mta.observe.escape import printable
 from mta.spool import suppression
 
 
@@ -73,5 +74,5 @@ def run_list(args: argparse.Namespace) -> int:
     elif not rows:
         print("The suppression list is empty")
     for entry, why in [] if args.json else rows:
-        print(f"{entry:<40} {why.added}  {why.source:<8} {why.reason}")
+        print(f"{printable(entry):<40} {why.added}  {why.source:<8} {printable(why.reason)}")
     return 0

@@ -28,7 +28,9 @@ from mta.inbound import reply_texts
 from mta.inbound.access import may_relay
 from mta.inbound.message import Rejected, prepare, received_field
 from mta.mail.address import address_is_valid
+from mta.mail.header import header_safe
 from mta.observe import metrics
+from mta.observe.escape import field
 from mta.signing.signer import Signer, SignResult
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
@@ -200,14 +202,16 @@ class Handler:
         metrics.MESSAGES_RECEIVED.inc()
         self.events.publish(events)
         self.on_queued(message)
+        # The sender and the Message-ID are the client's: escape.field keeps
+        # them from reading as other fields (a Message-ID holding " status=...").
         log.info(
-            "id=%s from=<%s> size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
+            "id=%s from=%s size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
             queue_id,
-            message.sender,
+            field(f"<{message.sender}>"),
             message.size,
             len(message.recipients),
             server.ip,
-            message.message_id,
+            field(message.message_id),
             _dkim_summary(signed),
         )
         return reply_texts.queued(queue_id)
@@ -217,7 +221,9 @@ class Handler:
         dropped = self._dropped.pop(envelope, set())
         for recipient in dropped:
             log.info(
-                "id=%s to=<%s> status=suppressed (on the suppression list)", queue_id, recipient
+                "id=%s to=%s status=suppressed (on the suppression list)",
+                queue_id,
+                field(f"<{recipient}>"),
             )
         return tuple(r for r in envelope.rcpt_tos if r not in dropped)
 
@@ -229,7 +235,8 @@ class Handler:
             name = instructed.strip()
             if name not in {pool.name for pool in self.egress.pool}:
                 header = self.egress.pool_header
-                raise Rejected(f"550 5.7.0 Error: {header} names no configured pool: {name[:64]}")
+                shown = header_safe(name)[:64]  # the client's text, in a reply and the log
+                raise Rejected(f"550 5.7.0 Error: {header} names no configured pool: {shown}")
             return name
         domain = sender.rpartition("@")[2].lower()
         return self.egress.sender_pools.get(domain, self.egress.default_pool)
@@ -242,7 +249,8 @@ class Handler:
         return result
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("SMTP session error: %r", error, exc_info=error)
+        # The error's text may quote the client's input.
+        log.error("SMTP session error: %s", field(repr(error)), exc_info=error)
         return reply_texts.INTERNAL_ERROR
 
 

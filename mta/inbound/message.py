@@ -10,22 +10,39 @@ What the listener checks and adds before signing and spooling:
   signs by its domain and the big mailbox providers refuse mail without one.
 - A Received field goes on top; Message-ID and Date are added when missing
   (RFC 5322 requires Date; receivers score mail without Message-ID as spam).
+  The client chooses its EHLO name, so the field shows it only in a form its
+  parsers read unambiguously (``received_field``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from dataclasses import dataclass
 
 from mta.inbound.reply_texts import BARE_LINE_ENDING
+from mta.mail.address import is_address_literal
+from mta.mail.domain import is_domain_name
 from mta.mail.header import (
     CRLF,
     field_values,
-    header_safe,
     remove_field,
     rfc5322_date,
     split_header,
 )
+
+# What of an EHLO name that is neither a domain nor an address literal is shown,
+# in a comment: letters, digits, ".", "-", "_", ":"; anything else becomes "?".
+# No parenthesis or backslash (they would end or escape the comment), no ";"
+# (parsers find the date after it), no quotes, no "[" "]" (a fake address literal).
+_NOT_SHOWN_OF_HELO = re.compile(r"[^A-Za-z0-9._:-]")
+HELO_SHOWN_MAX = 64
+# The address in "for <...>" is shown with its local part in dot-atom
+# characters and its domain in those of a name or address literal; anything
+# else (a quoted local part's quotes, ";", parentheses, a second "@") is "?".
+_NOT_IN_LOCAL_PART = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+_NOT_IN_DOMAIN = re.compile(r"[^A-Za-z0-9.:\[\]-]")
 
 
 class Rejected(Exception):
@@ -55,14 +72,49 @@ def received_field(
     recipients: list[str],
     now: float,
 ) -> bytes:
+    """The Received field (RFC 5321 4.4) we put on top of a message.
+
+    ``from`` names the EHLO name when it is a domain or an address literal
+    (RFC 5321 4.1.1.1), else ``unknown`` with what can be shown of the name in
+    a comment, as ``from unknown (HELO bad?name) ([192.0.2.1])``; the client
+    address follows as an address literal (``[IPv6:...]`` for IPv6). A lone
+    recipient is named in ``for <...>`` with any character that is not plain
+    in an address shown as "?". Nothing a client sent can add a "(", ")",
+    ";", quote or line break to the field.
+    """
     # "for <address>" only names a lone recipient: listing many would
     # disclose Bcc recipients to every other recipient.
-    for_part = f"\r\n\tfor <{header_safe(recipients[0])}>" if len(recipients) == 1 else ""
+    lone = _shown_address(recipients[0]) if len(recipients) == 1 else ""
+    for_part = f"\r\n\tfor <{lone}>" if lone else ""
     return (
-        f"Received: from {header_safe(helo)} ([{client_ip}])\r\n"
+        f"Received: from {received_from(helo, client_ip)}\r\n"
         f"\tby {hostname} (mta) with {protocol} id {queue_id}{for_part};\r\n"
         f"\t{rfc5322_date(now)}\r\n"
     ).encode()
+
+
+def received_from(helo: str, client_ip: str) -> str:
+    """The part of a Received field after "from": EHLO name and client address."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:  # not from a TCP socket (tests talk over memory)
+        literal = f"[{_NOT_SHOWN_OF_HELO.sub('?', client_ip)}]"
+    else:
+        literal = f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+    if is_domain_name(helo) or is_address_literal(helo):
+        return f"{helo} ({literal})"
+    if not helo:
+        return f"unknown ({literal})"
+    shown = _NOT_SHOWN_OF_HELO.sub("?", helo[:HELO_SHOWN_MAX])
+    return f"unknown (HELO {shown}) ({literal})"
+
+
+def _shown_address(address: str) -> str:
+    """``address`` as "for <...>" shows it, or "" for none (a valid one always has a "@")."""
+    local, _, domain = address.rpartition("@")
+    if not local or not domain:
+        return ""
+    return f"{_NOT_IN_LOCAL_PART.sub('?', local)}@{_NOT_IN_DOMAIN.sub('?', domain)}"
 
 
 def prepare(

@@ -33,10 +33,10 @@ def address_is_valid(address: str) -> bool:
         return False
     if _FORBIDDEN_IN_LOCAL.search(local.strip('"') if quoted else local):
         return False
-    return is_domain_name(domain) or _is_address_literal(domain)
+    return is_domain_name(domain) or is_address_literal(domain)
 
 
-def _is_address_literal(domain: str) -> bool:
+def is_address_literal(domain: str) -> bool:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a real address (RFC 5321 4.1.3)."""
     match = _ADDRESS_LITERAL.match(domain)
     if not match:

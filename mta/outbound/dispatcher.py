@@ -36,6 +36,7 @@ from mta.events.event import Event, attempt_events
 from mta.events.log import EventLog
 from mta.mail.reply import Reply
 from mta.observe import metrics
+from mta.observe.escape import field
 from mta.outbound.dsn import Failure, build_dsn
 from mta.outbound.egress import Egress, Lease, Wait
 from mta.outbound.routes import ResolveError, Resolver
@@ -327,9 +328,9 @@ class Attempter:
                 )
                 counter.inc()
             log.info(
-                "id=%s to=<%s> relay=%s%s delay=%.2f attempts=%d dsn=%s%s status=%s (%s)",
+                "id=%s to=%s relay=%s%s delay=%.2f attempts=%d dsn=%s%s status=%s (%s)",
                 job.message_id,
-                recipient,
+                field(f"<{recipient}>"),
                 result.relay,
                 source,
                 delay,
