@@ -189,15 +189,32 @@ class Handler:
             message_id=prepared.message_id,
             pool=pool,
         )
+        # A client that goes before the reply (a reset right after the final dot)
+        # cancels this handler; the storing goes on, so that a message that gets
+        # stored is also counted, logged and offered for delivery.
+        left: list[bool] = []
+        storing = asyncio.ensure_future(self._store(message, signed, server.ip, left))
         try:
-            events = received_events(message, now)
+            return await asyncio.shield(storing)
+        except asyncio.CancelledError:
+            left.append(True)
+            storing.add_done_callback(_log_failure)
+            raise
+
+    async def _store(
+        self, message: Message, signed: SignResult, client_ip: str, left: list[bool]
+    ) -> str:
+        """Commit the message, then count it, log it and hand it to delivery; the reply.
+        ``left`` is not empty when the client went before the reply."""
+        try:
+            events = received_events(message, message.arrived)
             await self.committer.run(
                 self.events.storing(
                     events, lambda txn: self.spool.add(txn, message, signed.message)
                 )
             )
         except SpoolFull as full:
-            log.warning("id=%s not queued: %s", queue_id, full)
+            log.warning("id=%s not queued: %s", message.id, full)
             return reply_texts.NO_ROOM
         metrics.MESSAGES_RECEIVED.inc()
         self.events.publish(events)
@@ -205,16 +222,17 @@ class Handler:
         # The sender and the Message-ID are the client's: escape.field keeps
         # them from reading as other fields (a Message-ID holding " status=...").
         log.info(
-            "id=%s from=%s size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued",
-            queue_id,
+            "id=%s from=%s size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued%s",
+            message.id,
             field(f"<{message.sender}>"),
             message.size,
             len(message.recipients),
-            server.ip,
+            client_ip,
             field(message.message_id),
             _dkim_summary(signed),
+            " (the client left before the reply: it will likely send it again)" if left else "",
         )
-        return reply_texts.queued(queue_id)
+        return reply_texts.queued(message.id)
 
     def _drop_suppressed(self, queue_id: str, envelope: Envelope) -> tuple[str, ...]:
         """The recipients to keep; those on the suppression list (action "drop") are logged."""
@@ -268,3 +286,9 @@ def _dkim_summary(result: SignResult) -> str:
     if result.domain is None:
         return "none"
     return f"{result.domain}/{','.join(result.selectors)}"
+
+
+def _log_failure(storing: asyncio.Future[str]) -> None:
+    """A storing whose client had gone: nobody awaits it, so its failure is logged here."""
+    if not storing.cancelled() and storing.exception() is not None:
+        log.error("storing a message failed", exc_info=storing.exception())
