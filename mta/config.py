@@ -158,6 +158,13 @@ class ServerConfig:
     max_connections_per_ip: int = setting(int, 100, parse=positive)
     idle_timeout: float = setting(float, 300.0, parse=positive)
     shutdown_timeout: float = setting(float, 30.0, parse=not_negative)
+    # Inflow control (mta.policy.inflow): untried jobs before MAIL FROM waits;
+    # 0 turns it off. The default is Postfix's active queue size.
+    inflow_backlog: int = setting(int, 20_000, parse=not_negative)
+    inflow_max_delay: float = setting(float, 1.0, parse=not_negative)
+    # Error replies a session may get without a message accepted; then 421 and
+    # close (Postfix's smtpd_hard_error_limit, same default).
+    hard_error_limit: int = setting(int, 20, parse=positive)
     tls_cert: str | None = setting(str, None, parse=non_empty)
     tls_key: str | None = setting(str, None, parse=non_empty)
     users_file: str | None = setting(str, None, parse=non_empty)

@@ -9,10 +9,13 @@ in one file, and the import fails loudly instead of the listener misbehaving:
   uses: ``reader`` and ``writer`` (aiosmtpd's ``_reader`` and ``_writer``),
   ``reader_class`` (the stream reader class the connection's reader becomes),
   ``idle_timeout`` and ``idle_timeout_expired()`` (``_timeout_duration`` and
-  ``_timeout_cb``), and ``receive_data()``, the one step of ``smtp_DATA`` that
-  the session implements;
+  ``_timeout_cb``), ``receive_data()``, the one step of ``smtp_DATA`` that
+  the session implements, ``authenticator`` (``_authenticator``) and
+  ``authenticate()``, the step of AUTH PLAIN and LOGIN that checks the
+  credentials (below);
 - ``ChunkedStreamReader`` is asyncio's ``StreamReader`` with ``read_data()``
-  (DATA fed to a parser a whole buffer at a time) and ``has_line()``;
+  (DATA fed to a parser a whole buffer at a time), ``has_line()`` and
+  ``discard_input()``;
 - ``parse_address`` stands in for aiosmtpd's ``SMTP._getaddr``.
 
 How DATA stays aiosmtpd's. Upstream's ``smtp_DATA`` reads the data with one
@@ -36,12 +39,23 @@ Running upstream's own method up to its 354 and taking over there was the
 alternative: it needs a trap inside ``push`` on every reply, for six statements
 that are easier to compare by eye. Everything else stays upstream's and gets its
 fixes: the command loop, STARTTLS (where the injection fix of CVE-2024-34083 is,
-in ``connection_made``, which the session extends but does not replace), AUTH.
+in ``connection_made``, which the session extends but does not replace), AUTH's
+command and challenges.
+
+How AUTH checks passwords off the event loop. Upstream's ``auth_PLAIN`` and
+``auth_LOGIN`` end in ``return self._authenticate(...)``, a synchronous call of
+the authenticator: scrypt on the event loop, every other session waiting for it.
+Both are copied statement for statement (``SMTPProtocol.auth_PLAIN`` and
+``auth_LOGIN``) but for that last statement, which awaits ``authenticate()``
+instead; its default is upstream's ``_authenticate``, and the session's runs the
+check in a thread pool. ``smtp_AUTH``, which turns the result into the reply (an
+``AuthResult.message`` is sent as is), stays upstream's.
 
 Every upstream function copied or replaced (``push`` is rewritten in
 ``mta.inbound.server.Session`` to coalesce replies), or whose inner workings the
 session relies on (``_handle_client`` and ``challenge_auth`` read command lines
-and AUTH answers with ``readuntil``, where the bare LF check sits), is pinned by
+and AUTH answers with ``readuntil``, where the bare LF check sits; ``smtp_AUTH``
+sends an ``AuthResult.message`` as the reply), is pinned by
 the SHA-256 of its source in ``UPSTREAM_SOURCES``;
 tests/unit/test_aiosmtpd_compat.py fails when any of them changes, naming which.
 At import, the aiosmtpd version must be one this file was checked against, and
@@ -56,13 +70,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import aiosmtpd
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 # aiosmtpd releases whose code this module was compared with.
 CHECKED_VERSIONS = ("1.4.6",)
@@ -77,18 +92,23 @@ UPSTREAM_SOURCES = {
     "SMTP.challenge_auth": "7ca4c59374e53538",
     "SMTP._cb_client_connected": "a73e95bb7f362ab9",
     "SMTP._timeout_cb": "10a7351f9bec2818",
+    "SMTP.auth_PLAIN": "71fe14c537cc5039",
+    "SMTP.auth_LOGIN": "f121f6cb809cc2ad",
+    "SMTP._authenticate": "4252dad9a1780535",
+    "SMTP.smtp_AUTH": "79078b308377ac48",
 }
 
 # The private names used, by where they are defined: methods, and the attributes
 # an __init__ (or aiosmtpd's connection callback) assigns.
 _SMTP_METHODS = (
+    "_authenticate",
     "_call_handler_hook",
     "_cb_client_connected",
     "_getaddr",
     "_set_post_data_state",
     "_timeout_cb",
 )
-_SMTP_ATTRIBUTES = ("_decode_data", "_handle_hooks", "_timeout_duration")
+_SMTP_ATTRIBUTES = ("_authenticator", "_decode_data", "_handle_hooks", "_timeout_duration")
 _SMTP_CONNECTION_ATTRIBUTES = ("_reader", "_writer")
 _READER_METHODS = ("_maybe_resume_transport", "_wait_for_data")
 _READER_ATTRIBUTES = ("_buffer", "_eof", "_exception", "_limit")
@@ -180,6 +200,11 @@ class ChunkedStreamReader(asyncio.StreamReader):
         """Whether a whole line (up to an LF) is buffered, ready to be read at once."""
         return b"\n" in self._buffer
 
+    def discard_input(self) -> None:
+        """Drop what is buffered unread: after a closing reply, pipelined commands
+        already received must not run (a closed transport reads no more)."""
+        self._buffer.clear()
+
 
 # RFC 5322 atext; the usual MAIL/RCPT argument: <dot-atom@dot-atom>, then the
 # parameters after one space or none.
@@ -252,6 +277,66 @@ class SMTPProtocol(SMTP):
         """Read the data after the 354: the refusal to send, or None and the data
         with its dot-stuffing removed."""
         raise NotImplementedError
+
+    @property
+    def authenticator(self) -> Any:
+        """The ``authenticator`` the protocol was made with, or None."""
+        return self._authenticator
+
+    async def authenticate(self, mechanism: str, auth_data: LoginPassword) -> AuthResult:
+        """Check the credentials of AUTH PLAIN or LOGIN: upstream's synchronous
+        ``_authenticate`` here; a subclass may check them off the event loop."""
+        return self._authenticate(mechanism, auth_data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        """aiosmtpd 1.4.6's ``auth_PLAIN``, awaiting ``authenticate()`` at the end."""
+        # Upstream, verbatim (less a comment and its type names).
+        login_and_password: Any
+        if len(args) == 1:
+            login_and_password = await self.challenge_auth("")
+            if login_and_password is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login_and_password = b64decode(args[1].encode(), validate=True)
+            except Exception:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            # login data is "{authz_id}\x00{login_id}\x00{password}"
+            _, login, password = login_and_password.split(b"\x00")
+        except ValueError:  # not enough args
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        assert login is not None
+        assert password is not None
+        # Upstream: return self._authenticate("PLAIN", LoginPassword(login, password))
+        return await self.authenticate("PLAIN", LoginPassword(login, password))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        """aiosmtpd 1.4.6's ``auth_LOGIN``, awaiting ``authenticate()`` at the end."""
+        # Upstream, verbatim (less its type names).
+        login: Any
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except Exception:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        assert login is not None
+
+        password: Any
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert password is not None
+
+        # Upstream: return self._authenticate("LOGIN", LoginPassword(login, password))
+        return await self.authenticate("LOGIN", LoginPassword(login, password))
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

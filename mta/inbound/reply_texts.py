@@ -34,6 +34,16 @@ BARE_LINE_ENDING = (
     "550 5.5.2 Error: bare <CR> or <LF> in message data; "
     "lines must end with <CR><LF> (RFC 5321 2.3.8)"
 )
+# RFC 5322 3.5 text, and RFC 2045 2.7-2.8 7bit and 8bit data, exclude NUL: a
+# next hop may drop it, or end a line or the data there.
+NUL_IN_DATA = "550 5.6.0 Error: NUL character in message data (RFC 5322 3.5)"
+# Postfix's smtpd_hard_error_limit reply, word for word.
+TOO_MANY_ERRORS = "421 4.7.0 {host} Error: too many errors"
+# RFC 4954 4: the password could not be checked now (too many checks waiting).
+AUTH_BUSY = "454 4.7.0 Temporary authentication failure"
+# A second STARTTLS inside TLS: a bad sequence of commands (503; RFC 3207 4.2
+# no longer offers STARTTLS then). Postfix says the same text with 554.
+TLS_ALREADY_ACTIVE = "503 5.5.1 Error: TLS already active"
 
 
 def relay_denied(address: str) -> str:
@@ -83,12 +93,15 @@ _REASONS = (
     ("554", "Relay access denied", "relay_denied"),
     ("550", "bare <CR> or <LF>", "bare_line_ending"),
     ("521", "bare <LF>", "bare_line_ending"),
+    ("550", "NUL character", "nul_character"),
     ("550", "From header", "bad_header"),
     ("550", "suppression list", "suppressed"),
     ("452", "4.3.1", "spool_full"),
     ("452", "too many recipients", "too_many_recipients"),
     ("421", "too many connections", "too_many_connections"),
     ("421", "too many authentication failures", "auth_rate_limited"),
+    ("421", "too many errors", "too_many_errors"),
+    ("454", "Temporary authentication failure", "auth_busy"),
     ("501", "address syntax", "bad_address"),
     ("451", "", "internal_error"),
 )

@@ -22,6 +22,15 @@ listener needs around it:
   close; per client address through ``mta.inbound.auth_limits``, whose
   blocked addresses get 421 to AUTH for a while. The refusal log line names
   the client and the reply, never the user name or the password;
+- passwords checked off the event loop (``mta.inbound.auth``: a small thread
+  pool, 454 4.7.0 when too many checks wait), so a guesser never delays the
+  other sessions' replies;
+- a hard error limit (Postfix's ``smtpd_hard_error_limit``): after ``[server]
+  hard_error_limit`` error replies without a message accepted, 421 and close;
+- NUL in message data refused (550 5.6.0), as bare CR or LF is by the handler;
+  a second STARTTLS inside TLS gets 503 5.5.1, not a second handshake;
+- after a closing reply (421, 521), pipelined commands already received are
+  dropped, never run;
 - graceful shutdown: ``Sessions.drain`` closes idle sessions at once and lets
   sessions inside a transaction finish (their 250 means the message is on
   disk), up to a deadline;
@@ -42,13 +51,15 @@ import re
 from collections import Counter
 from typing import Any, cast
 
-from aiosmtpd.smtp import syntax
+from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
 
-from mta.config import Config
+from mta.config import Config, ServerConfig
 from mta.inbound import reply_texts
 from mta.inbound.aiosmtpd_compat import ChunkedStreamReader, SMTPProtocol
+from mta.inbound.auth import AuthBusy, Authenticator
 from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures
 from mta.observe import metrics
+from mta.observe.escape import field
 
 log = logging.getLogger("mta.smtpd")
 
@@ -125,6 +136,10 @@ _NEVER_HELD = frozenset((b"220", b"221", b"334", b"354", b"421", b"502"))
 # NOOPs gets a write every 64 replies, not one that grows without bound.
 HELD_REPLIES = 64
 HELD_OCTETS = 4096
+
+# The hard error limit of a session whose handler has no [server] configuration.
+HARD_ERROR_LIMIT = ServerConfig.hard_error_limit
+_QUEUED = reply_texts.queued("")  # the start of the 250 that accepts a message
 
 
 class DataParser:
@@ -281,6 +296,13 @@ class Session(SMTPProtocol):
         super().__init__(handler, **kwargs)
         self.sessions = sessions
         self.ip = ""
+        # Read from the handler's [server] section per session, so a reload
+        # applies to the next sessions, as the other limits do.
+        config = getattr(handler, "config", None)
+        self.hard_error_limit = (
+            config.hard_error_limit if isinstance(config, ServerConfig) else HARD_ERROR_LIMIT
+        )
+        self._errors = 0  # error replies since the session began or last queued a message
         self._admitted = False
         self._in_ehlo = False
         self._in_auth = False
@@ -332,6 +354,7 @@ class Session(SMTPProtocol):
             self._held.append(reply.encode() + b"\r\n")  # after any held replies
             self._flush()
             self.transport.close()
+            self.reader.discard_input()  # nothing sent before the 421 runs after it
 
     def idle_timeout_expired(self) -> None:
         log.info("timeout after %.0fs idle from [%s]", self.idle_timeout, self.ip)
@@ -345,6 +368,16 @@ class Session(SMTPProtocol):
         finally:
             self._in_ehlo = False
 
+    @syntax("STARTTLS", when="tls_context")  # as aiosmtpd's, so HELP still lists it
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd would answer 220 and start a second handshake inside TLS,
+        # which fails with a logged traceback. After the handshake STARTTLS is
+        # no longer offered (RFC 3207 4.2): a bad sequence of commands, 503.
+        if self.session is not None and self.session.ssl is not None:
+            await self.push(reply_texts.TLS_ALREADY_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def receive_data(self) -> tuple[str | None, bytes]:
         """The data after DATA's 354, read in chunks (``DataParser``); aiosmtpd's
         ``smtp_DATA`` does the rest (``SMTPProtocol.smtp_DATA``)."""
@@ -357,7 +390,23 @@ class Session(SMTPProtocol):
             raise
         if parser.refusal is not None:
             return parser.refusal, b""
-        return None, parser.content()
+        content = parser.content()
+        if b"\0" in content:
+            # Refused as a whole, like a bare CR or LF (the handler's check):
+            # a next hop that drops or stops at NUL would see another message.
+            return reply_texts.NUL_IN_DATA, b""
+        return None, content
+
+    async def authenticate(self, mechanism: str, auth_data: LoginPassword) -> AuthResult:
+        """AUTH PLAIN and LOGIN credentials, checked in mta's authenticator's
+        thread pool rather than on the event loop (``mta.inbound.auth``)."""
+        authenticator = self.authenticator
+        if not isinstance(authenticator, Authenticator):
+            return await super().authenticate(mechanism, auth_data)
+        try:
+            return await authenticator.authenticate(auth_data)
+        except AuthBusy:
+            return AuthResult(success=False, handled=False, message=reply_texts.AUTH_BUSY)
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -386,15 +435,25 @@ class Session(SMTPProtocol):
             reader.problem = None
         elif self._in_auth and isinstance(status, str) and status.startswith("535"):
             status, close = self._auth_failed(status)
+        too_many_errors = None
         if isinstance(status, str) and self._is_command_reply(status):
             status = reply_texts.enhance(status)
             if status[0] in "45":
                 self._count_refusal(status)
+                if self._errors >= self.hard_error_limit and not close and status[:3] != "421":
+                    too_many_errors = reply_texts.TOO_MANY_ERRORS.replace("{host}", self.hostname)
+                    self._count_refusal(too_many_errors)
+                    close = True
+            elif status.startswith(_QUEUED):
+                self._errors = 0  # as Postfix: errors are forgiven once mail is accepted
         # aiosmtpd's push (less its debug line; mail.log is at WARNING), coalesced.
         if isinstance(status, str):
             status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         self._held.append(status + b"\r\n")
         self._held_octets += len(status) + 2
+        if too_many_errors is not None:  # the error reply, then the 421
+            self._held.append(too_many_errors.encode() + b"\r\n")
+            self._held_octets += len(too_many_errors) + 2
         if not close and self._may_hold(status):
             return
         self._flush()
@@ -447,6 +506,7 @@ class Session(SMTPProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self._flush()
             self.transport.close()
+            self.reader.discard_input()  # pipelined commands after the closing reply never run
 
     def _is_command_reply(self, status: str) -> bool:
         if self._in_ehlo or status[:3] in ("334", "354"):
@@ -454,15 +514,22 @@ class Session(SMTPProtocol):
         return not status.startswith(f"220 {self.hostname}")  # the greeting
 
     def _count_refusal(self, reply: str) -> None:
+        """Count and log a refusal; every one counts towards the hard error limit,
+        but for 452 4.5.3 past ``max_recipients``, which asks an RFC 5321 client
+        to send those recipients in another transaction (Postfix counts them
+        only past its smtpd_recipient_overshoot_limit)."""
+        if not reply.startswith(reply_texts.TOO_MANY_RECIPIENTS):
+            self._errors += 1
         reason = reply_texts.rejection_reason(reply)
         if reason is not None:
             metrics.MESSAGES_REJECTED.labels(reason).inc()
         envelope = self.envelope
         sender = envelope.mail_from if envelope is not None else None
+        helo = (self.session.host_name or "") if self.session else ""
         log.info(
-            "reject: client=[%s] helo=<%s> from=<%s> reply=%s",
+            "reject: client=[%s] helo=%s from=%s reply=%s",
             self.ip,
-            self.session.host_name if self.session else "",
-            "" if sender in (None, "<>") else sender,
-            reply,
+            field(f"<{helo}>"),
+            field(f"<{'' if sender in (None, '<>') else sender}>"),
+            field(reply),
         )

@@ -171,11 +171,6 @@ def test_forged_message_id_ehlo_and_subject_stay_inert(
     scenario.sent = scenario.accepted = 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mta/inbound/server.py writes the refusal line's helo, from and reply "
-    "without mta.observe.escape.field (issue 20, item 3); drop this mark with that edit",
-)
 def test_a_refused_client_cannot_forge_fields_either(tmp_path: Path, scenario: Scenario) -> None:
     mta = Mta(tmp_path)
     mta.server["workers"] = 2
