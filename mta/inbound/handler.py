@@ -31,6 +31,7 @@ from mta.mail.address import address_is_valid
 from mta.mail.header import header_safe
 from mta.observe import metrics
 from mta.observe.escape import field
+from mta.policy import inflow
 from mta.signing.signer import Signer, SignResult
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
@@ -114,9 +115,20 @@ class Handler:
         with self.spool.read() as txn:
             if self.spool.room_problem(txn):
                 return reply_texts.NO_ROOM
+            untried = self.spool.untried_jobs(txn)
+        await self._slow_inflow(untried)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return reply_texts.SENDER_OK
+
+    async def _slow_inflow(self, untried: int) -> None:
+        """Wait as inflow control says for the node's backlog of untried mail."""
+        metrics.SPOOL_UNTRIED_JOBS.set(untried)
+        wait = inflow.delay(untried, self.config.inflow_backlog, self.config.inflow_max_delay)
+        if wait > 0:
+            metrics.INFLOW_DELAYED.inc()
+            metrics.INFLOW_DELAY_SECONDS.inc(wait)
+            await asyncio.sleep(wait)
 
     async def handle_RCPT(
         self,

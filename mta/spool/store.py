@@ -7,7 +7,8 @@ Named databases inside the environment:
     jobs      queue ID NUL domain -> Job as JSON
     due       ms of next attempt + job key -> b"" (ready jobs only, in time order)
     ready     domain NUL ms of next attempt + job key -> b"" (the same, by domain)
-    meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian)
+    meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian);
+              b"untried-counted" once the "u" count below has been built
     policy    traffic-policy state that must survive restarts: warmup counters
               (8-byte integers) and suspensions (JSON), by name
     events    sequence number (8 bytes, big-endian) -> an event (JSON) waiting
@@ -16,7 +17,10 @@ Named databases inside the environment:
     suppress_sync  what sharing that list through Redis keeps (mta.spool.suppression)
     counts    "d" NUL domain NUL state -> jobs and recipients (2 x 8 bytes), and
               "c" NUL class -> jobs whose last reply was of that class: what
-              `mta queue stats` prints, without reading a million jobs
+              `mta queue stats` prints, without reading a million jobs; and
+              "u" -> the ready jobs delivery has not looked at yet (no
+              attempt, no reply): the backlog of new mail inflow control
+              watches (mta.policy.inflow)
 
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
 ``due`` index and the byte counter right in the same transaction; nothing
@@ -63,6 +67,8 @@ from mta.spool.records import (
 )
 
 _BYTES = b"bytes"
+_UNTRIED_COUNTED = b"untried-counted"
+_UNTRIED = "u"
 log = logging.getLogger("mta.spool")
 
 # LMDB reserves address space, not disk: a map twice the spool limit leaves
@@ -139,6 +145,7 @@ class Spool:
         self.suppress_sync = self.env.open_db(b"suppress_sync")
         self._counts = self.env.open_db(b"counts")
         self._count_existing_jobs()
+        self._count_untried_jobs()
 
     def close(self) -> None:
         self.env.close()
@@ -219,6 +226,13 @@ class Spool:
         self._bump(txn, f"d\0{job.domain}\0{job.state.value}", sign, sign * len(job.recipients))
         if job.last_class:
             self._bump(txn, f"c\0{job.last_class}", sign, 0)
+        if _untried(job):
+            self._bump(txn, _UNTRIED, sign, sign * len(job.recipients))
+
+    def untried_jobs(self, txn: lmdb.Transaction) -> int:
+        """Ready jobs delivery has not looked at yet (no attempt, no reply)."""
+        raw = txn.get(_UNTRIED.encode(), db=self._counts)
+        return max(0, struct.unpack(">qq", raw)[0]) if raw else 0
 
     def _bump(self, txn: lmdb.Transaction, name: str, jobs: int, recipients: int) -> None:
         key = name.encode()
@@ -246,6 +260,22 @@ class Spool:
 
     def _lacks_counts(self, txn: lmdb.Transaction) -> bool:
         return not txn.stat(self._counts)["entries"] and bool(txn.stat(self._jobs)["entries"])
+
+    def _count_untried_jobs(self) -> None:
+        """Build the "u" count of a spool whose counts were built before it (once;
+        a pass gives the right count whenever it runs)."""
+        with self.read() as txn:
+            if txn.get(_UNTRIED_COUNTED, db=self._meta) is not None:
+                return
+            if not txn.stat(self._jobs)["entries"]:
+                return  # nothing to count: every job to come is counted as it comes
+        with self.write() as txn:
+            if txn.get(_UNTRIED_COUNTED, db=self._meta) is None:
+                txn.delete(_UNTRIED.encode(), db=self._counts)
+                for job in self.all_jobs(txn):
+                    if _untried(job):
+                        self._bump(txn, _UNTRIED, 1, len(job.recipients))
+                txn.put(_UNTRIED_COUNTED, b"1", db=self._meta)
 
     def _unindex(self, txn: lmdb.Transaction, job: Job) -> None:
         txn.delete(due_key(job), db=self._due)
@@ -434,6 +464,8 @@ class Spool:
             if kind == "c":
                 stats.by_class[rest] = jobs
                 continue
+            if kind == _UNTRIED:
+                continue
             name, _, state = rest.partition("\0")
             stats.jobs += jobs
             stats.by_state[state] = stats.by_state.get(state, 0) + jobs
@@ -442,3 +474,8 @@ class Spool:
             domain.recipients += recipients
             domain.by_state[state] = domain.by_state.get(state, 0) + jobs
         return stats
+
+
+def _untried(job: Job) -> bool:
+    """A ready job delivery has not looked at yet: new mail waiting for its first try."""
+    return job.state is JobState.READY and not job.attempts and not job.last_reply

@@ -781,3 +781,38 @@ def test_stats_counters_agree_with_a_scan(
     assert {d: (s.jobs, s.recipients) for d, s in stats.by_domain.items()} == expected["by_domain"]
     assert stats.by_class == expected["by_class"]
     spool.close()
+
+
+def test_untried_jobs_are_new_mail_delivery_has_not_looked_at(
+    spool: Spool, new_id: IdGenerator
+) -> None:
+    first = message(new_id(), ("a@one.example", "b@two.example"), b"x")
+    second = message(new_id(), ("c@one.example",), b"y")
+    with spool.write() as txn:
+        spool.add(txn, first, b"x")
+        spool.add(txn, second, b"y")
+    with spool.write() as txn:
+        assert spool.untried_jobs(txn) == 3
+        one, two = spool.jobs_of(txn, first.id)
+        spool.put_job(txn, replace(one, attempts=1, last_reply="451 later"), old=one)
+        # A job that waited for a free path or a suspension has a reply, no attempt.
+        spool.put_job(txn, replace(two, last_reply="451 4.7.0 delivery deferred"), old=two)
+        [three] = spool.jobs_of(txn, second.id)
+        spool.put_job(txn, three.with_state(JobState.HELD), old=three)
+        assert spool.untried_jobs(txn) == 0
+        assert spool.stats(txn).jobs == 3  # the count is not a job of any domain
+
+
+def test_a_spool_counted_before_untried_jobs_were_gets_them_counted_once(
+    tmp_path: Path, new_id: IdGenerator
+) -> None:
+    spool = Spool(tmp_path / "spool", max_size=2**20)
+    with spool.write() as txn:
+        spool.add(txn, message(new_id(), ("a@one.example", "b@two.example"), b"x"), b"x")
+        txn.delete(b"u", db=spool._counts)  # as an older version left it
+        txn.delete(b"untried-counted", db=spool._meta)
+    spool.close()
+    reopened = Spool(tmp_path / "spool", max_size=2**20)
+    with reopened.read() as txn:
+        assert reopened.untried_jobs(txn) == 2
+    reopened.close()

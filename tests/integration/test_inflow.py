@@ -1,0 +1,44 @@
+"""Inflow control on the real daemon: new mail piling up untried slows MAIL FROM.
+
+The receiver takes connections and never answers, so delivery holds the
+domain's one connection slot and every other job stays untried: the backlog
+grows past ``inflow_backlog`` and each later transaction waits before its
+MAIL FROM is answered, and is still accepted (slowed, never refused).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from tests.harness.client import message, send
+from tests.harness.mta import Mta
+
+pytestmark = pytest.mark.integration
+
+
+def metric(mta: Mta, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", mta.metrics(), re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_an_untried_backlog_slows_mail_from_and_loses_nothing(mta: Mta) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # never accepted: the handshake completes, no banner comes
+        mta.park_mail = False
+        mta.routes = {"slow.test": f"127.0.0.1:{silent.getsockname()[1]}"}
+        mta.server |= {"inflow_backlog": 3, "inflow_max_delay": 0.2}
+        mta.delivery |= {"max_concurrent_per_domain": 1}
+        mta.start()
+        for number in range(8):
+            send(mta, message(f"inflow {number}"), [f"u{number}@slow.test"])
+        queued = mta.queue_list()
+        # One job is being tried; the rest are untried. Every message was taken.
+        assert len(queued) == 8
+        assert metric(mta, "mta_spool_untried_jobs") >= 6
+        # Transactions 5 to 8 found more than 3 untried jobs before them.
+        assert metric(mta, "mta_inflow_delayed_total") >= 3
+        assert mta.stop() == 0
