@@ -169,6 +169,7 @@ class Supervisor:
         try:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the current directory first on the path: the supervisor's mta
                 "-m",
                 "mta.node.workers",
                 "--config",
