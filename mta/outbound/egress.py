@@ -71,6 +71,7 @@ REFRESH = 1.0  # seconds between updates of the suspensions gauge
 FOLLOW_SECONDS = 1.0  # how often the fleet's suspension decisions are read
 FLEET_CURSOR = "fleet-decisions"  # the spool policy-state name of where they were read to
 SLOT_POLL = 0.05  # how often a line's first job looks for a slot freed elsewhere
+REDIS_LOOKERS = 4  # jobs of a line that may ask Redis at once (mta.outbound.ready_queue)
 THROTTLES = "throttles"  # the spool policy-state name of the suspensions
 OTHER = "other"  # the metric label of sites that are no configured provider
 
@@ -160,7 +161,9 @@ class Egress:
         self._stored: bytes | None = None  # the spool's record self.throttles was read from
         self._gauged_at = float("-inf")
         # A busy job looks again at least this often.
-        self.ready_queue = ReadyQueue(clock, recheck=REFRESH)
+        self.ready_queue = ReadyQueue(
+            clock, recheck=REFRESH, lookers=REDIS_LOOKERS if self.shared.remote else 1
+        )
 
     def configure(self, config: Config) -> list[Deliverer]:
         """Take (new) sources, pools, limits and rules; the retired SMTP clients.

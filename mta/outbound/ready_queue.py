@@ -32,18 +32,22 @@ class ReadyQueue:
 
     Guarantees:
 
-    - only the first job of a line looks (calls its ``attempt``); the others
-      wait behind it, so a busy site costs one look per wake-up, not one per
-      waiting job (a look may be a round trip to Redis);
-    - when the first job leaves the line (it got a path, or was told to come
+    - only the first ``lookers`` jobs of a line look (call their ``attempt``);
+      the others wait behind them, so a busy site costs at most ``lookers``
+      looks per wake-up, not one per waiting job. One looker is enough when a
+      look is a write to the node's file; with Redis a look is a round trip,
+      and several at once keep a line moving at the pace of the deliveries
+      rather than of one round trip after another;
+    - when a looking job leaves the line (it got a path, or was told to come
       back later), the next one looks at once;
-    - the first job looks again after every ``wake`` and at the latest
+    - a looking job looks again after every ``wake`` and at the latest
       ``retry_in`` or ``recheck`` seconds after its last look.
     """
 
-    def __init__(self, clock: Callable[[], float], recheck: float) -> None:
+    def __init__(self, clock: Callable[[], float], recheck: float, lookers: int = 1) -> None:
         self.clock = clock
         self.recheck = recheck
+        self.lookers = lookers
         self._lines: dict[Hashable, deque[asyncio.Future[None]]] = {}
         self._released = asyncio.Event()
 
@@ -53,7 +57,7 @@ class ReadyQueue:
         turn = asyncio.get_running_loop().create_future()
         waiting.append(turn)
         try:
-            if len(waiting) > 1:
+            if len(waiting) > self.lookers:
                 await turn
             while True:
                 outcome = await attempt(self.clock())
@@ -77,9 +81,13 @@ class ReadyQueue:
     def _leave(
         self, line: Hashable, waiting: deque[asyncio.Future[None]], turn: asyncio.Future[None]
     ) -> None:
-        was_first = waiting[0] is turn
+        # The first ``lookers`` jobs of a line are the ones looking: when one of
+        # them leaves, the job that moves up to their number looks next.
+        was_looking = waiting.index(turn) < self.lookers
         waiting.remove(turn)
         if not waiting:
             del self._lines[line]
-        elif was_first and not waiting[0].done():
-            waiting[0].set_result(None)
+        elif was_looking and len(waiting) >= self.lookers:
+            next_up = waiting[self.lookers - 1]
+            if not next_up.done():
+                next_up.set_result(None)

@@ -210,3 +210,64 @@ def test_egress_jobs_waiting_for_a_connection_slot_take_it_in_turn(tmp_path: Pat
         asyncio.run(main())
     finally:
         spool.close()
+
+
+def test_several_jobs_of_a_line_may_look_at_once_in_order() -> None:
+    """With a shared store a look is a round trip: lookers > 1 overlaps them."""
+    queue = ReadyQueue(lambda: 100.0, recheck=HOUR, lookers=3)
+    started: list[str] = []
+    answers: dict[str, asyncio.Future[str]] = {}
+
+    def attempt(name: str) -> Callable[[float], Awaitable[str]]:
+        async def look(now: float) -> str:
+            started.append(name)
+            answers[name] = asyncio.get_running_loop().create_future()
+            return await answers[name]
+
+        return look
+
+    async def main() -> None:
+        jobs = {n: asyncio.ensure_future(queue.wait(LINE, attempt(n))) for n in "abcde"}
+        await step_loop()
+        assert started == ["a", "b", "c"]  # three round trips at once, first come first
+        jobs["b"].cancel()  # one that was looking goes: the next may look
+        await step_loop()
+        assert started == ["a", "b", "c", "d"]
+        answers["a"].set_result("a")
+        await step_loop()
+        assert started == ["a", "b", "c", "d", "e"]
+        for name in "cde":
+            answers[name].set_result(name)
+        assert [await jobs[n] for n in "acde"] == ["a", "c", "d", "e"]
+        assert queue.waiting() == 0
+
+    asyncio.run(main())
+
+
+def test_a_job_that_leaves_while_waiting_for_its_turn_passes_no_turn_on() -> None:
+    queue = ReadyQueue(lambda: 100.0, recheck=HOUR, lookers=2)
+    started: list[str] = []
+    answers: dict[str, asyncio.Future[str]] = {}
+
+    def attempt(name: str) -> Callable[[float], Awaitable[str]]:
+        async def look(now: float) -> str:
+            started.append(name)
+            answers[name] = asyncio.get_running_loop().create_future()
+            return await answers[name]
+
+        return look
+
+    async def main() -> None:
+        jobs = {n: asyncio.ensure_future(queue.wait(LINE, attempt(n))) for n in "abcd"}
+        await step_loop()
+        jobs["c"].cancel()  # waiting, not looking: still two looks at most
+        await step_loop()
+        assert started == ["a", "b"]
+        answers["a"].set_result("a")
+        await step_loop()
+        assert started == ["a", "b", "d"]
+        answers["b"].set_result("b")
+        answers["d"].set_result("d")
+        assert [await jobs[n] for n in "abd"] == ["a", "b", "d"]
+
+    asyncio.run(main())
