@@ -3,10 +3,15 @@
 aiosmtpd does the SMTP state machine; this subclass adds what a production
 listener needs around it:
 
-- connection limits, total and per client IP, answered 421 before the banner;
+- connection limits, total and per client IP, answered 421 before the banner,
+  counted for the whole node (``mta.inbound.node_sessions``), not per worker;
 - enhanced status codes on aiosmtpd's stock replies (mta.inbound.reply_texts),
   and one place that counts and logs every refusal;
-- a 421 before closing an idle session, instead of a silent close;
+- a 421 before closing an idle session, instead of a silent close; and a
+  session is idle unless it does real work: NOOP, RSET, VRFY, EXPN, HELP,
+  EHLO and HELO are answered only within ``idle_timeout`` of its last MAIL,
+  RCPT, DATA, AUTH or STARTTLS (or of its start), then get that 421, so a
+  NOOP now and then does not hold a connection slot for ever;
 - command lines hold no control characters (500 5.5.2) and end in CRLF:
   aiosmtpd splits commands at a bare LF, so ``MAIL FROM:<a@b>\nRCPT
   TO:<c@d>\r\n`` would run as two commands; a bare LF gets 521 and the
@@ -20,7 +25,10 @@ listener needs around it:
   aiosmtpd's own line-by-line ``smtp_DATA`` (a property test compares them);
 - limits on failed AUTH: ``SESSION_MAX_FAILURES`` per session, then 421 and
   close; per client address through ``mta.inbound.auth_limits``, whose
-  blocked addresses get 421 to AUTH for a while. The refusal log line names
+  blocked addresses get 421 to AUTH for a while, on every worker of the node
+  (its table is in ``mta.inbound.node_sessions``); a password is checked only
+  after one of the address's tries is reserved, so no more than its limit
+  are ever checked, however many connections it uses. The refusal log line names
   the client and the reply, never the user name or the password;
 - passwords checked off the event loop (``mta.inbound.auth``: a small thread
   pool, 454 4.7.0 when too many checks wait), so a guesser never delays the
@@ -48,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
@@ -57,7 +65,8 @@ from mta.config import Config, ServerConfig
 from mta.inbound import reply_texts
 from mta.inbound.aiosmtpd_compat import ChunkedStreamReader, SMTPProtocol
 from mta.inbound.auth import AuthBusy, Authenticator
-from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures
+from mta.inbound.auth_limits import SESSION_MAX_FAILURES, AuthFailures, AuthTable
+from mta.inbound.node_sessions import ConnectionCounts, ProcessCounts
 from mta.observe import metrics
 from mta.observe.escape import field
 
@@ -65,16 +74,25 @@ log = logging.getLogger("mta.smtpd")
 
 
 class Sessions:
-    """Open SMTP sessions, for connection limits and for draining at shutdown."""
+    """Open SMTP sessions, for connection limits and for draining at shutdown.
+
+    The limits are counted in ``counts`` and failed AUTH in ``auth_failures``:
+    in a daemon, the node's file shared by every worker
+    (``mta.inbound.node_sessions.NodeSessions``); by default, this process alone.
+    """
 
     def __init__(
-        self, max_total: int, max_per_ip: int, auth_failures: AuthFailures | None = None
+        self,
+        max_total: int,
+        max_per_ip: int,
+        auth_failures: AuthTable | None = None,
+        counts: ConnectionCounts | None = None,
     ) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
+        self.counts = counts if counts is not None else ProcessCounts()
         self.open: set[Session] = set()
-        self._per_ip: Counter[str] = Counter()
 
     def reload(self, config: Config) -> None:
         """Take new connection limits; they apply to the next connection."""
@@ -83,20 +101,18 @@ class Sessions:
 
     def admit(self, session: Session, ip: str) -> str | None:
         """Register a new session, or return the 421 reply that refuses it."""
-        if len(self.open) >= self.max_total:
+        refusal = self.counts.admit(ip, self.max_total, self.max_per_ip)
+        if refusal == "total":
             return reply_texts.SERVER_BUSY
-        if self._per_ip[ip] >= self.max_per_ip:
+        if refusal == "per_ip":
             return reply_texts.TOO_MANY_CONNECTIONS.replace("{ip}", ip)
         self.open.add(session)
-        self._per_ip[ip] += 1
         metrics.SESSIONS_ACTIVE.inc()
         return None
 
     def leave(self, session: Session, ip: str) -> None:
         self.open.discard(session)
-        self._per_ip[ip] -= 1
-        if not self._per_ip[ip]:
-            del self._per_ip[ip]
+        self.counts.leave(ip)
         metrics.SESSIONS_ACTIVE.dec()
 
     async def drain(self, timeout: float, poll: float = 0.05) -> None:
@@ -112,6 +128,13 @@ class Sessions:
             log.warning("closing session from [%s] at shutdown mid-transaction", session.ip)
             session.close_with(reply_texts.SHUTTING_DOWN)
 
+
+# Idle handling (Session._may_run): these commands, and the connection itself,
+# renew a session's idle slot; the keep-alive ones run only within idle_timeout
+# of the last renewal and get the idle 421 after that. Others (QUIT, unknown
+# commands) do not renew, and never restart aiosmtpd's idle timer either.
+RENEWING = frozenset((b"MAIL", b"RCPT", b"DATA", b"BDAT", b"AUTH", b"STARTTLS"))
+KEEPALIVE = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP", b"EHLO", b"HELO"))
 
 # C0 controls and DEL, except HT; a command line holds none of them.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -264,6 +287,9 @@ class _LineReader(ChunkedStreamReader):
     """
 
     problem: str | None = None
+    # Set by the session: whether a well-formed command line may run (its idle
+    # handling); when not, ``problem`` is "idle".
+    allows: Callable[[bytes], bool] | None = None
     _after_cr = False
 
     async def read(self, n: int = -1) -> bytes:
@@ -280,6 +306,8 @@ class _LineReader(ChunkedStreamReader):
             self.problem = "bare_line_feed"
         elif _CONTROL.search(line, 0, len(line) - 2):
             self.problem = "control_character"
+        elif self.allows is not None and not self.allows(line):
+            self.problem = "idle"
         else:
             return line
         return b"\r\n"
@@ -307,6 +335,9 @@ class Session(SMTPProtocol):
         self._in_ehlo = False
         self._in_auth = False
         self._auth_failures = 0
+        self._auth_blocking: bool | None = None  # the last check's failure blocked the address
+        self._auth_refused = False  # no try left for the address: the AUTH got 421
+        self._renewed_at = 0.0  # loop time of the last command that renews the idle slot
         self._held: list[bytes] = []  # replies not written yet, with their CRLF
         self._held_octets = 0
 
@@ -323,6 +354,11 @@ class Session(SMTPProtocol):
                 self._refuse(transport, refusal)
                 return
             self._admitted = True
+            super().connection_made(transport)
+            self._renewed_at = self.loop.time()
+            if isinstance(self.reader, _LineReader):
+                self.reader.allows = self._may_run
+            return
         super().connection_made(transport)
 
     def _refuse(self, transport: asyncio.BaseTransport, template: str) -> None:
@@ -360,6 +396,24 @@ class Session(SMTPProtocol):
         log.info("timeout after %.0fs idle from [%s]", self.idle_timeout, self.ip)
         self.close_with(reply_texts.TIMEOUT)
 
+    def _may_run(self, line: bytes) -> bool:
+        """Whether the command ``line`` may run, as the idle handling sees it.
+
+        A command in ``RENEWING`` (and any line inside AUTH: its answers)
+        renews the session's idle slot; one in ``KEEPALIVE`` runs only within
+        ``idle_timeout`` of the last renewal. aiosmtpd restarts its idle timer
+        on every known command, so without this a NOOP now and then would
+        hold the slot for ever; with it a session that does no real work is
+        closed at its first keep-alive command ``idle_timeout`` after its last
+        real one (or by the timer, when it sends nothing).
+        """
+        now = self.loop.time()
+        verb = line.split(b" ", 1)[0].rstrip(b"\r\n").upper()
+        if verb in RENEWING or self._in_auth:
+            self._renewed_at = now
+            return True
+        return verb not in KEEPALIVE or now - self._renewed_at < self.idle_timeout
+
     @syntax("EHLO hostname")  # as aiosmtpd's, so HELP still lists it
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -388,6 +442,7 @@ class Session(SMTPProtocol):
             log.debug("connection lost during DATA from [%s]", self.ip)
             self.writer.close()
             raise
+        self._renewed_at = self.loop.time()  # however long the data took
         if parser.refusal is not None:
             return parser.refusal, b""
         content = parser.content()
@@ -398,8 +453,29 @@ class Session(SMTPProtocol):
         return None, content
 
     async def authenticate(self, mechanism: str, auth_data: LoginPassword) -> AuthResult:
-        """AUTH PLAIN and LOGIN credentials, checked in mta's authenticator's
-        thread pool rather than on the event loop (``mta.inbound.auth``)."""
+        """AUTH PLAIN and LOGIN credentials, checked once one of the client
+        address's tries is reserved (``mta.inbound.auth_limits``): a failure
+        takes it, and is counted for the node before the reply; a success, or
+        a check that did not run, gives it back. No try left: 421, closed."""
+        failures = self.sessions.auth_failures
+        token = failures.begin(self.ip)
+        if token is None:
+            self._auth_refused = True
+            return AuthResult(success=False, handled=False, message=self._auth_blocked())
+        try:
+            result = await self._check(mechanism, auth_data)
+        except BaseException:
+            failures.release(self.ip, token)
+            raise
+        if result.success or result.handled or result.message is not None:
+            failures.release(self.ip, token)  # accepted, or not checked (454)
+        else:
+            self._auth_blocking = failures.failed(self.ip, token)
+        return result
+
+    async def _check(self, mechanism: str, auth_data: LoginPassword) -> AuthResult:
+        """The credentials checked in mta's authenticator's thread pool rather
+        than on the event loop (``mta.inbound.auth``)."""
         authenticator = self.authenticator
         if not isinstance(authenticator, Authenticator):
             return await super().authenticate(mechanism, auth_data)
@@ -419,10 +495,17 @@ class Session(SMTPProtocol):
             await super().smtp_AUTH(arg)
         finally:
             self._in_auth = False
+        if self._auth_refused:  # answered 421 in authenticate()
+            self._close()
 
     async def push(self, status: Any) -> None:
         close = False
         reader = getattr(self, "reader", None)  # none before the client connects
+        if isinstance(reader, _LineReader) and reader.problem == "idle":
+            reader.problem = None
+            log.info("timeout: no real command for %.0fs from [%s]", self.idle_timeout, self.ip)
+            self.close_with(reply_texts.TIMEOUT)  # instead of the keep-alive command's reply
+            return
         if isinstance(reader, _LineReader) and reader.problem is not None:
             # The reply to the bad line. After a bare LF nothing more is read;
             # nor after a bad AUTH answer, where aiosmtpd would ask for more.
@@ -492,7 +575,10 @@ class Session(SMTPProtocol):
     def _auth_failed(self, status: str) -> tuple[str, bool]:
         """Count a failed AUTH; the reply to send, and whether to close after it."""
         self._auth_failures += 1
-        if self.sessions.auth_failures.failed(self.ip):
+        blocking, self._auth_blocking = self._auth_blocking, None
+        if blocking is None:  # no password checked (AUTH given up with "*"): still a failure
+            blocking = self.sessions.auth_failures.failed(self.ip)
+        if blocking:
             log.warning("AUTH blocked for a while: client=[%s] too many failures", self.ip)
             return self._auth_blocked(), True
         if self._auth_failures >= SESSION_MAX_FAILURES:

@@ -33,6 +33,7 @@ from mta.events.log import EventLog
 from mta.events.webhook import Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
+from mta.inbound.node_sessions import NodeSessions, node_sessions_dir
 from mta.inbound.server import Session, Sessions
 from mta.node.ownership import Peers
 from mta.observe import http, loop_lag
@@ -151,6 +152,9 @@ class Daemon:
         signer, new_id = Signer(resources.keys), IdGenerator(node=config.cluster.node)
         if role is None:
             LocalLimits.clear(str(local_limits_dir(config.spool.path)))  # the last run's leases
+            NodeSessions.clear(str(node_sessions_dir(config.spool.path)))  # and sessions
+        # Connection counts and AUTH failures, shared by the node's workers.
+        self.node_sessions = NodeSessions(str(node_sessions_dir(config.spool.path)))
         self.egress = Egress(config, self.spool)
         self.scheduler = Scheduler(
             self.spool,
@@ -186,7 +190,10 @@ class Daemon:
             events=self.events,
         )
         self.sessions = Sessions(
-            config.server.max_connections, config.server.max_connections_per_ip
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+            auth_failures=self.node_sessions,
+            counts=self.node_sessions,
         )
         self.stopping = asyncio.Event()
         self.key_count = len(resources.keys)
@@ -282,6 +289,7 @@ class Daemon:
             self.events.close()
             self.sign_pool.shutdown()
             self.spool.close()
+            self.node_sessions.close()
         if self.role is None:
             log.info("mta stopped")
         else:

@@ -47,6 +47,7 @@ from prometheus_client import multiprocess
 from mta import config
 from mta.cluster.local_limits import LocalLimits, local_limits_dir
 from mta.inbound.auth import UsersFileError
+from mta.inbound.node_sessions import NodeSessions, node_sessions_dir
 from mta.node import daemon
 from mta.node.ownership import Peers
 from mta.observe import http, logs
@@ -95,6 +96,7 @@ class Supervisor:
         spool = self.settings.spool
         self.spool = Spool(spool.path, spool.max_size, spool.min_free_disk)
         self.metrics_dir = Path(spool.path) / "metrics"
+        self.sessions_dir = str(node_sessions_dir(spool.path))
 
     async def run(self) -> int:
         stop = daemon.handle_signals(on_reload=self._reload)
@@ -102,6 +104,7 @@ class Supervisor:
             await self._check_listen()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # the last run's figures
             LocalLimits.clear(str(local_limits_dir(self.settings.spool.path)))  # and leases
+            NodeSessions.clear(self.sessions_dir)  # and open sessions, AUTH failures
             self.metrics_dir.mkdir(mode=0o700)
             daemon.serve_metrics(
                 self.settings,
@@ -216,6 +219,8 @@ class Supervisor:
                 return
             with contextlib.suppress(OSError):  # its gauges no longer count
                 multiprocess.mark_process_dead(worker.process.pid, str(self.metrics_dir))
+            # Nor its sessions: their slots come back at once.
+            NodeSessions.forget_worker(self.sessions_dir, worker.process.pid)
             if time.monotonic() - worker.started > STABLE_AFTER:
                 worker.pause = RESTART_PAUSE_FIRST
             log.error(
