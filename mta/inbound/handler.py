@@ -123,7 +123,6 @@ class Handler:
 
     async def _slow_inflow(self, untried: int) -> None:
         """Wait as inflow control says for the node's backlog of untried mail."""
-        metrics.SPOOL_UNTRIED_JOBS.set(untried)
         wait = inflow.delay(untried, self.config.inflow_backlog, self.config.inflow_max_delay)
         if wait > 0:
             metrics.INFLOW_DELAYED.inc()

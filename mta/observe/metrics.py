@@ -121,11 +121,6 @@ EVENT_LOOP_LAG_SECONDS = Histogram(
     "How much later than asked the event loop woke a task (mta.observe.loop_lag), per process.",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-SPOOL_UNTRIED_JOBS = Gauge(
-    "mta_spool_untried_jobs",
-    "Ready jobs delivery has not looked at yet: the backlog inflow control watches.",
-    multiprocess_mode="livemax",
-)
 INFLOW_DELAYED = Counter(
     "mta_inflow_delayed_total",
     "Transactions whose MAIL FROM waited because of inflow control.",

@@ -23,6 +23,7 @@ class SpoolCollector(Collector):
             count = self.spool.message_count(txn)
             size = self.spool.stored_bytes(txn)
             events = self.spool.event_count(txn)
+            untried = self.spool.untried_jobs(txn)
         yield GaugeMetricFamily("mta_spool_messages", "Messages in the spool.", value=count)
         yield GaugeMetricFamily("mta_spool_bytes", "Bytes of messages in the spool.", value=size)
         yield GaugeMetricFamily(
@@ -34,6 +35,11 @@ class SpoolCollector(Collector):
             "mta_spool_disk_free_bytes",
             "Free bytes on the spool's filesystem; new mail is refused below min_free_disk.",
             value=self.spool.free_disk(),
+        )
+        yield GaugeMetricFamily(
+            "mta_spool_untried_jobs",
+            "Ready jobs delivery has not looked at yet: the backlog inflow control watches.",
+            value=untried,
         )
         yield GaugeMetricFamily(
             "mta_events_pending",
