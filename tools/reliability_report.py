@@ -28,6 +28,12 @@ PARTS = {
     "test_receivers": "Receivers that misbehave",
     "test_dns": "DNS that misbehaves",
     "test_hostile_clients": "Hostile clients",
+    "test_hostile_protocol": "Hostile clients: guessing, error floods, STARTTLS, NUL",
+    "test_hostile_node_wide": "Hostile clients: limits for the node, idle slots",
+    "test_hostile_logs": "Hostile clients: forged log fields and terminal escapes",
+    "test_clients_that_leave": "Clients that leave right after the data",
+    "test_spool_permissions": "Spool permissions",
+    "test_fleet": "A fleet sharing Redis",
     "test_fuzz": "Fuzzing",
 }
 
