@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,26 @@ class Mta:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             return str(response.read().decode())
+
+    def metric(self, name: str) -> float:
+        """One sample of /metrics, by its name (with labels, if any); 0 when absent."""
+        found = re.search(rf"^{re.escape(name)} (\S+)$", self.metrics(), re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def readyz(self) -> int:
+        """The status of /readyz: 200 once every worker is up."""
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+            with urllib.request.urlopen(url, timeout=5):
+                return 200
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def start_workers(self, workers: int = 2, **server: object) -> None:
+        """Start with ``workers`` workers and wait until all listen (start() waits for one)."""
+        self.server |= {"workers": workers, **server}
+        self.start()
+        eventually(lambda: self.readyz() == 200, 20, "every worker to be ready")
 
     def wait_for_no_sessions(self, timeout: float = 10.0) -> None:
         """Until the daemon has seen the end of every connection (wait_for_port's too)."""

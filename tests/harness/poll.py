@@ -7,6 +7,7 @@ what they were waiting for and what they saw instead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,3 +35,13 @@ def eventually(
             what = message() if callable(message) else message
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(interval)
+
+
+async def loop_turns(count: int) -> None:
+    """Let the event loop run ``count`` passes (ready callbacks and woken tasks):
+    how unit tests step a loop instead of sleeping."""
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        turn = loop.create_future()
+        loop.call_soon(turn.set_result, None)
+        await turn

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -169,13 +170,7 @@ def test_while_redis_is_stopped_a_node_takes_its_share_and_comes_back(
         client = aioredis.Redis.from_url(redis_server.url)
         await client.flushdb()
         clock = [0.0]
-        shared = SharedLimits(
-            "node-b",
-            LocalLimits(str(tmp_path / "limits"), TTL),
-            RedisLimits(client, TTL),
-            timeout=0.5,
-            clock=lambda: clock[0],
-        )
+        shared = node_limits(client, "node-b", tmp_path / "limits", clock=lambda: clock[0])
         other = RedisLimits(client, TTL)
         await other.heartbeat("node-a", 30.0)
         await shared.renew()  # the heartbeat: node-a and node-b are alive
@@ -248,13 +243,7 @@ def test_a_node_that_only_renews_sees_redis_come_back(
         client = aioredis.Redis.from_url(redis_server.url)
         await client.flushdb()
         clock = [0.0]
-        shared = SharedLimits(
-            "node-c",
-            LocalLimits(str(tmp_path / "limits"), TTL),
-            RedisLimits(client, TTL),
-            timeout=0.5,
-            clock=lambda: clock[0],
-        )
+        shared = node_limits(client, "node-c", tmp_path / "limits", clock=lambda: clock[0])
         redis_server.pause()
         try:
             await shared.renew()
@@ -278,12 +267,8 @@ def test_warmup_counts_are_the_fleets_and_come_back_after_an_empty_restart(
     spool_counts = {"node-a": {day: 0}, "node-b": {day: 0}}
 
     def node(name: str) -> SharedLimits:
-        return SharedLimits(
-            name,
-            LocalLimits(str(tmp_path / name), TTL),
-            RedisLimits(client_for(redis_server), TTL),
-            timeout=0.5,
-            counts=lambda: dict(spool_counts[name]),
+        return node_limits(
+            redis_server, name, tmp_path / name, counts=lambda: dict(spool_counts[name])
         )
 
     async def deliver(shared: SharedLimits, delivered: int) -> Admitted | Refused:
@@ -328,12 +313,7 @@ def test_while_redis_is_away_a_warming_up_source_waits_and_the_others_send(
     warm = Ask("old-ip>gmail", max_connections=5)
 
     async def main() -> None:
-        shared = SharedLimits(
-            "node-a",
-            LocalLimits(str(tmp_path / "limits"), TTL),
-            RedisLimits(client_for(redis_server), TTL),
-            timeout=0.5,
-        )
+        shared = node_limits(redis_server, "node-a", tmp_path / "limits")
         redis_server.pause()
         try:
             assert await shared.admit([warming]) == Refused(1.0)
@@ -347,6 +327,16 @@ def test_while_redis_is_away_a_warming_up_source_waits_and_the_others_send(
     asyncio.run(main())
 
 
+def node_limits(
+    redis: RedisServer | aioredis.Redis, node: str, directory: Path, **options: Any
+) -> SharedLimits:
+    """A node's shared limits: its file in ``directory``, and the test's Redis."""
+    client = client_for(redis) if isinstance(redis, RedisServer) else redis
+    return SharedLimits(
+        node, LocalLimits(str(directory), TTL), RedisLimits(client, TTL), timeout=0.5, **options
+    )
+
+
 def client_for(server: RedisServer) -> aioredis.Redis:
     return aioredis.Redis.from_url(server.url)
 
@@ -355,12 +345,7 @@ def test_deliveries_at_once_give_back_what_redis_did_not_answer_once(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     async def main() -> None:
-        shared = SharedLimits(
-            "node-a",
-            LocalLimits(str(tmp_path / "limits"), TTL),
-            RedisLimits(client_for(redis_server), TTL),
-            timeout=0.5,
-        )
+        shared = node_limits(redis_server, "node-a", tmp_path / "limits")
         shared._unanswered = [(["ip1>gmail"], "late-1"), (["ip2>gmail"], "late-2")]
         # Two deliveries of this process find them at the same moment.
         await asyncio.gather(shared._forget_unanswered(), shared._forget_unanswered())
@@ -377,13 +362,7 @@ def test_a_node_starting_while_redis_is_away_takes_its_share_of_the_fleet_it_saw
     nodes_file = tmp_path / "fleet-nodes.json"
 
     def node_b() -> SharedLimits:
-        return SharedLimits(
-            "node-b",
-            LocalLimits(str(tmp_path / "limits"), TTL),
-            RedisLimits(client_for(redis_server), TTL),
-            timeout=0.5,
-            nodes_file=nodes_file,
-        )
+        return node_limits(redis_server, "node-b", tmp_path / "limits", nodes_file=nodes_file)
 
     async def main() -> None:
         await client_for(redis_server).flushdb()

@@ -12,8 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +42,7 @@ def workers(mta: Mta, sink: Sink) -> Iterator[Mta]:
     mta.park_mail = False
     mta.routes = {"*": f"{sink.host}:{sink.port}"}
     mta.start()
-    eventually(lambda: readyz(mta) == 200, 20, "both workers to be ready")
+    eventually(lambda: mta.readyz() == 200, 20, "both workers to be ready")
     yield mta
     if mta.process is not None:
         assert mta.stop() == 0, mta.log()
@@ -62,19 +60,6 @@ def send_to_every_domain(mta: Mta, count: int) -> None:
     the workers), round robin over DOMAINS."""
     for number in range(count):
         send(mta, message(number), [f"user{number}@{DOMAINS[number % len(DOMAINS)]}"])
-
-
-def metric(mta: Mta, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", mta.metrics(), re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
-def readyz(mta: Mta) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mta.metrics_port}/readyz", timeout=5):
-            return 200
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def test_each_message_arrives_once_signed_and_each_domain_has_one_worker(
@@ -98,16 +83,16 @@ def test_each_message_arrives_once_signed_and_each_domain_has_one_worker(
     assert len(set().union(*deliverers.values())) == 2, "both workers deliver"
     assert len(set(_RECEIVED.findall(log))) == 2, "both workers accept"
 
-    assert metric(workers, "mta_messages_received_total") == 40
-    assert metric(workers, "mta_messages_delivered_total") == 40
-    assert metric(workers, "mta_smtp_sessions_active") == 0
+    assert workers.metric("mta_messages_received_total") == 40
+    assert workers.metric("mta_messages_delivered_total") == 40
+    assert workers.metric("mta_smtp_sessions_active") == 0
 
 
 def test_a_killed_worker_starts_again_and_mail_still_flows(workers: Mta, sink: Sink) -> None:
     before = workers.worker_pids()
     os.kill(before[0], signal.SIGKILL)
-    eventually(lambda: readyz(workers) == 503, 10, "/readyz to say a worker is down")
-    eventually(lambda: readyz(workers) == 200, 20, "the worker to be back")
+    eventually(lambda: workers.readyz() == 503, 10, "/readyz to say a worker is down")
+    eventually(lambda: workers.readyz() == 200, 20, "the worker to be back")
     after = workers.worker_pids()
     assert len(after) == 2 and before[0] not in after and before[1] in after
     assert f"(pid {before[0]}) exited with signal SIGKILL" in workers.log()

@@ -20,8 +20,6 @@ import os
 import re
 import signal
 import ssl
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -44,21 +42,6 @@ def too_many_from(ip: str) -> str:
 
 def blocked(ip: str) -> str:
     return f"421 4.7.0 mta.test Error: too many authentication failures from {ip}, try again later"
-
-
-def start(mta: Mta, **server: object) -> None:
-    """Start with two workers, and wait until both listen (start() waits for one)."""
-    mta.server |= {"workers": WORKERS, **server}
-    mta.start()
-    eventually(lambda: readyz(mta) == 200, 20, "both workers to be ready")
-
-
-def readyz(mta: Mta) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mta.metrics_port}/readyz", timeout=5):
-            return 200
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def rejecting_pids(mta: Mta, ip: str, reply: str) -> set[int]:
@@ -98,7 +81,7 @@ def closed(client: RawSmtp) -> bool:
 
 
 def test_connections_per_address_are_limited_on_the_node(mta: Mta, scenario: Scenario) -> None:
-    start(mta, max_connections_per_ip=20)
+    mta.start_workers(WORKERS, max_connections_per_ip=20)
     source = "127.0.0.5"
     attempts = [connect(mta, source) for _ in range(40)]  # all held open at once
     greetings = [greeting for _, greeting in attempts]
@@ -127,7 +110,7 @@ def test_connections_per_address_are_limited_on_the_node(mta: Mta, scenario: Sce
 
 
 def test_connections_in_all_are_limited_on_the_node(mta: Mta, scenario: Scenario) -> None:
-    start(mta, max_connections=20)
+    mta.start_workers(WORKERS, max_connections=20)
     attempts = [connect(mta, f"127.0.1.{number}") for number in range(1, 41)]
     greetings = [greeting for _, greeting in attempts]
     assert sum(g.startswith("220 ") for g in greetings) == 20, greetings
@@ -147,7 +130,7 @@ def test_connections_in_all_are_limited_on_the_node(mta: Mta, scenario: Scenario
 
 
 def test_a_killed_workers_slots_come_back(mta: Mta, scenario: Scenario) -> None:
-    start(mta, max_connections=20)
+    mta.start_workers(WORKERS, max_connections=20)
     held = [connect(mta, f"127.0.2.{number}") for number in range(1, 21)]
     assert all(greeting.startswith("220 ") for _, greeting in held)
     assert connect(mta, "127.0.2.99")[1] == BUSY
@@ -158,7 +141,7 @@ def test_a_killed_workers_slots_come_back(mta: Mta, scenario: Scenario) -> None:
         30,
         "the supervisor to start the killed worker again",
     )
-    eventually(lambda: readyz(mta) == 200, 30, "both workers to be ready again")
+    eventually(lambda: mta.readyz() == 200, 30, "both workers to be ready again")
     survivors = []
     for client, _ in held:
         try:
@@ -194,7 +177,7 @@ def add_user(mta: Mta, secret: str) -> None:
 def test_auth_failures_are_counted_on_the_node(mta: Mta, scenario: Scenario) -> None:
     secret = "correct-horse-battery-9"
     add_user(mta, secret)
-    start(mta)
+    mta.start_workers(WORKERS)
     guesser = "127.0.0.2"
     answers = []
     for number in range(20):  # one guess a connection: no per-session limit
@@ -229,7 +212,7 @@ def test_auth_failures_are_counted_on_the_node(mta: Mta, scenario: Scenario) -> 
 
 def test_guesses_sent_at_once_are_checked_ten_at_most(mta: Mta, scenario: Scenario) -> None:
     add_user(mta, "correct-horse-battery-9")
-    start(mta)
+    mta.start_workers(WORKERS)
     guesser = "127.0.0.4"
     clients = [tls_session(mta, guesser) for _ in range(30)]
     for number, client in enumerate(clients):  # all sent before any answer is read
@@ -254,7 +237,7 @@ def test_guesses_sent_at_once_are_checked_ten_at_most(mta: Mta, scenario: Scenar
 
 def test_only_real_commands_keep_a_session_open(mta: Mta, scenario: Scenario) -> None:
     idle = 2
-    start(mta, idle_timeout=idle, relay_networks=["127.0.0.0/8"])
+    mta.start_workers(WORKERS, idle_timeout=idle, relay_networks=["127.0.0.0/8"])
     keepers = {"NOOP": "127.0.0.6", "RSET": "127.0.0.7", "EHLO client.test": "127.0.0.8"}
     clients = {command: RawSmtp(mta.port, source=ip) for command, ip in keepers.items()}
     for client in clients.values():

@@ -17,8 +17,6 @@ import secrets
 import signal
 import ssl
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -32,21 +30,6 @@ pytestmark = pytest.mark.integration
 OUTSIDER = "127.0.0.2"
 WORKERS = 2
 TOO_MANY_ERRORS = "421 4.7.0 mta.test Error: too many errors"
-
-
-def start(mta: Mta, **server: object) -> None:
-    """Start with two workers, and wait until both listen (start() waits for one)."""
-    mta.server |= {"workers": WORKERS, **server}
-    mta.start()
-    eventually(lambda: readyz(mta) == 200, 20, "both workers to be ready")
-
-
-def readyz(mta: Mta) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mta.metrics_port}/readyz", timeout=5):
-            return 200
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def starttls(client: RawSmtp) -> str:
@@ -139,7 +122,7 @@ def test_password_guessing_does_not_stall_other_sessions(mta: Mta, scenario: Sce
     # between checks: every session on a worker waited for all the guesses
     # that had reached it.
     mta.users_file.write_text(f"app1:{costly_hash('correct-horse-battery-9', p=8)}\n")
-    start(mta)
+    mta.start_workers(WORKERS)
     guessers_count, legitimate = 8, 10
     answers: list[str] = []
     ready = threading.Barrier(guessers_count)
@@ -189,7 +172,7 @@ def test_password_guessing_does_not_stall_other_sessions(mta: Mta, scenario: Sce
 
 
 def test_an_error_flood_is_cut_off_at_the_hard_error_limit(mta: Mta, scenario: Scenario) -> None:
-    start(mta)
+    mta.start_workers(WORKERS)
     flood = 10_000
     client = RawSmtp(mta.port, source=OUTSIDER, timeout=30)
     client.hello("outsider.test")
@@ -245,7 +228,7 @@ def errors_until_closed(mta: Mta, count: int) -> list[str]:
 def test_the_error_limit_is_configured_reloaded_and_reset_by_a_message(
     mta: Mta, scenario: Scenario
 ) -> None:
-    start(mta, hard_error_limit=5)
+    mta.start_workers(WORKERS, hard_error_limit=5)
     assert mta.process is not None
     need_mail = "503 5.5.1 Error: need MAIL command"
     # Four errors, a message accepted, four more: a sender that makes the odd
@@ -284,7 +267,7 @@ def test_the_error_limit_is_configured_reloaded_and_reset_by_a_message(
 
 
 def test_starttls_inside_tls_gets_503(mta: Mta, scenario: Scenario) -> None:
-    start(mta)
+    mta.start_workers(WORKERS)
     sessions = 4  # over both workers, almost surely
     for _ in range(sessions):
         client = RawSmtp(mta.port)
@@ -320,7 +303,7 @@ NUL_CASES = {
 
 
 def test_nul_in_message_data_is_refused(mta: Mta, scenario: Scenario) -> None:
-    start(mta)
+    mta.start_workers(WORKERS)
     for name, data in NUL_CASES.items():
         client = RawSmtp(mta.port)
         client.hello()

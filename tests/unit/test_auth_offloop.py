@@ -23,6 +23,7 @@ import mta.inbound.auth as auth
 from mta.inbound.auth import AuthBusy, Authenticator, dummy_hash, hash_password
 from mta.inbound.server import Session, Sessions
 from tests.harness.memory_transport import MemoryTransport
+from tests.harness.poll import loop_turns
 
 CHEAP = 16  # scrypt n for tests
 GIVE_UP = 5.0
@@ -74,8 +75,7 @@ async def entered(gate: Gate) -> None:
 
 
 async def turns(count: int) -> None:
-    for _ in range(count):
-        await asyncio.sleep(0)
+    await loop_turns(count)
 
 
 # --- the check runs in a thread, not on the event loop ---
@@ -128,10 +128,11 @@ async def feed(session: Session, data: bytes) -> None:
 
 async def reply(transport: MemoryTransport) -> str:
     """The first reply written, once there is one (a check's thread must finish first)."""
-    for _ in range(int(GIVE_UP * 1000)):
+    loop = asyncio.get_running_loop()
+    for _ in range(100_000):
         if b"\r\n" in transport.written:
             break
-        await asyncio.sleep(0.001)
+        await loop.run_in_executor(None, lambda: None)  # a thread's turn, not a sleep
     line, _, rest = bytes(transport.written).partition(b"\r\n")
     transport.written[:] = rest
     return line.decode()

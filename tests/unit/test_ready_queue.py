@@ -15,6 +15,7 @@ from mta.outbound.egress import Egress, Lease
 from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.policy.limits import site_for
 from mta.spool.store import Spool
+from tests.harness.poll import loop_turns
 
 HOUR = 3600.0
 
@@ -24,11 +25,7 @@ LINE = ("pool", "site")
 
 async def step_loop() -> None:
     """Let every task that can run do so (a wake-up takes a few loop turns)."""
-    loop = asyncio.get_running_loop()
-    for _ in range(20):
-        turn = loop.create_future()
-        loop.call_soon(turn.set_result, None)
-        await turn
+    await loop_turns(20)
 
 
 class Slots:
@@ -212,19 +209,27 @@ def test_egress_jobs_waiting_for_a_connection_slot_take_it_in_turn(tmp_path: Pat
         spool.close()
 
 
+class RoundTrips:
+    """Looks that wait for an answer the test gives, recording who started when."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.answers: dict[str, asyncio.Future[str]] = {}
+
+    def attempt(self, name: str) -> Callable[[float], Awaitable[str]]:
+        async def look(now: float) -> str:
+            self.started.append(name)
+            self.answers[name] = asyncio.get_running_loop().create_future()
+            return await self.answers[name]
+
+        return look
+
+
 def test_several_jobs_of_a_line_may_look_at_once_in_order() -> None:
     """With a shared store a look is a round trip: lookers > 1 overlaps them."""
     queue = ReadyQueue(lambda: 100.0, recheck=HOUR, lookers=3)
-    started: list[str] = []
-    answers: dict[str, asyncio.Future[str]] = {}
-
-    def attempt(name: str) -> Callable[[float], Awaitable[str]]:
-        async def look(now: float) -> str:
-            started.append(name)
-            answers[name] = asyncio.get_running_loop().create_future()
-            return await answers[name]
-
-        return look
+    trips = RoundTrips()
+    started, answers, attempt = trips.started, trips.answers, trips.attempt
 
     async def main() -> None:
         jobs = {n: asyncio.ensure_future(queue.wait(LINE, attempt(n))) for n in "abcde"}
@@ -246,16 +251,8 @@ def test_several_jobs_of_a_line_may_look_at_once_in_order() -> None:
 
 def test_a_job_that_leaves_while_waiting_for_its_turn_passes_no_turn_on() -> None:
     queue = ReadyQueue(lambda: 100.0, recheck=HOUR, lookers=2)
-    started: list[str] = []
-    answers: dict[str, asyncio.Future[str]] = {}
-
-    def attempt(name: str) -> Callable[[float], Awaitable[str]]:
-        async def look(now: float) -> str:
-            started.append(name)
-            answers[name] = asyncio.get_running_loop().create_future()
-            return await answers[name]
-
-        return look
+    trips = RoundTrips()
+    started, answers, attempt = trips.started, trips.answers, trips.attempt
 
     async def main() -> None:
         jobs = {n: asyncio.ensure_future(queue.wait(LINE, attempt(n))) for n in "abcd"}

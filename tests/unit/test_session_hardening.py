@@ -18,6 +18,7 @@ from mta.config import ServerConfig
 from mta.inbound import reply_texts
 from mta.inbound.server import HARD_ERROR_LIMIT, Session, Sessions
 from tests.harness.memory_transport import MemoryTransport
+from tests.harness.poll import loop_turns
 
 MESSAGE = b"From: app@example.test\r\nSubject: hello\r\n\r\nHello.\r\n"
 TOO_MANY_ERRORS = "421 4.7.0 mta.test Error: too many errors"
@@ -56,8 +57,7 @@ class Client:
     async def send(self, data: bytes) -> list[str]:
         """Feed ``data``; the replies written for it."""
         self.session.data_received(data)
-        for _ in range(100):
-            await asyncio.sleep(0)
+        await loop_turns(100)
         replies = bytes(self.transport.written).decode().split("\r\n")[:-1]
         self.transport.written.clear()
         return replies
