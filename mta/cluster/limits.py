@@ -37,10 +37,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -60,6 +60,12 @@ RENEW_SECONDS = 1.0  # leases are renewed (and Redis's epoch checked) this often
 ALIVE_SECONDS = 30.0  # a node silent this long no longer counts for the shares
 RETRY_SECONDS = 1.0  # after a Redis failure, decide locally this long
 NODES_FILE = "fleet-nodes.json"  # beside the spool: the nodes last seen alive
+
+
+class WarmupCounts(Protocol):
+    """The node's warmup counts in its spool: the named ones, or all of the day."""
+
+    def __call__(self, names: Collection[str] | None = None) -> dict[str, int]: ...
 
 
 @dataclass(frozen=True)
@@ -96,11 +102,11 @@ class SharedLimits:
         remote: RedisLimits | None = None,
         timeout: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
-        counts: Callable[[], dict[str, int]] = dict,
+        counts: WarmupCounts = lambda names=None: {},
         nodes_file: Path | None = None,
     ) -> None:
-        """``counts``: the node's warmup counts in its spool (the current ones, at
-        least); ``nodes_file``: where the nodes last seen alive are remembered."""
+        """``counts``: the node's warmup counts in its spool (the current day's, or
+        the ones named); ``nodes_file``: where the nodes last seen alive are remembered."""
         self.node = node
         self.local = local
         self.remote = remote
@@ -165,7 +171,7 @@ class SharedLimits:
         return replace(result, index=shares[result.index][0])
 
     def _sent(self, counter: str) -> int:
-        return self.counts().get(counter, 0)
+        return self.counts([counter]).get(counter, 0)
 
     def settle(self, reservation: Reservation) -> None:
         """The delivery made under ``reservation`` is recorded in the spool: its
@@ -385,7 +391,7 @@ _REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError, EpochChang
 
 
 def shared_limits(
-    cluster: ClusterConfig, spool_path: str, counts: Callable[[], dict[str, int]] = dict
+    cluster: ClusterConfig, spool_path: str, counts: WarmupCounts = lambda names=None: {}
 ) -> SharedLimits:
     """The node's file beside the spool, and Redis when ``[cluster] redis`` names one;
     ``counts``: the node's current warmup counts."""

@@ -44,7 +44,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import lmdb
@@ -345,15 +345,17 @@ class Egress:
             self._full.add(ask.warmup.counter)
             metrics.WARMUP_REMAINING.labels(source.name, site.provider or OTHER).set(0)
 
-    def _warmup_counts(self) -> dict[str, int]:
-        """This node's count today of every source on a warmup plan, per provider."""
-        day = day_of(self.clock())
-        names = [
-            warmup_counter(source.name, provider, day)
-            for source in self.sources
-            if source.warmup is not None
-            for provider in (*self.providers, OTHER)
-        ]
+    def _warmup_counts(self, names: Collection[str] | None = None) -> dict[str, int]:
+        """This node's warmup counts: those ``names`` name, or today's of every source on
+        a warmup plan, per provider."""
+        if names is None:
+            day = day_of(self.clock())
+            names = [
+                warmup_counter(source.name, provider, day)
+                for source in self.sources
+                if source.warmup is not None
+                for provider in (*self.providers, OTHER)
+            ]
         with self.spool.read() as txn:
             return {name: self.spool.counter(txn, name) for name in names}
 

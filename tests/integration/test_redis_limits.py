@@ -268,7 +268,7 @@ def test_warmup_counts_are_the_fleets_and_come_back_after_an_empty_restart(
 
     def node(name: str) -> SharedLimits:
         return node_limits(
-            redis_server, name, tmp_path / name, counts=lambda: dict(spool_counts[name])
+            redis_server, name, tmp_path / name, counts=lambda names=None: dict(spool_counts[name])
         )
 
     async def deliver(shared: SharedLimits, delivered: int) -> Admitted | Refused:
