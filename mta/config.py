@@ -30,9 +30,10 @@ from typing import Any
 
 from mta.mail.address import parse_ip
 from mta.mail.domain import lowercase_name
+from mta.policy.providers import SHIPPED
 from mta.policy.rate import parse_rate
-from mta.policy.rules import compile_rule
-from mta.policy.warmup import WarmupPlan
+from mta.policy.rules import Rule, compile_rule
+from mta.policy.warmup import PRESETS, WarmupPlan, preset_plan
 
 DEFAULT_PATH = "etc/mta.toml"
 
@@ -248,19 +249,72 @@ def parse_rate_setting(text: str) -> float:
     return parse_rate(text)
 
 
-@dataclass(frozen=True)
-class WarmupConfig:
-    start: datetime.date = setting(str, parse=parse_date)
-    first_day: int = setting(int, 500, parse=positive)
-    factor: float = setting(float, 2.0, parse=positive)
-    cap: int | None = setting(int, None, parse=positive)
-    until: int = setting(int, 1_000_000, parse=positive)
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """How a warmup plan grows: a shipped preset, a schedule of daily caps, or a
+    first day times a factor each day; unset: the "standard" preset."""
 
-    def plan(self) -> WarmupPlan:
-        return WarmupPlan(self.start, self.first_day, self.factor, self.cap, self.until)
+    plan: str | None = setting(str, None, parse=one_of(*PRESETS))
+    schedule: tuple[int, ...] = setting(int, [], parse=positive, many=True)
+    first_day: int | None = setting(int, None, parse=positive)
+    factor: float | None = setting(float, None, parse=positive)
+    until: int | None = setting(int, None, parse=positive)
+    cap: int | None = setting(int, None, parse=positive)  # the daily cap never exceeds this
+
+    def shape(self) -> tuple[str, ...]:
+        """The keys that say how the plan grows (``cap`` applies to any)."""
+        names = ("plan", "schedule", "first_day", "factor", "until")
+        return tuple(name for name in names if getattr(self, name) not in (None, ()))
+
+    def build(self, start: datetime.date) -> WarmupPlan:
+        shape = self.shape()
+        if "plan" in shape and len(shape) > 1:
+            raise ValueError(f"plan: give a preset or {', '.join(shape[1:])}, not both")
+        if "schedule" in shape and len(shape) > 1:
+            raise ValueError(f"schedule: give a schedule or {', '.join(shape[1:])}, not both")
+        if self.schedule:
+            return WarmupPlan(start, cap=self.cap, schedule=self.schedule)
+        if self.first_day is None and self.factor is None and self.until is None:
+            return preset_plan(self.plan or "standard", start, cap=self.cap)
+        return WarmupPlan(
+            start,
+            500 if self.first_day is None else self.first_day,
+            2.0 if self.factor is None else self.factor,
+            self.cap,
+            1_000_000 if self.until is None else self.until,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderPlanConfig(PlanConfig):
+    """One provider's own plan for a source; what it leaves unset is the source's."""
+
+    start: datetime.date | None = setting(str, None, parse=parse_date)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupConfig(PlanConfig):
+    start: datetime.date = setting(str, parse=parse_date)
+    provider: Mapping[str, ProviderPlanConfig] = setting(ProviderPlanConfig, {}, table=True)
+
+    def plan_for(self, provider: str) -> WarmupPlan:
+        """The plan with ``provider``: its own keys over the source's; one that says how
+        the plan grows replaces the source's way of growing."""
+        own = self.provider.get(provider)
+        if own is None:
+            return self.build(self.start)
+        keys = {f.name: getattr(own if own.shape() else self, f.name) for f in fields(PlanConfig)}
+        keys["cap"] = self.cap if own.cap is None else own.cap
+        return PlanConfig(**keys).build(own.start or self.start)
 
     def __post_init__(self) -> None:
-        self.plan()  # its own checks (factor >= 1, cap >= first_day, ...), at load time
+        # Each plan's own checks (factor >= 1, cap >= first_day, ...), at load time.
+        self.build(self.start)
+        for name in self.provider:
+            try:
+                self.plan_for(name)
+            except ValueError as error:
+                raise ValueError(f"provider.{name}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -319,11 +373,8 @@ class LimitsConfig:
 @dataclass(frozen=True, kw_only=True)
 class ProviderConfig(LimitsConfig):
     name: str = setting(str, parse=label_name)
+    # Replace a shipped provider's suffixes; a provider that does not ship needs them.
     mx_suffixes: tuple[str, ...] = setting(str, [], parse=lowercase_domain, many=True)
-
-    def __post_init__(self) -> None:
-        if not self.mx_suffixes:
-            raise ValueError(f'{self.name}: mx_suffixes: give at least one, e.g. ".google.com"')
 
 
 @dataclass(frozen=True)
@@ -334,11 +385,23 @@ class RuleConfig:
     action: str = setting(str, "none", parse=one_of("none", "suspend", "throttle"))
     duration: float = setting(float, 0.0, parse=not_negative)
     factor: float = setting(float, 0.5, parse=positive)
+    scope: str = setting(str, "source", parse=one_of("source", "domain", "site"))
+    failover: bool = setting(bool, False)  # a suspension's mail may move to sibling sources
+
+    def compile(self) -> Rule:
+        return compile_rule(
+            self.name,
+            self.pattern,
+            self.classification,
+            self.action,
+            self.duration,
+            self.factor,
+            self.scope,
+            self.failover,
+        )
 
     def __post_init__(self) -> None:
-        compile_rule(
-            self.name, self.pattern, self.classification, self.action, self.duration, self.factor
-        )
+        self.compile()
 
 
 @dataclass(frozen=True)
@@ -348,12 +411,19 @@ class PolicyConfig:
     domain: Mapping[str, LimitsConfig] = setting(LimitsConfig, {}, table=True)
     rule: tuple[RuleConfig, ...] = setting(RuleConfig, [], many=True)  # before the defaults
     default_rules: bool = setting(bool, True)  # the shipped rules for major providers
+    shipped_shaping: bool = setting(bool, True)  # the shipped providers' limits and a default
 
     def __post_init__(self) -> None:
         names = [provider.name for provider in self.provider]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"provider {name} is defined twice")
+        shipped = {provider.name for provider in SHIPPED} if self.shipped_shaping else set()
+        for provider in self.provider:
+            if names.count(provider.name) > 1:
+                raise ValueError(f"provider {provider.name} is defined twice")
+            if not provider.mx_suffixes and provider.name not in shipped:
+                raise ValueError(
+                    f"provider {provider.name}: mx_suffixes: give at least one, e.g. "
+                    '".google.com" (only a shipped provider may leave them out)'
+                )
 
 
 def http_url(text: str) -> str:
@@ -376,7 +446,10 @@ class EventsConfig:
 @dataclass(frozen=True)
 class SuppressionConfig:
     action: str = setting(str, "reject", parse=one_of("reject", "drop"))
-    add_hard_bounces: bool = setting(bool, True)  # invalid recipients join the list
+    # Unambiguous "no such user" bounces join the list, for the bounced mail's sender domain.
+    add_hard_bounces: bool = setting(bool, True)
+    # Seconds a bounce keeps its recipient suppressed: addresses get reused or come back.
+    bounce_expiry: float = setting(float, 180 * 86400.0, parse=positive)
 
 
 def redis_url(text: str) -> str:
@@ -425,11 +498,25 @@ class Config:
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
     def __post_init__(self) -> None:
+        self._check_warmup_providers()
         seen: set[tuple[str, str]] = set()
         for key in self.dkim:
             if (key.domain, key.selector) in seen:
                 raise ValueError(f"[[dkim]]: {key.domain} selector {key.selector} is listed twice")
             seen.add((key.domain, key.selector))
+
+    def _check_warmup_providers(self) -> None:
+        """A per-provider plan must name a provider, or it would never apply."""
+        known = {p.name for p in self.policy.provider} | {"other"}
+        if self.policy.shipped_shaping:
+            known |= {p.name for p in SHIPPED}
+        for source in self.egress.source:
+            for name in source.warmup.provider if source.warmup else ():
+                if name not in known:
+                    raise ValueError(
+                        f"[[egress.source]] {source.name}: warmup.provider.{name}: no provider "
+                        f"of that name (shipped, [[policy.provider]] or \"other\")"
+                    )
 
 
 # --- loading ---

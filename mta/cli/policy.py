@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 
 import redis.asyncio as aioredis
@@ -33,14 +32,12 @@ from mta.cluster.throttle_log import Decision, ThrottleLog
 from mta.config import Config, load
 from mta.observe.escape import printable
 from mta.observe.timefmt import iso_time
-from mta.outbound.egress import (
-    OTHER,
-    limits_from_config,
-    load_throttles,
-    save_throttles,
-    warmup_counter,
-)
-from mta.policy.warmup import daily_cap, day_of
+from mta.outbound import warmup_counts
+from mta.outbound.egress import OTHER, load_throttles, save_throttles
+from mta.outbound.shaping import Shaping
+from mta.policy.limits import Site
+from mta.policy.throttle import describe
+from mta.policy.warmup import day_of, hour_of, hour_share
 from mta.spool.store import Spool
 
 OPERATOR = "operator"
@@ -61,7 +58,9 @@ def add_commands(commands: Commands) -> None:
     show_all.set_defaults(run=run_show)
     for action, text in (("suspend", "stop sending to a site"), ("resume", "lift a suspension")):
         sub = policy.add_parser(action, parents=[with_config], help=text)
-        sub.add_argument("--site", required=True, help="a provider name or a domain")
+        sub.add_argument(
+            "--site", required=True, help="a site as `mta policy show` names it: gmail, mx+..."
+        )
         sub.add_argument("--source", help="one source (default: every source)")
         if action == "suspend":
             sub.add_argument("--for", dest="duration", default="1h", help="default: %(default)s")
@@ -105,7 +104,9 @@ def suspend(
     now = time.time()
     names = _sources(config, source)
     decided = [
-        Decision("suspend", name, site.lower(), now + seconds, reason=OPERATOR) for name in names
+        # An operator drains an address: its mail may go from the pool's others.
+        Decision("suspend", name, site.lower(), now + seconds, reason=OPERATOR, failover=True)
+        for name in names
     ]
     with spool.write() as txn:
         throttles = load_throttles(spool, txn)
@@ -117,8 +118,16 @@ def suspend(
 
 
 def resume(spool: Spool, config: Config, site: str, source: str | None, out: TextIO) -> int:
+    """Lift the site's restrictions: one source's, or, without ``source``, all of them,
+    those a rule put on every source or on a sending domain included."""
     now = time.time()
     names = _sources(config, source)
+    if source is None:
+        with spool.read() as txn:
+            restricted = load_throttles(spool, txn).active(now)
+        names += sorted(
+            sender for sender, on in restricted if on == site.lower() and sender not in names
+        )
     decided = [Decision("resume", name, site.lower()) for name in names]
     with spool.write() as txn:
         throttles = load_throttles(spool, txn)
@@ -170,44 +179,66 @@ def restrictions(spool: Spool, now: float) -> list[dict[str, Any]]:
     return rows
 
 
-def _warmup(spool: Spool, config: Config, now: float) -> list[dict[str, Any]]:
-    """Each source's plan and today's counts: this node's, and with Redis the fleet's
-    (None when Redis does not answer)."""
+def _warmup(spool: Spool, config: Config, now: float, providers: list[str]) -> list[dict[str, Any]]:
+    """Each source's plan per provider: its day, today's and tomorrow's cap, this hour's
+    share and today's count; with Redis also the fleet's count (None when Redis does
+    not answer)."""
     day = day_of(now)
-    providers = [p.name for p in config.policy.provider] + [OTHER]
+    warming = [source for source in config.egress.source if source.warmup is not None]
     counters = {
-        (source.name, p): warmup_counter(source.name, p, day)
-        for source in config.egress.source
-        if source.warmup is not None
+        (source.name, p): warmup_counts.day_counters(source.name, p, day)
+        for source in warming
         for p in providers
     }
-    fleet = _fleet_counts(config, list(counters.values()))
+    fleet = _fleet_counts(config, [name for names in counters.values() for name in names])
     rows: list[dict[str, Any]] = []
     with spool.read() as txn:
         for source in config.egress.source:
+            row: dict[str, Any] = {"source": source.name, "address": source.address}
             if source.warmup is None:
-                rows.append({"source": source.name, "address": source.address, "warmup": None})
+                rows.append(row | {"warmup": None})
                 continue
-            w = source.warmup
-            names = {p: counters[source.name, p] for p in providers}
-            warmup = {
-                "start": w.start.isoformat(),
-                "cap_today": daily_cap(w.plan(), day),
-                "sent_today": {p: spool.counter(txn, name) for p, name in names.items()},
+            plans = {
+                p: _plan_state(
+                    warmup_counts.plan_today(spool, txn, source.warmup, source.name, p, now),
+                    warmup_counts.sent_today(spool, txn, source.name, p, now),
+                    now,
+                )
+                for p in providers
             }
             if config.cluster.redis is not None:
-                warmup["fleet_sent_today"] = fleet and {p: fleet[n] for p, n in names.items()}
-            rows.append({"source": source.name, "address": source.address, "warmup": warmup})
+                for p, plan in plans.items():
+                    names = counters[source.name, p]
+                    plan["fleet_sent_today"] = fleet and sum(fleet[n] for n in names)
+            rows.append(
+                row | {"warmup": {"start": source.warmup.start.isoformat(), "providers": plans}}
+            )
     return rows
+
+
+def _plan_state(plan: warmup_counts.PlanToday, sent: int, now: float) -> dict[str, Any]:
+    """A source's plan with one provider today, this hour's share and today's count."""
+    return {
+        "day": plan.day,
+        "cap_today": plan.cap,
+        "cap_tomorrow": plan.cap_tomorrow,
+        "this_hour": None if plan.cap is None else hour_share(plan.cap, hour_of(now)),
+        "sent_today": sent,
+        "held_days": plan.held_days,
+    }
 
 
 def _fleet_counts(config: Config, counters: list[str]) -> dict[str, int] | None:
     """The fleet's count of each warmup counter, from Redis; None without it."""
 
     async def counts(client: aioredis.Redis) -> dict[str, int]:
+        pipeline = client.pipeline(transaction=False)
+        for counter in counters:
+            pipeline.hvals(sent_key(counter))
+        answers = await pipeline.execute()
         return {
-            counter: sum(int(n) for n in await client.hvals(sent_key(counter)))  # type: ignore[misc]
-            for counter in counters
+            counter: sum(int(n) for n in values)
+            for counter, values in zip(counters, answers, strict=True)
         }
 
     return _from_redis(config, counts) if counters else {}
@@ -233,23 +264,18 @@ def _from_redis(config: Config, ask: Callable[[aioredis.Redis], Awaitable[T]]) -
 
 def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
     now = time.time()
-    policy = config.policy
-    default = limits_from_config(policy.default)
+    shaping = Shaping(config)
     document = {
-        "sources": _warmup(spool, config, now),
+        "sources": _warmup(spool, config, now, [*shaping.suffixes, OTHER]),
         "pools": {p.name: list(p.sources) for p in config.egress.pool},
-        "limits": {  # effective: a provider's over the default, a domain's over the default
-            "default": asdict(default),
+        "limits": {  # effective, each value with the layer it comes from
+            "default": _limits(shaping, Site("", None), ""),
             "providers": {
-                p.name: {
-                    "mx_suffixes": list(p.mx_suffixes),
-                    **asdict(limits_from_config(p).merged_over(default)),
-                }
-                for p in policy.provider
+                name: {"mx_suffixes": list(suffixes), **_limits(shaping, Site(name, name), "")}
+                for name, suffixes in sorted(shaping.suffixes.items())
             },
             "domains": {
-                domain: asdict(limits_from_config(limits).merged_over(default))
-                for domain, limits in policy.domain.items()
+                domain: _limits(shaping, Site(domain, None), domain) for domain in shaping.domains
             },
         },
         "restrictions": restrictions(spool, now),
@@ -261,6 +287,11 @@ def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
         return 0
     _print(document, out, now)
     return 0
+
+
+def _limits(shaping: Shaping, site: Site, domain: str) -> dict[str, Any]:
+    limits, origins = shaping.limits(site, domain)
+    return {"limits": asdict(limits), "from": dict(origins)}
 
 
 def sharing(config: Config) -> dict[str, Any]:
@@ -289,36 +320,69 @@ def print_sharing(shared: dict[str, Any], out: TextIO) -> None:
         out.write(f"node {node}: limits and suspensions shared through redis with {nodes}\n")
 
 
-def _limit_text(limits: dict[str, Any]) -> str:
-    names = {
-        "max_connections": "connections",
-        "max_messages_per_connection": "messages/connection",
-        "max_rate": "rate/s",
-        "max_recipients": "recipients/transaction",
-    }
-    parts = [f"{label} {limits[key]:g}" for key, label in names.items() if limits.get(key)]
+_LIMIT_NAMES = {
+    "max_connections": "connections",
+    "max_messages_per_connection": "messages/connection",
+    "max_rate": "rate/s",
+    "max_recipients": "recipients/transaction",
+}
+
+
+def _limit_text(entry: dict[str, Any]) -> str:
+    """ "connections 20 (shipped gmail), rate/s 10 ([policy.default])" """
+    limits, origins = entry["limits"], entry["from"]
+    parts = [
+        f"{label} {limits[key]:g} ({origins[key]})"
+        for key, label in _LIMIT_NAMES.items()
+        if limits.get(key)
+    ]
     return ", ".join(parts) or "no limits"
 
 
+def _warmup_lines(warmup: dict[str, Any]) -> list[str]:
+    """One line per group of providers in the same state, most sent first."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    plans = warmup["providers"]
+    for provider, plan in sorted(plans.items(), key=lambda item: -item[1]["sent_today"]):
+        state = (plan["day"], plan["cap_today"], plan["this_hour"], plan["cap_tomorrow"])
+        groups.setdefault(state, []).append(provider)
+    lines = []
+    for (day, cap, hour, tomorrow), providers in groups.items():
+        if cap is None:
+            lines.append(f"{', '.join(providers)}: warmed up (plan from {warmup['start']})")
+            continue
+        sent = ", ".join(
+            f"{p} {plans[p]['sent_today']}" + _fleet(plans[p])
+            for p in providers
+            if plans[p]["sent_today"] or plans[p].get("fleet_sent_today")
+        )
+        lines.append(
+            f"{', '.join(providers)}: day {day}, cap {cap} today ({hour} this hour), "
+            f"{'no cap' if tomorrow is None else tomorrow} tomorrow; sent {sent or 'none'}"
+        )
+    return lines
+
+
+def _fleet(plan: dict[str, Any]) -> str:
+    if "fleet_sent_today" not in plan:
+        return ""
+    fleet = plan["fleet_sent_today"]
+    return " (the fleet: redis does not answer)" if fleet is None else f" (the fleet {fleet})"
+
+
 def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
-    today = datetime.fromtimestamp(now, UTC).date().isoformat()
     print_sharing(document["shared"], out)
     out.write("sources:\n")
     for row in document["sources"] or [{"source": "default", "address": None, "warmup": None}]:
         address = row["address"] or "(the host's own address)"
-        warmup = row["warmup"]
-        if warmup is None:
-            state = "no warmup"
-        elif warmup["cap_today"] is None:
-            state = f"warmed up (plan from {warmup['start']})"
-        else:
-            sent = ", ".join(f"{p} {n}" for p, n in warmup["sent_today"].items())
-            state = f"warming up: {warmup['cap_today']} per provider on {today}; sent {sent}"
-            if "fleet_sent_today" in warmup:
-                fleet = warmup["fleet_sent_today"]
-                counts = ", ".join(f"{p} {n}" for p, n in (fleet or {}).items())
-                state += f"; the fleet sent {counts or '(redis does not answer)'}"
-        out.write(f"  {row['source']:<12} {address:<16} {state}\n")
+        if row["warmup"] is None:
+            out.write(f"  {row['source']:<12} {address:<16} no warmup\n")
+            continue
+        out.write(
+            f"  {row['source']:<12} {address:<16} warming up since {row['warmup']['start']}:\n"
+        )
+        for line in _warmup_lines(row["warmup"]):
+            out.write(f"    {line}\n")
     if document["pools"]:
         out.write("pools:\n")
         for name, sources in document["pools"].items():
@@ -327,7 +391,7 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
     out.write(f"limits:\n  {'default':<30} {_limit_text(limits['default'])}\n")
     for name, provider in limits["providers"].items():
         suffixes = " ".join(provider["mx_suffixes"])
-        out.write(f"  {'provider ' + name:<30} {_limit_text(provider)} (MX {suffixes})\n")
+        out.write(f"  {'provider ' + name:<30} {_limit_text(provider)}; MX {suffixes}\n")
     for domain, domain_limits in limits["domains"].items():
         out.write(f"  {'domain ' + domain:<30} {_limit_text(domain_limits)}\n")
     rows = document["restrictions"]
@@ -337,4 +401,5 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
             what = f"suspended until {row['suspended_until']}"
         else:
             what = f"throttled to {row['factor']:g}x until {row['throttled_until']}"
-        out.write(f"  {row['source']} -> {row['site']}: {what} ({printable(row['reason'])})\n")
+        whom = describe(row["source"])
+        out.write(f"  {whom} -> {row['site']}: {what} ({printable(row['reason'])})\n")

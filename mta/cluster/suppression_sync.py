@@ -172,7 +172,7 @@ class SuppressionSync:
                 return
             args: list[str | int] = [self.node, self.log_length]
             for change in changes:
-                args += [change.number, change.entry, (change.why or b"").decode()]
+                args += [change.number, change.key, (change.why or b"").decode()]
             await self._push_changes(keys=[LISTING, LOG, PUSHED], args=args)
             with self.spool.write() as txn:
                 suppression.pushed(self.spool, txn, changes)

@@ -11,6 +11,7 @@ DATA   header sanity (mta.inbound.message), DKIM signing (on the event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -27,17 +28,17 @@ from mta.events.log import EventLog
 from mta.inbound import reply_texts
 from mta.inbound.access import may_relay
 from mta.inbound.message import Rejected, prepare, received_field
-from mta.mail.address import address_is_valid
+from mta.mail.address import address_is_valid, domain_of
 from mta.mail.header import header_safe
 from mta.observe import metrics
 from mta.observe.escape import field
 from mta.policy import inflow
 from mta.signing.signer import Signer, SignResult
+from mta.spool import suppression
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.records import Message
 from mta.spool.store import Spool, SpoolFull
-from mta.spool.suppression import Suppression
 
 log = logging.getLogger("mta.smtpd")
 
@@ -143,7 +144,7 @@ class Handler:
             return reply_texts.relay_denied(address)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return reply_texts.TOO_MANY_RECIPIENTS
-        listed = self._suppressed(address)
+        listed = await self._suppressed(address, envelope.mail_from or "")
         if listed is not None:
             if self.suppression.action == "reject":
                 return reply_texts.suppressed(address, listed.summary())
@@ -152,10 +153,21 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return reply_texts.RECIPIENT_OK
 
-    def _suppressed(self, address: str) -> Suppression | None:
+    async def _suppressed(self, address: str, sender: str) -> suppression.Entry | None:
+        """The entry that stops mail from ``sender`` to ``address``; expired ones met go."""
+        now = time.time()
         with self.spool.read() as txn:
-            raw = self.spool.suppression(txn, address)
-        return Suppression.decode(raw) if raw is not None else None
+            found = suppression.lookup(self.spool, txn, address, sender, now)
+        if found.expired:
+            await self._remove_expired(found.expired, now)
+        return found.entry
+
+    async def _remove_expired(self, keys: tuple[str, ...], now: float) -> None:
+        # A full spool keeps them a while longer: they stop nothing meanwhile.
+        with contextlib.suppress(SpoolFull):
+            await self.committer.run(
+                lambda txn: suppression.remove_expired(self.spool, txn, keys, now)
+            )
 
     async def handle_DATA(self, server: Any, session: SmtpSession, envelope: Envelope) -> str:
         queue_id = self.new_id()
@@ -199,6 +211,7 @@ class Handler:
             client=f"{helo} ([{server.ip}])",
             message_id=prepared.message_id,
             pool=pool,
+            sending_domain=signed.domain or domain_of(sender),
         )
         # A client that goes before the reply (a reset right after the final dot)
         # cancels this handler; the storing goes on, so that a message that gets

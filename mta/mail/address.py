@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from mta.mail.domain import is_domain_name
+from mta.mail.domain import is_domain_name, lowercase_name
 
 _ADDRESS_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]$")
 _FORBIDDEN_IN_LOCAL = re.compile(r"[\x00-\x20\x7f%!]")
@@ -59,3 +59,9 @@ def parse_ip(text: str) -> str | None:
         return str(ipaddress.ip_address(text))
     except ValueError:
         return None
+
+
+def domain_of(address: str) -> str:
+    """The domain of an envelope address, lower case; "" for the null sender ("" or "<>")."""
+    local, at, domain = address.rpartition("@")
+    return lowercase_name(domain) if at else ""

@@ -74,7 +74,8 @@ EGRESS_CONNECTIONS = Gauge(
 )
 WARMUP_REMAINING = Gauge(
     "mta_warmup_remaining",
-    "Recipients a warming-up source may still send today, per provider.",
+    "Recipients a warming-up source may still send this hour (its share of the day's cap), "
+    "per provider.",
     ["source", "provider"],
     multiprocess_mode="livemin",
 )

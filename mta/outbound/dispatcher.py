@@ -34,11 +34,12 @@ import lmdb
 from mta.config import Config, EventsConfig, SuppressionConfig
 from mta.events.event import Event, attempt_events
 from mta.events.log import EventLog
+from mta.mail.address import domain_of
 from mta.mail.reply import Reply
 from mta.observe import metrics
 from mta.observe.escape import field
 from mta.outbound.dsn import Failure, build_dsn
-from mta.outbound.egress import Egress, Lease, Wait
+from mta.outbound.egress import Egress, Lease, Stream, Wait
 from mta.outbound.routes import ResolveError, Resolver
 from mta.policy.disposition import Decision, decide
 from mta.policy.retry import RetrySchedule
@@ -130,7 +131,7 @@ class Attempter:
         events = self._events(job, message, result, decision)
         try:
             still_there = await self.committer.run(
-                lambda txn: self._record(txn, key, decision, result, bounce, events)
+                lambda txn: self._record(txn, key, message.sender, decision, result, bounce, events)
             )
         finally:
             if result.lease is not None:
@@ -166,7 +167,8 @@ class Attempter:
             reply = Reply(550 if failure.permanent else 451, f"{failure.status} {failure.text}")
             return AttemptResult(NO_RELAY, dict.fromkeys(job.recipients, reply))
         site = self.egress.site(job.domain, route)
-        lease = await self.egress.lease(message.pool, site, job.domain, len(job.recipients))
+        stream = Stream(message.sending_domain, message.id)
+        lease = await self.egress.lease(message.pool, site, job.domain, len(job.recipients), stream)
         if isinstance(lease, Wait):
             reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
             return AttemptResult(
@@ -238,6 +240,7 @@ class Attempter:
         self,
         txn: lmdb.Transaction,
         key: bytes,
+        sender: str,  # the message's envelope sender, whose domain a hard bounce is scoped to
         decision: Decision,
         result: AttemptResult,
         bounce: Bounce | None,
@@ -269,19 +272,22 @@ class Attempter:
             self.spool.delete_job(txn, current)
         if bounce is not None:
             self.spool.add(txn, bounce.message, bounce.body, within_limits=False)
-        self._suppress_invalid(txn, decision, result)
+        self._suppress_invalid(txn, sender, decision, result)
         return True
 
     def _suppress_invalid(
-        self, txn: lmdb.Transaction, decision: Decision, result: AttemptResult
+        self, txn: lmdb.Transaction, sender: str, decision: Decision, result: AttemptResult
     ) -> None:
-        """Put recipients a receiving server said do not exist on the suppression list."""
-        if not self.suppression.add_hard_bounces or result.relay == NO_RELAY:
+        """Suppress, for mail from ``sender``'s domain, recipients a receiving server said
+        beyond doubt do not exist (the null sender has no domain: nothing to scope to)."""
+        sender_domain = domain_of(sender)
+        if not (self.suppression.add_hard_bounces and sender_domain) or result.relay == NO_RELAY:
             return
+        lifetime = self.suppression.bounce_expiry
         for recipient, reply in decision.bounced:
-            if reply.code >= 500 and classify(self.egress.rules, reply) == "invalid_recipient":
-                listed = suppression.new(suppression.BOUNCE, str(reply), self.clock())
-                suppression.add(self.spool, txn, recipient, listed)
+            if suppression.is_hard_bounce(reply):
+                listed = suppression.new(suppression.BOUNCE, str(reply), self.clock(), lifetime)
+                suppression.add(self.spool, txn, recipient, listed, sender_domain)
 
     def _events(
         self, job: Job, message: Message, result: AttemptResult, decision: Decision

@@ -44,6 +44,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -51,18 +52,20 @@ import lmdb
 
 from mta.cluster.limits import Holding, Reservation, SharedLimits, shared_limits
 from mta.cluster.throttle_log import Decision
-from mta.config import Config, LimitsConfig
+from mta.config import Config
 from mta.mail.reply import Reply
 from mta.observe import metrics
+from mta.outbound import warmup_counts
 from mta.outbound.pool import Source, pools_from_config, sources_from_config
 from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.outbound.routes import Route
+from mta.outbound.shaping import Shaping
 from mta.outbound.smtp_client import Deliverer, Slot
 from mta.policy.admission import Ask, Refused, Warmup
-from mta.policy.limits import Limits, Site, effective, site_for
-from mta.policy.rules import DEFAULT_RULES, Action, Rule, compile_rule, match
-from mta.policy.throttle import Throttles
-from mta.policy.warmup import daily_cap, day_of
+from mta.policy.limits import Limits, Site, site_for
+from mta.policy.rules import DEFAULT_RULES, Action, Rule, Scope, match
+from mta.policy.throttle import EVERY_SOURCE, Restriction, Throttles, describe, domain_key
+from mta.policy.warmup import day_of
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta.egress")
@@ -74,10 +77,9 @@ SLOT_POLL = 0.05  # how often a line's first job looks for a slot freed elsewher
 REDIS_LOOKERS = 4  # jobs of a line that may ask Redis at once (mta.outbound.ready_queue)
 THROTTLES = "throttles"  # the spool policy-state name of the suspensions
 OTHER = "other"  # the metric label of sites that are no configured provider
-
-
-def warmup_counter(source: str, provider: str, day: datetime.date) -> str:
-    return f"warmup\0{source}\0{provider}\0{day.isoformat()}"
+# Classifications of a reply that hold a source's warmup plan back for the day.
+REPUTATION = frozenset({"reputation", "spam_block"})
+SITES_CACHED = 100_000  # (domain, MX hosts) -> site answers kept; then the cache starts over
 
 
 def _parse_throttles(raw: bytes | None) -> Throttles:
@@ -111,6 +113,15 @@ def path_name(source: str, site: str) -> str:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """Whose mail a job is, as a receiver sees it: what a rule may penalise besides
+    the path, and which of the pool's sources the mail goes from while all is well."""
+
+    sending_domain: str = ""  # the DKIM d=, else the envelope sender's domain
+    key: str = ""  # the message's queue ID: its mail's place among the pool's sources
+
+
+@dataclass(frozen=True)
 class Lease:
     """The right to deliver one job on one path now; give it back with ``release``."""
 
@@ -120,6 +131,7 @@ class Lease:
     path: EgressPath = field(repr=False)
     slot: Slot = field(repr=False)  # its connection slot, and the connection holding it
     reservation: Reservation | None = None  # the recipients it may send under a warmup cap
+    stream: Stream = Stream()
 
     def recipients(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
         """Those of ``wanted`` this lease may send to: a warmup cap may leave fewer."""
@@ -159,6 +171,7 @@ class Egress:
         self.paths: dict[tuple[str, str], EgressPath] = {}
         self.throttles = Throttles()
         self._stored: bytes | None = None  # the spool's record self.throttles was read from
+        self._today: datetime.date | None = None  # the day of the last lease
         self._gauged_at = float("-inf")
         # A busy job looks again at least this often.
         self.ready_queue = ReadyQueue(
@@ -177,13 +190,14 @@ class Egress:
         )
         kept = {id(source.deliverer) for source in self.sources}
         self.pools = pools_from_config(config, self.sources)
-        policy = config.policy
-        self.providers = {p.name: p.mx_suffixes for p in policy.provider}
-        self.default_limits = limits_from_config(policy.default)
-        self.provider_limits = {p.name: limits_from_config(p) for p in policy.provider}
-        self.domain_limits = {d: limits_from_config(lim) for d, lim in policy.domain.items()}
+        self.shaping = Shaping(config)
+        self.providers = self.shaping.suffixes
+        self.domain_limits = self.shaping.domains
         self.rules = response_rules(config)
         self._full: set[str] = set()  # warmup counters whose cap was used up (at these caps)
+        self._caps: dict[tuple[str, str, datetime.date], int | None] = {}  # the days' caps
+        self._sites: dict[tuple[str, tuple[str, ...], bool], Site] = {}
+        self._limits: dict[tuple[str, str], Limits] = {}
         retired = [d for d in self._deliverers if id(d) not in kept]
         self._deliverers = [source.deliverer for source in self.sources]
         return retired
@@ -196,26 +210,42 @@ class Egress:
     # --- where and how fast ---
 
     def site(self, domain: str, route: Route) -> Site:
-        return site_for(domain, [host.name for host in route.hosts], self.providers)
+        """The route's site: a provider's by its MX names, else one per MX host set
+        (a static route or a domain without MX is a site of its own)."""
+        hosts = tuple(host.name for host in route.hosts)
+        by_mx = not (route.static or route.implicit)
+        key = (domain, hosts, by_mx)
+        site = self._sites.get(key)
+        if site is None:
+            if len(self._sites) >= SITES_CACHED:
+                self._sites.clear()
+            site = self._sites[key] = site_for(domain, hosts, self.providers, group_by_mx=by_mx)
+        return site
 
     def limits(self, site: Site, domain: str) -> Limits:
-        return effective(
-            self.default_limits, self.provider_limits, self.domain_limits, site, domain
-        )
+        key = (site.name, domain if domain in self.domain_limits else "")
+        limits = self._limits.get(key)
+        if limits is None:
+            if len(self._limits) >= SITES_CACHED:
+                self._limits.clear()
+            limits = self._limits[key] = self.shaping.limits(site, domain)[0]
+        return limits
 
-    async def lease(self, pool: str, site: Site, domain: str, recipients: int = 1) -> Lease | Wait:
-        """A path to send ``recipients`` on now (waiting for a slot or the rate), or
-        when to come back; a warmup cap may let the lease take fewer."""
+    async def lease(
+        self, pool: str, site: Site, domain: str, recipients: int = 1, stream: Stream = Stream()
+    ) -> Lease | Wait:
+        """A path to send ``recipients`` of ``stream`` on now (waiting for a slot or the
+        rate), or when to come back; a warmup cap may let the lease take fewer."""
         line = (pool, site.name, domain if domain in self.domain_limits else "")
         return await self.ready_queue.wait(
-            line, lambda now: self._try_lease(pool, site, domain, recipients, now)
+            line, lambda now: self._try_lease(pool, site, domain, recipients, stream, now)
         )
 
     async def _try_lease(
-        self, pool: str, site: Site, domain: str, recipients: int, now: float
+        self, pool: str, site: Site, domain: str, recipients: int, stream: Stream, now: float
     ) -> Lease | Wait | Busy:
         self._refresh(now)
-        usable, waits = self._usable(pool, site, domain, recipients, now)
+        usable, waits = self._usable(pool, site, domain, recipients, stream, now)
         if not usable:
             until, reason = min(waits)
             return Wait(until, reason)
@@ -247,7 +277,7 @@ class Egress:
         if ask.warmup is not None and admitted.left is not None:
             metrics.WARMUP_REMAINING.labels(source.name, site.provider or OTHER).set(admitted.left)
         path.in_use += 1
-        lease = Lease(source, site, limits, path, slot, admitted.reservation)
+        lease = Lease(source, site, limits, path, slot, admitted.reservation, stream)
         self._gauge(lease)
         return lease
 
@@ -280,26 +310,39 @@ class Egress:
         task.add_done_callback(lambda _: self.ready_queue.wake())
 
     def _usable(
-        self, pool: str, site: Site, domain: str, recipients: int, now: float
+        self, pool: str, site: Site, domain: str, recipients: int, stream: Stream, now: float
     ) -> tuple[list[Candidate], list[tuple[float, str]]]:
         usable: list[Candidate] = []
         waits: list[tuple[float, str]] = []
         base = self.limits(site, domain)
-        for source, weight in self.pools.get(pool) or self.pools[""]:
+        sources = self.pools.get(pool) or self.pools[""]
+        # A restriction on the sending domain, or on every source, holds on every path.
+        shared = self._shared_restriction(stream, site, now)
+        if shared is not None and shared[0].suspended_until > now:
+            return [], [(shared[0].suspended_until, shared[1])]
+        home = _home(sources, stream)
+        for source, weight in sources:
             key = (source.name, site.name)
             restriction = self.throttles.state(key, now)
             if restriction.suspended_until > now:
                 reason = f"{source.name} to {site.name} suspended ({restriction.reason})"
+                if source is home and not restriction.failover:
+                    # Moving its mail to the pool's other addresses would look like
+                    # IP-hopping to the provider: it waits for its own address.
+                    return [], [(restriction.suspended_until, reason)]
                 waits.append((restriction.suspended_until, reason))
                 continue
             warmup = self._warmup(source, site, recipients, now)
             if warmup is not None and warmup.counter in self._full:
-                tomorrow = datetime.datetime.combine(
-                    day_of(now) + datetime.timedelta(days=1), datetime.time(), datetime.UTC
-                ).timestamp()
-                waits.append((tomorrow, f"{source.name} reached its warmup cap for {site.name}"))
+                hour_end = (math.floor(now / 3600) + 1) * 3600.0
+                waits.append(
+                    (hour_end, f"{source.name} reached its warmup cap for {site.name} this hour")
+                )
                 continue
-            limits = base.scaled(restriction.factor) if restriction.factor < 1 else base
+            factor = (
+                restriction.factor if shared is None else min(restriction.factor, shared[0].factor)
+            )
+            limits = base.scaled(factor) if factor < 1 else base
             path = self.paths.setdefault(key, EgressPath(site.provider or OTHER))
             interval = None if limits.max_rate is None else 1.0 / limits.max_rate
             ask = Ask(path_name(*key), limits.max_connections, interval, warmup=warmup)
@@ -326,19 +369,48 @@ class Egress:
 
     # --- warmup ---
 
+    def _shared_restriction(
+        self, stream: Stream, site: Site, now: float
+    ) -> tuple[Restriction, str] | None:
+        """What the rules put on the stream's sending domain or on every source of the
+        site, with why; None when nothing is."""
+        found: list[tuple[Restriction, str]] = []
+        senders = [EVERY_SOURCE] + (
+            [domain_key(stream.sending_domain)] if stream.sending_domain else []
+        )
+        for sender in senders:
+            restriction = self.throttles.state((sender, site.name), now)
+            if restriction != Restriction():
+                reason = f"{describe(sender)} to {site.name} ({restriction.reason})"
+                found.append((restriction, reason))
+        if not found:
+            return None
+        suspended = max(found, key=lambda item: item[0].suspended_until)
+        if suspended[0].suspended_until > now:
+            return suspended
+        return min(found, key=lambda item: item[0].factor)
+
     def _warmup(self, source: Source, site: Site, recipients: int, now: float) -> Warmup | None:
-        """The day's cap ``source`` counts against for the site's provider; None: no cap."""
+        """This hour's share of the day's cap ``source`` counts against for the site's
+        provider; None: no cap."""
         if source.warmup is None:
             return None
+        provider = site.provider or OTHER
         day = day_of(now)
-        cap = daily_cap(source.warmup, day)
+        key = (source.name, provider, day)
+        if key not in self._caps:
+            with self.spool.read() as txn:
+                self._caps[key] = warmup_counts.plan_today(
+                    self.spool, txn, source.warmup, source.name, provider, now
+                ).cap
+        cap = self._caps[key]
         if cap is None:
             return None
-        counter = warmup_counter(source.name, site.provider or OTHER, day)
-        return Warmup(counter, cap, recipients)
+        counter, share = warmup_counts.hour_counter(source.name, provider, cap, now)
+        return Warmup(counter, share, recipients)
 
     def _note_full(self, site: Site, full: list[Candidate]) -> None:
-        """Caps that what was sent used up: those sources wait for the next day
+        """Caps that what was sent used up: those sources wait for the next hour
         (or a reload that raises the cap) without asking again."""
         for source, *_, ask in full:
             assert ask.warmup is not None
@@ -347,14 +419,15 @@ class Egress:
 
     def _warmup_counts(self, names: Collection[str] | None = None) -> dict[str, int]:
         """This node's warmup counts: those ``names`` name, or today's of every source on
-        a warmup plan, per provider."""
+        a warmup plan, per provider and hour."""
         if names is None:
             day = day_of(self.clock())
             names = [
-                warmup_counter(source.name, provider, day)
+                name
                 for source in self.sources
                 if source.warmup is not None
                 for provider in (*self.providers, OTHER)
+                for name in warmup_counts.day_counters(source.name, provider, day)
             ]
         with self.spool.read() as txn:
             return {name: self.spool.counter(txn, name) for name in names}
@@ -386,17 +459,25 @@ class Egress:
             if rule is None or rule.action is Action.NONE or rule.name in acted:
                 continue
             acted[rule.name] = rule
-            path = (lease.source.name, lease.site.name)
-            if rule.action is Action.SUSPEND:
-                decided.append(Decision("suspend", *path, now + rule.duration, reason=rule.name))
-            else:
-                until = now + rule.duration
-                decided.append(Decision("throttle", *path, until, rule.factor, rule.name))
+            sender = _penalised(rule, lease)
+            decided.append(
+                Decision(
+                    "suspend" if rule.action is Action.SUSPEND else "throttle",
+                    sender,
+                    lease.site.name,
+                    now + rule.duration,
+                    rule.factor if rule.action is Action.THROTTLE else 1.0,
+                    rule.name,
+                    failover=rule.failover,
+                    classification=rule.classification,
+                    at=now,
+                )
+            )
             metrics.THROTTLE_EVENTS.labels(rule.name).inc()
             log.warning(
                 "%s %s to %s for %.0fs after %s: %s",
                 rule.action.value,
-                lease.source.name,
+                describe(sender),
                 lease.site.name,
                 rule.duration,
                 rule.name,
@@ -422,12 +503,28 @@ class Egress:
                         if now < end < math.inf:
                             self.spool.make_due(txn, end, now)
                 raw = save_throttles(self.spool, txn, stored, now)
+                self._hold_warmup(txn, decided)
                 if cursor is not None:
                     self.spool.set_state(txn, FLEET_CURSOR, cursor.encode())
         except lmdb.Error as error:
             log.error("suspension not stored, in force in this worker only: %s", error)
             return
         self.throttles, self._stored = stored, raw
+
+    def _hold_warmup(self, txn: lmdb.Transaction, decided: list[Decision]) -> None:
+        """A day a provider held a source back for its reputation does not count towards
+        the source's warmup plan."""
+        names = [source.name for source in self.sources]
+        for decision in decided:
+            if decision.action == "resume" or decision.classification not in REPUTATION:
+                continue
+            if decision.site not in self.providers:
+                continue  # a single domain's word is no provider's view of the source
+            held = names if decision.source == EVERY_SOURCE else [decision.source]
+            day = day_of(decision.until if decision.at is None else decision.at)
+            warmup_counts.hold(
+                self.spool, txn, [(n, decision.site) for n in held if n in names], day
+            )
 
     async def follow_fleet(self) -> None:
         """Apply the fleet's suspensions, throttles and resumes to the spool, every
@@ -447,11 +544,25 @@ class Egress:
             raw = self.spool.state(txn, THROTTLES)
         if raw != self._stored:
             self.throttles, self._stored = _parse_throttles(raw), raw
+        self._new_day(now)
         if now - self._gauged_at >= REFRESH:
             self._gauged_at = now
             metrics.SUSPENSIONS_ACTIVE.set(
                 sum(1 for r in self.throttles.active(now).values() if r.suspended_until > now)
             )
+
+    def _new_day(self, now: float) -> None:
+        """At the first lease of a day: forget the days' caps worked out so far (held days
+        may change the new day's), and the spool's old warmup counts."""
+        today = day_of(now)
+        if today == self._today:
+            return
+        self._today = today
+        self._caps.clear()
+        self._full.clear()
+        if any(source.warmup is not None for source in self.sources):
+            with self.spool.write() as txn:
+                warmup_counts.forget_old(self.spool, txn, today)
 
     async def close(self) -> None:
         for deliverer in self._deliverers:
@@ -461,19 +572,27 @@ class Egress:
         await self.shared.close()
 
 
+def _penalised(rule: Rule, lease: Lease) -> str:
+    """Whom a rule's action falls on: the sender part of the restriction's key."""
+    if rule.scope is Scope.DOMAIN and lease.stream.sending_domain:
+        return domain_key(lease.stream.sending_domain)
+    if rule.scope is Scope.SITE:
+        return EVERY_SOURCE
+    return lease.source.name
+
+
+def _home(sources: list[tuple[Source, int]], stream: Stream) -> Source:
+    """The source the stream's mail goes from while all is well: a weighted choice that
+    is the same for the message on every worker, node and attempt."""
+    point = zlib.crc32(stream.key.encode()) % sum(weight for _, weight in sources)
+    for source, weight in sources:
+        if point < weight:
+            return source
+        point -= weight
+    raise AssertionError("a point below the weights' sum falls on a source")
+
+
 def response_rules(config: Config) -> tuple[Rule, ...]:
     """The configured rules, then the shipped ones (unless turned off)."""
-    configured = [
-        compile_rule(r.name, r.pattern, r.classification, r.action, r.duration, r.factor)
-        for r in config.policy.rule
-    ]
+    configured = [rule.compile() for rule in config.policy.rule]
     return (*configured, *(DEFAULT_RULES if config.policy.default_rules else ()))
-
-
-def limits_from_config(config: LimitsConfig) -> Limits:
-    return Limits(
-        max_connections=config.max_connections,
-        max_messages_per_connection=config.max_messages_per_connection,
-        max_rate=config.max_rate,
-        max_recipients=config.max_recipients,
-    )

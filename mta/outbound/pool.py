@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mta.config import Config
+from mta.config import Config, WarmupConfig
 from mta.outbound.smtp_client import ClientSettings, Deliverer, Slot
-from mta.policy.warmup import WarmupPlan
 
 
 @dataclass
@@ -24,7 +23,7 @@ class Source:
 
     name: str
     address: str | None  # None: let the kernel choose (no [[egress.source]] configured)
-    warmup: WarmupPlan | None
+    warmup: WarmupConfig | None  # its plan, and any per provider
     deliverer: Deliverer
     tls_domains: frozenset[str] = frozenset()  # [delivery] require_tls, as its client has it
 
@@ -48,9 +47,8 @@ def sources_from_config(
     a source in ``current`` with the same settings keeps its Deliverer. Each tells
     ``on_slot_free`` when a connection slot is free again."""
     tls_domains = frozenset(config.delivery.require_tls)
-    configured: list[tuple[str, str | None, WarmupPlan | None, str | None]] = [
-        (s.name, s.address, s.warmup.plan() if s.warmup else None, s.ehlo)
-        for s in config.egress.source
+    configured: list[tuple[str, str | None, WarmupConfig | None, str | None]] = [
+        (s.name, s.address, s.warmup, s.ehlo) for s in config.egress.source
     ] or [("default", None, None, None)]
     sources = []
     for name, address, plan, ehlo in configured:

@@ -27,7 +27,7 @@ the path is not over its limit, so that a path above its limit (a throttle
 lowered it, or Redis went away and the node's share is smaller) sheds
 connections as they come back from use.
 
-Per warmup counter (a source's day with one provider, mta.policy.warmup):
+Per warmup counter (a source's hour with one provider, mta.outbound.warmup_counts):
 
 - *sent*: the recipients delivered that day, per node (each node's own count,
   from its spool, so a store that lost them gets them back whole);
@@ -53,9 +53,10 @@ TOLERANCE = 1e-6
 
 @dataclass(frozen=True)
 class Warmup:
-    """A day's warmup cap a candidate counts against, and the recipients it would send."""
+    """The warmup cap (an hour's share of the day's) a candidate counts against, and the
+    recipients it would send."""
 
-    counter: str  # the source's day with the provider (egress.warmup_counter)
+    counter: str  # the source's hour with the provider (warmup_counts.counter)
     cap: int
     wanted: int
 

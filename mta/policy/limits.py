@@ -2,22 +2,38 @@
 
 A site is what a receiving provider treats as one: every domain whose mail
 goes to Google's MX hosts is one site, "gmail", because Google counts
-connections and rates per sending IP over all of them ("MX rollup"). Any
-other domain is a site of its own.
+connections and rates per sending IP over all of them ("MX rollup"). The
+providers known by their MX host names ship in mta.policy.providers; the
+configuration adds to them. For any other domain, ``site_for`` can roll up
+by the MX host set instead: domains served by the same MX hosts share a
+site without configuration. Otherwise a domain is a site of its own.
 
-Limits are configured as defaults, per provider and per domain; for a
-domain, each limit is the domain's own if set, else its provider's, else
-the default. A throttle (mta.policy.throttle) scales the connection and
-rate limits down for a while with ``Limits.scaled``.
+Limits come in layers, from general to specific: the shipped default, the
+configured default, the provider's shipped and configured limits, the
+domain's own. ``layered`` merges them field by field, the most specific
+layer that sets a limit wins, and says which layer each limit came from. A
+throttle (mta.policy.throttle) scales the connection and rate limits down
+for a while with ``Limits.scaled``.
 
 Pure: DNS answers come in as arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from mta.mail.domain import MAX_NAME_LENGTH, lowercase_name
+
+UNLIMITED = "unlimited"  # the origin of a limit no layer sets
+MX_SITE_PREFIX = "mx+"  # a site named by its MX host set (see site_for)
+_MX_SET_DIGEST_LENGTH = 10  # hex digits: 40 bits, so two different sets practically never clash
+_NOT_HOST_NAME = re.compile(r"[^a-z0-9.-]")
 
 
 def _check_count(name: str, value: int | None) -> None:
@@ -50,14 +66,7 @@ class Limits:
 
     def merged_over(self, base: Limits) -> Limits:
         """Each limit: this one's if set, else base's."""
-        return Limits(
-            **{
-                f.name: getattr(base, f.name)
-                if getattr(self, f.name) is None
-                else getattr(self, f.name)
-                for f in fields(self)
-            }
-        )
+        return layered((("base", base), ("self", self)))[0]
 
     def scaled(self, factor: float) -> Limits:
         """Throttled limits: max_connections and max_rate times `factor` (0 < factor <= 1).
@@ -82,14 +91,30 @@ class Limits:
         return replace(self, max_connections=connections, max_rate=rate)
 
 
+def layered(layers: Sequence[tuple[str, Limits]]) -> tuple[Limits, Mapping[str, str]]:
+    """Merge named layers of limits, given from the most general to the most specific.
+
+    Each limit is that of the last layer that sets it. Returns the merged
+    limits and, for each field name ("max_rate" ...), the name of the layer
+    it came from, or UNLIMITED when no layer sets it (the limit is then None).
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for field in fields(Limits):
+        values[field.name], origins[field.name] = None, UNLIMITED
+        for origin, limits in layers:
+            value = getattr(limits, field.name)
+            if value is not None:
+                values[field.name], origins[field.name] = value, origin
+    return Limits(**values), origins
+
+
 @dataclass(frozen=True)
 class Site:
-    name: str  # the provider's name ("gmail") if the MX matches a provider, else the domain
+    # The provider's name ("gmail") if the first MX host matches a provider; with
+    # group_by_mx, a name made from the MX host set; else the domain.
+    name: str
     provider: str | None
-
-
-def _normalise(host: str) -> str:
-    return host.strip().rstrip(".").lower()
 
 
 def _suffix_matches(host: str, suffix: str) -> bool:
@@ -100,7 +125,46 @@ def _suffix_matches(host: str, suffix: str) -> bool:
     return host == suffix or host.endswith("." + suffix)
 
 
-def site_for(domain: str, mx_hosts: Sequence[str], providers: Mapping[str, Sequence[str]]) -> Site:
+def _provider_of(host: str, providers: Mapping[str, Sequence[str]]) -> str | None:
+    """The provider with the longest MX suffix `host` ends with, if any."""
+    host = lowercase_name(host)
+    best: tuple[int, str] | None = None
+    for provider, suffixes in providers.items():
+        for suffix in (suffixes,) if isinstance(suffixes, str) else suffixes:
+            wanted = lowercase_name(suffix)
+            better = best is None or len(wanted) > best[0]
+            if better and wanted.strip(".") and _suffix_matches(host, wanted):
+                best = (len(wanted), provider)
+    return None if best is None else best[1]
+
+
+def _mx_set_name(hosts: Iterable[str]) -> str:
+    """The site name of a set of (lower-case, non-empty) MX host names.
+
+    "mx+" and the alphabetically first host; when the set has more hosts, or
+    that host had to be shortened or had characters other than a-z 0-9 . -
+    (each replaced by "-"), also "+" and a digest of the whole set. So the
+    name is stable, at most 253 characters of [a-z0-9.+-], and, holding a
+    "+" that neither a domain nor a provider name can, never a domain's or
+    a provider's.
+    """
+    unique = sorted(set(hosts))
+    readable_length = MAX_NAME_LENGTH - len(MX_SITE_PREFIX) - 1 - _MX_SET_DIGEST_LENGTH
+    readable = _NOT_HOST_NAME.sub("-", unique[0])[:readable_length]
+    if unique == [readable]:
+        return MX_SITE_PREFIX + readable
+    # JSON keeps the set's members apart whatever characters they hold.
+    digest = hashlib.sha256(json.dumps(unique).encode()).hexdigest()
+    return f"{MX_SITE_PREFIX}{readable}+{digest[:_MX_SET_DIGEST_LENGTH]}"
+
+
+def site_for(
+    domain: str,
+    mx_hosts: Sequence[str],
+    providers: Mapping[str, Sequence[str]],
+    *,
+    group_by_mx: bool = False,
+) -> Site:
     """The site a domain's mail goes to.
 
     `mx_hosts` are the domain's MX hosts in order of preference (lowest
@@ -108,22 +172,23 @@ def site_for(domain: str, mx_hosts: Sequence[str], providers: Mapping[str, Seque
     host suffixes that identify it (".google.com", ".googlemail.com"),
     compared case-insensitively, trailing dots ignored. If the first MX host
     ends with a provider's suffix, the site is that provider's (the longest
-    matching suffix wins if several do); otherwise, or without MX hosts, the
-    site is the domain itself, lower-cased.
+    matching suffix wins if several do): a backup MX at a provider does not
+    make a domain the provider's.
+
+    Otherwise, with `group_by_mx`, domains with the same set of MX hosts
+    (order, case and trailing dots ignored) share a site named after the
+    set (``_mx_set_name``: "mx+mx1.example.net+3f0c...", with no provider).
+    Pass it only for hosts that are a domain's MX records: a static route's
+    hosts say nothing about who else they serve. Without it, or without MX
+    hosts, the site is the domain itself, lower-cased.
     """
-    name = _normalise(domain)
-    if mx_hosts:
-        first = _normalise(mx_hosts[0])
-        best: tuple[int, str] | None = None
-        for provider, suffixes in providers.items():
-            for suffix in (suffixes,) if isinstance(suffixes, str) else suffixes:
-                wanted = _normalise(suffix)
-                better = best is None or len(wanted) > best[0]
-                if better and wanted.strip(".") and _suffix_matches(first, wanted):
-                    best = (len(wanted), provider)
-        if best is not None:
-            return Site(best[1], best[1])
-    return Site(name, None)
+    provider = _provider_of(mx_hosts[0], providers) if mx_hosts else None
+    if provider is not None:
+        return Site(provider, provider)
+    hosts = {lowercase_name(host) for host in mx_hosts} - {""}
+    if group_by_mx and hosts:
+        return Site(_mx_set_name(hosts), None)
+    return Site(lowercase_name(domain), None)
 
 
 def effective(
@@ -135,15 +200,16 @@ def effective(
 ) -> Limits:
     """The limits for mail to `domain` on `site`: its own over its provider's over the default.
 
-    `by_domain` is looked up with the domain as given and, failing that,
-    lower-cased without a trailing dot.
+    ``layered`` over these three layers, without the provenance. `by_domain`
+    is looked up with the domain as given and, failing that, lower-cased
+    without a trailing dot.
     """
-    limits = default
+    layers = [("default", default)]
     if site.provider is not None and site.provider in by_provider:
-        limits = by_provider[site.provider].merged_over(limits)
+        layers.append((f"provider {site.provider}", by_provider[site.provider]))
     own = by_domain.get(domain)
     if own is None:
-        own = by_domain.get(_normalise(domain))
+        own = by_domain.get(lowercase_name(domain))
     if own is not None:
-        limits = own.merged_over(limits)
-    return limits
+        layers.append((f"domain {domain}", own))
+    return layered(layers)[0]

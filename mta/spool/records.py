@@ -34,6 +34,9 @@ class Message:
     client: str = ""  # "helo (host[ip])" for the Received line and the logs
     message_id: str = ""  # the Message-ID header, for operators and events
     pool: str = ""  # the egress pool (source IPs) to send it from; "" for the default
+    # The domain a receiver judges the mail's reputation by: the DKIM d= it was
+    # signed with, else the envelope sender's domain; "" for neither.
+    sending_domain: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

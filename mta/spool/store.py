@@ -13,7 +13,9 @@ Named databases inside the environment:
               (8-byte integers) and suspensions (JSON), by name
     events    sequence number (8 bytes, big-endian) -> an event (JSON) waiting
               for the webhook; written in the commit that made the event happen
-    suppress  address or "@domain" (lower case) -> why it is suppressed (JSON)
+    suppress  address or "@domain", for every sender, or address SP sender domain,
+              for mail from that domain only (lower case) -> why it is
+              suppressed, and until when (JSON; mta.spool.suppression)
     suppress_sync  what sharing that list through Redis keeps (mta.spool.suppression)
     counts    "d" NUL domain NUL state -> jobs and recipients (2 x 8 bytes), and
               "c" NUL class -> jobs whose last reply was of that class: what
@@ -47,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +315,14 @@ class Spool:
     def set_state(self, txn: lmdb.Transaction, name: str, value: bytes) -> None:
         txn.put(name.encode(), value, db=self._policy)
 
+    def delete_states(self, txn: lmdb.Transaction, prefix: str, old: Callable[[str], bool]) -> None:
+        """Delete the policy records whose name starts with ``prefix`` and is ``old``."""
+        cursor = txn.cursor(db=self._policy)
+        found = cursor.set_range(prefix.encode())
+        while found and bytes(cursor.key()).startswith(prefix.encode()):
+            # A delete moves the cursor to the next record itself.
+            found = cursor.delete() if old(bytes(cursor.key()).decode()) else cursor.next()
+
     # --- events waiting for the webhook ---
 
     def append_event(self, txn: lmdb.Transaction, event: bytes) -> None:
@@ -338,23 +348,28 @@ class Spool:
 
     # --- suppression list ---
 
-    def suppression(self, txn: lmdb.Transaction, address: str) -> bytes | None:
-        """Why ``address`` (or its whole domain) is suppressed, or None."""
-        address = address.lower()
-        for entry in (address, "@" + address.rpartition("@")[2]):
-            raw = txn.get(entry.encode(), db=self._suppress)
-            if raw is not None:
-                return bytes(raw)
-        return None
+    # Keys are mta.spool.suppression's, already lower case.
 
-    def suppress(self, txn: lmdb.Transaction, entry: str, why: bytes) -> None:
-        txn.put(entry.lower().encode(), why, db=self._suppress)
+    def suppression(self, txn: lmdb.Transaction, key: str) -> bytes | None:
+        """The entry under ``key``, or None."""
+        raw = txn.get(key.encode(), db=self._suppress)
+        return bytes(raw) if raw is not None else None
 
-    def unsuppress(self, txn: lmdb.Transaction, entry: str) -> bool:
-        return bool(txn.delete(entry.lower().encode(), db=self._suppress))
+    def suppress(self, txn: lmdb.Transaction, key: str, why: bytes) -> None:
+        txn.put(key.encode(), why, db=self._suppress)
 
-    def suppressions(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes]]:
-        for key, value in txn.cursor(db=self._suppress):
+    def unsuppress(self, txn: lmdb.Transaction, key: str) -> bool:
+        return bool(txn.delete(key.encode(), db=self._suppress))
+
+    def suppressions(self, txn: lmdb.Transaction, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """The entries whose keys start with ``prefix``, in key order."""
+        start = prefix.encode()
+        cursor = txn.cursor(db=self._suppress)
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:
+            if not bytes(key).startswith(start):
+                return
             yield bytes(key).decode(), bytes(value)
 
     # --- reading ---

@@ -31,9 +31,14 @@ class Seen:
 
 class CountingPeer(ThreadedServer):
     def __init__(
-        self, host: str, data_delay: float = 0.0, refuse: str = "", refuse_count: int = 0
+        self,
+        host: str,
+        data_delay: float = 0.0,
+        refuse: str = "",
+        refuse_count: int = 0,
+        port: int = 0,  # one port on several addresses: peers for a resolver's MX hosts
     ) -> None:
-        super().__init__(host)
+        super().__init__(host, port)
         self.data_delay = data_delay  # seconds before answering the end of data
         self.refuse = refuse  # a reply for RCPT, e.g. "421 4.7.0 [TSS04] ..."
         self.refuse_count = refuse_count

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import signal
 import socket
@@ -110,10 +111,16 @@ def dkim_keygen(directory: Path, domain: str = "example.test", selector: str = "
 
 
 def run_mta(
-    *args: str, stdin: str | None = None, cwd: Path | None = None
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [MTA, *args], input=stdin, capture_output=True, text=True, timeout=60, cwd=cwd
+        [MTA, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=os.environ | (env or {}),
     )
 
 
@@ -143,6 +150,7 @@ class Mta:
     metrics_port: int = 0
     parking_port: int = 0
     txt_record: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # for `mta serve` and cli(): a fake clock
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -195,7 +203,10 @@ class Mta:
         self.write_config()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [MTA, "serve", "--config", str(self.config_path)], stdout=log, stderr=log
+            [MTA, "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            env=os.environ | self.env,
         )
         wait_for_port(self.port, START_TIMEOUT, self.process)
         self.wait_for_no_sessions()
@@ -262,7 +273,7 @@ class Mta:
         return code
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return run_mta(*args, "--config", str(self.config_path), stdin=stdin)
+        return run_mta(*args, "--config", str(self.config_path), stdin=stdin, env=self.env)
 
     def queue_list(self) -> list[dict[str, Any]]:
         result = self.cli("queue", "list", "--json")

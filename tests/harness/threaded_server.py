@@ -1,7 +1,7 @@
 """A TCP server with its own event loop in a thread, for scripted test peers.
 
 Subclasses implement ``_session(reader, writer)``; ``with`` starts the server
-on ``host`` and a free port (``.port``) and, on exit, cancels every session
+on ``host`` and a free port (or the one given; ``.port``) and, on exit, cancels every session
 still open and stops the loop, so no test leaves a thread or socket behind.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 
 class ThreadedServer:
-    def __init__(self, host: str, **server_options: Any) -> None:
+    def __init__(self, host: str, port: int = 0, **server_options: Any) -> None:
         self.host = host
-        self.port = 0
+        self.port = port
         self._options = server_options
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -24,7 +24,7 @@ class ThreadedServer:
     def __enter__(self) -> Any:
         self._thread.start()
         started = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._session, self.host, 0, **self._options), self._loop
+            asyncio.start_server(self._session, self.host, self.port, **self._options), self._loop
         )
         self._server = started.result(10)
         self.port = self._server.sockets[0].getsockname()[1]

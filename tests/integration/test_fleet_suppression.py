@@ -2,11 +2,11 @@
 
 Real `mta serve` nodes, each with its own spool, and a real redis-server. What
 a user checks: an address suppressed on one node (by `mta suppress add` or by
-a hard bounce) is refused at RCPT with 550 5.1.1 on the others, a removal
-makes it mailable everywhere; changes made while Redis answers nothing reach
-the others once it is back; when Redis comes back empty every node still
-refuses what it had listed, and the list is pushed back into Redis for a node
-that joins later.
+a hard bounce) is refused at RCPT with 550 5.1.1 on the others, for the
+sender domain the entry is scoped to; a removal makes it mailable everywhere;
+changes made while Redis answers nothing reach the others once it is back;
+when Redis comes back empty every node still refuses what it had listed, and
+the list is pushed back into Redis for a node that joins later.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
 from tests.integration.test_client import PEER, Peer
 from tests.integration.test_policy import add_policy
-from tests.integration.test_suppression import rcpt
+from tests.integration.test_suppression import listed, rcpt, suppress
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +36,12 @@ def node(root: Path, name: str, redis_server: RedisServer) -> Mta:
     return mta
 
 
-def refuses(mta: Mta, address: str) -> bool:
-    return rcpt(mta, address).startswith("550 5.1.1")
+def refuses(mta: Mta, address: str, sender: str = "app@example.test") -> bool:
+    return rcpt(mta, address, sender).startswith("550 5.1.1")
 
 
-def accepts(mta: Mta, address: str) -> bool:
-    return rcpt(mta, address).startswith("250")
-
-
-def suppress(mta: Mta, *args: str) -> None:
-    done = mta.cli("suppress", *args)
-    assert done.returncode == 0, done.stderr
+def accepts(mta: Mta, address: str, sender: str = "app@example.test") -> bool:
+    return rcpt(mta, address, sender).startswith("250")
 
 
 def test_additions_bounces_and_removals_reach_the_other_node(tmp_path: Path) -> None:
@@ -60,12 +55,32 @@ def test_additions_bounces_and_removals_reach_the_other_node(tmp_path: Path) -> 
         eventually(lambda: refuses(b, "x@example.net"), WAIT, b.log)
         assert "asked us to stop" in rcpt(b, "x@example.net")
 
-        send(b, recipients=["bad@partial.test"])  # a hard bounce on B
+        send(b, recipients=["bad@partial.test"])  # a hard bounce on B, from app@example.test
         eventually(lambda: refuses(a, "bad@partial.test"), WAIT, a.log)
+        assert accepts(a, "bad@partial.test", sender="news@other.test")  # scoped there too
 
         suppress(b, "remove", "x@example.net")
         eventually(lambda: accepts(a, "x@example.net"), WAIT, a.log)
         assert refuses(a, "bad@partial.test") and refuses(b, "bad@partial.test")
+        assert a.stop() == 0 and b.stop() == 0
+
+
+def test_entries_for_one_sender_domain_reach_the_other_node(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis_server:
+        a, b = node(tmp_path, "a", redis_server), node(tmp_path, "b", redis_server)
+        a.start()
+        b.start()
+        suppress(a, "add", "y@example.net", "--sender-domain", "shop.test", "--for", "30d")
+        eventually(lambda: refuses(b, "y@example.net", sender="news@shop.test"), WAIT, b.log)
+        assert accepts(b, "y@example.net") and accepts(b, "y@example.net", sender="")
+        [row] = listed(b)
+        assert row["sender_domain"] == "shop.test" and row["expires"] == listed(a)[0]["expires"]
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        assert client.hkeys(LISTING) == ["y@example.net shop.test"]
+        client.close()
+
+        suppress(b, "remove", "y@example.net", "--sender-domain", "shop.test")
+        eventually(lambda: accepts(a, "y@example.net", sender="news@shop.test"), WAIT, a.log)
         assert a.stop() == 0 and b.stop() == 0
 
 

@@ -8,6 +8,7 @@ recipients to domains that hash to both of node A's workers.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,20 @@ from tests.harness.counting_peer import CountingPeer
 from tests.harness.mta import Mta
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
-from tests.integration.test_policy import EGRESS, PEER, add_policy, route_to, waiting_for_tomorrow
+from tests.integration.test_policy import (
+    EGRESS,
+    PEER,
+    add_policy,
+    from_hour_start,
+    route_to,
+    waiting_until,
+)
 
 pytestmark = pytest.mark.integration
 
 DOMAINS = [f"w{number}.test" for number in range(5)]
 ONE_SOURCE = (
-    EGRESS.replace("first_day = 2", "first_day = 5")
+    EGRESS.replace("schedule = [48]", "schedule = [120]")  # 5 an hour
     .replace('"new-ip", "old-ip"', '"new-ip"')
     .replace("weights = [1000, 1]", "")
 )
@@ -54,14 +62,15 @@ def nodes() -> Iterator[list[Mta]]:
             mta.process.wait()
 
 
-def all_waiting_for_tomorrow(mta: Mta) -> list[dict[str, Any]]:
-    return eventually(lambda: waiting_for_tomorrow(mta), 30, lambda: str(mta.queue_list()))
+def all_waiting_until(mta: Mta, hour: datetime.datetime) -> list[dict[str, Any]]:
+    return eventually(lambda: waiting_until(mta, hour), 30, lambda: str(mta.queue_list()))
 
 
 def new_ip_warmup(mta: Mta) -> dict[str, Any]:
+    """The new source's plan with sites of no known provider."""
     shown = json.loads(mta.cli("policy", "show", "--json").stdout)
     [new_ip] = [row for row in shown["sources"] if row["source"] == "new-ip"]
-    return dict(new_ip["warmup"])
+    return dict(new_ip["warmup"]["providers"]["other"])
 
 
 def test_two_nodes_send_one_days_warmup_cap_between_them(tmp_path: Path, nodes: list[Mta]) -> None:
@@ -69,18 +78,19 @@ def test_two_nodes_send_one_days_warmup_cap_between_them(tmp_path: Path, nodes: 
         a = node(tmp_path / "a", "a", redis, peer, workers=2)
         b = node(tmp_path / "b", "b", redis, peer, workers=1)
         nodes += [a, b]
+        next_hour = from_hour_start(a, b)
         a.start()
         b.start()
         for number, domain in enumerate(DOMAINS):
             send(a, message(f"on a {number}"), [f"a1@{domain}", f"a2@{domain}"])
             send(b, message(f"on b {number}"), [f"b1@{domain}", f"b2@{domain}"])
-        waiting = [all_waiting_for_tomorrow(mta) for mta in (a, b)]
+        waiting = [all_waiting_until(mta, next_hour) for mta in (a, b)]
         assert peer.snapshot().recipients == 5, peer.snapshot()
         left = sum(len(job["recipients"]) for queue in waiting for job in queue)
         assert left == 20 - 5
         shown = [new_ip_warmup(mta) for mta in (a, b)]
-        assert sum(warmup["sent_today"]["other"] for warmup in shown) == 5
-        assert [warmup["fleet_sent_today"]["other"] for warmup in shown] == [5, 5]
+        assert sum(warmup["sent_today"] for warmup in shown) == 5
+        assert [warmup["fleet_sent_today"] for warmup in shown] == [5, 5]
         for mta in (a, b):
             assert "status=bounced" not in mta.log()
             assert mta.stop() == 0

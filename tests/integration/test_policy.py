@@ -20,6 +20,7 @@ import pytest
 from tests.harness.client import message, send, unique
 from tests.harness.counting_peer import CountingPeer
 from tests.harness.dns_server import DnsServer
+from tests.harness.fake_clock import FakeClock
 from tests.harness.mta import Mta
 from tests.harness.poll import eventually
 
@@ -93,7 +94,7 @@ EGRESS = f"""
 [[egress.source]]
 name = "new-ip"
 address = "127.0.0.2"
-warmup = {{ start = "{TODAY}", first_day = 2 }}
+warmup = {{ start = "{TODAY}", schedule = [48] }}  # 2 an hour
 [[egress.source]]
 name = "old-ip"
 address = "127.0.0.3"
@@ -104,7 +105,19 @@ weights = [1000, 1]
 """
 
 
+def from_hour_start(*nodes: Mta) -> datetime.datetime:
+    """Run the daemons from the start of this hour (libfaketime), so that a test's hourly
+    warmup share cannot roll over into the next hour's; that next hour."""
+    hour = datetime.datetime.now(datetime.UTC).replace(minute=0, second=0, microsecond=0)
+    for mta in nodes:
+        clock = FakeClock(mta.root)
+        clock.move_to(hour)
+        mta.env = clock.env()
+    return hour + datetime.timedelta(hours=1)
+
+
 def test_warmup_cap_spills_traffic_to_the_pools_other_source(mta: Mta) -> None:
+    from_hour_start(mta)
     with CountingPeer(PEER) as peer:
         route_to(mta, peer, "warm.test")
         add_policy(mta, EGRESS)
@@ -113,7 +126,7 @@ def test_warmup_cap_spills_traffic_to_the_pools_other_source(mta: Mta) -> None:
             send(mta, message(f"warm {number}"), [f"u{number}@warm.test"])
         wait_for_messages(peer, 6)
         clients = peer.snapshot().clients
-    # The new address is preferred 1000:1, but may send only 2 today.
+    # The new address is preferred 1000:1, but may send only 2 this hour.
     assert clients.count("127.0.0.2") == 2, clients
     assert clients.count("127.0.0.3") == 4, clients
     mta.wait_for_empty_spool()
@@ -121,11 +134,12 @@ def test_warmup_cap_spills_traffic_to_the_pools_other_source(mta: Mta) -> None:
     mta.start()  # the day's count survives a restart
     shown = json.loads(mta.cli("policy", "show", "--json").stdout)
     [new_ip] = [row for row in shown["sources"] if row["source"] == "new-ip"]
-    assert new_ip["warmup"]["cap_today"] == 2
-    assert new_ip["warmup"]["sent_today"]["other"] == 2
+    other = new_ip["warmup"]["providers"]["other"]
+    assert (other["cap_today"], other["this_hour"], other["sent_today"]) == (48, 2, 2)
 
 
 def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) -> None:
+    from_hour_start(mta)
     with CountingPeer(PEER) as peer:
         route_to(mta, peer, "warm.test")
         add_policy(
@@ -143,29 +157,32 @@ def test_when_every_source_is_capped_mail_waits_instead_of_bouncing(mta: Mta) ->
     assert mta.stop() == 0
 
 
-def waiting_for_tomorrow(mta: Mta) -> list[dict[str, Any]] | None:
-    """The queue, once every job in it waits for the next warmup day."""
+def waiting_until(mta: Mta, hour: datetime.datetime) -> list[dict[str, Any]] | None:
+    """The queue, once every job in it waits for ``hour`` (the next warmup share)."""
     queued = mta.queue_list()
-    tomorrow = str(datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1))
-    return queued if all(str(job["next_attempt"]) >= tomorrow for job in queued) else None
+    start = hour.isoformat().replace("+00:00", "")
+    return queued if all(str(job["next_attempt"]) >= start for job in queued) else None
 
 
 def test_a_warmup_cap_counts_recipients_across_workers(mta: Mta) -> None:
+    next_hour = from_hour_start(mta)
     domains = [f"w{number}.test" for number in range(6)]
     with CountingPeer(PEER) as peer:
         route_to(mta, peer, *domains)
         mta.server["workers"] = 2  # the domains hash to both
         add_policy(
             mta,
-            EGRESS.replace("first_day = 2", "first_day = 5")
+            EGRESS.replace("schedule = [48]", "schedule = [120]")
             .replace('"new-ip", "old-ip"', '"new-ip"')
             .replace("weights = [1000, 1]", ""),
         )
         mta.start()
         for number, domain in enumerate(domains):
             send(mta, message(f"two {number}"), [f"a@{domain}", f"b@{domain}"])
-        queued = eventually(lambda: waiting_for_tomorrow(mta), 30, lambda: str(mta.queue_list()))
-    # 12 recipients, 5 a day: a job of two went with one, and the rest waits.
+        queued = eventually(
+            lambda: waiting_until(mta, next_hour), 30, lambda: str(mta.queue_list())
+        )
+    # 12 recipients, 5 an hour: a job of two went with one, and the rest waits.
     assert peer.snapshot().recipients == 5, peer.snapshot()
     assert sum(len(job["recipients"]) for job in queued) == 7
     assert "status=bounced" not in mta.log()

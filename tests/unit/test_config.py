@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import re
 import socket
@@ -19,6 +20,7 @@ from mta.config import (
     parse,
     parse_host_port,
 )
+from mta.policy.warmup import daily_cap
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mta.toml"
 
@@ -413,3 +415,41 @@ def test_every_alert_has_a_runbook() -> None:
     for name in re.findall(r"alert: (\w+)", alerts):
         assert f"### {name}\n" in guide, name
         assert f"docs/operations.md#{name.lower()}" in alerts, name
+
+
+def _warming(warmup: dict[str, object]) -> dict[str, object]:
+    source = {"name": "ip7", "address": "127.0.0.7", "warmup": {"start": "2026-12-01"} | warmup}
+    return {"egress": {"source": [source]}}
+
+
+def test_a_warmup_plan_without_a_shape_is_the_standard_preset_and_ends_capped() -> None:
+    [source] = parse(_warming({})).egress.source
+    assert source.warmup is not None
+    plan = source.warmup.plan_for("gmail")
+    assert plan.schedule and plan.schedule == tuple(sorted(plan.schedule))
+    assert daily_cap(plan, datetime.date(2030, 1, 1)) == plan.schedule[-1]  # never unlimited
+
+
+def test_a_providers_own_plan_replaces_the_sources_way_of_growing_and_keeps_its_start() -> None:
+    warmup = {
+        "plan": "aggressive",
+        "provider": {"gmail": {"plan": "conservative"}, "yahoo": {"cap": 300}},
+    }
+    [source] = parse(_warming(warmup)).egress.source
+    assert source.warmup is not None
+    gmail, yahoo, other = (source.warmup.plan_for(p) for p in ("gmail", "yahoo", "other"))
+    assert gmail.schedule[0] < other.schedule[0] and gmail.start == other.start
+    assert yahoo.schedule == other.schedule and yahoo.cap == 300
+
+
+@pytest.mark.parametrize(
+    ("warmup", "words"),
+    [
+        ({"plan": "fast"}, "expected one of conservative, standard, aggressive"),
+        ({"plan": "standard", "first_day": 100}, "give a preset or first_day, not both"),
+        ({"provider": {"gmial": {"plan": "standard"}}}, "warmup.provider.gmial: no provider"),
+    ],
+)
+def test_a_bad_warmup_plan_is_refused_with_its_place(warmup: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        parse(_warming(warmup))

@@ -1,14 +1,17 @@
-"""Effective limits per (source, site): MX rollup into sites, precedence, throttled scaling."""
+"""Effective limits per (source, site): MX rollup into sites, layered precedence with
+provenance, throttled scaling."""
 
 from __future__ import annotations
 
 import math
+import random
+import re
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mta.policy.limits import Limits, Site, effective, site_for
+from mta.policy.limits import UNLIMITED, Limits, Site, effective, layered, site_for
 
 PROVIDERS = {
     "gmail": [".google.com", ".googlemail.com"],
@@ -69,6 +72,109 @@ def test_a_single_suffix_string_is_one_suffix() -> None:
     assert site_for("a.test", ["aspmx.l.google.com"], providers).name == "gmail"  # type: ignore[dict-item]
 
 
+# --- the MX host set fallback ---
+
+GOOGLE_BACKUP = ["mx1.example.org", "aspmx.l.google.com"]
+HOSTER = ["mx1.hoster.example", "mx2.hoster.example"]
+SAFE_SITE_NAME = re.compile(r"[a-z0-9.+-]{1,253}")
+
+
+def mx_site(domain: str, mx_hosts: list[str]) -> Site:
+    return site_for(domain, mx_hosts, PROVIDERS, group_by_mx=True)
+
+
+def test_domains_with_the_same_mx_hosts_share_a_site() -> None:
+    one = mx_site("a.example", HOSTER)
+    other = mx_site("b.example", ["MX2.Hoster.Example.", " mx1.hoster.example"])
+    assert one == other
+    assert one.provider is None
+
+
+def test_domains_with_different_mx_hosts_do_not() -> None:
+    sites = {
+        mx_site("a.example", HOSTER).name,
+        mx_site("a.example", HOSTER[:1]).name,
+        mx_site("a.example", HOSTER[1:]).name,
+        mx_site("a.example", [*HOSTER, "mx3.hoster.example"]).name,
+        mx_site("a.example", ["mx1.hoster.example", "mx2.other.example"]).name,
+    }
+    assert len(sites) == 5
+
+
+def test_the_mx_set_site_name_is_stable_and_readable() -> None:
+    # Suspensions are stored by site name: the name must not change between versions.
+    assert mx_site("a.example", HOSTER).name == "mx+mx1.hoster.example+579ed6b438"
+    assert mx_site("a.example", ["mx.a.example"]).name == "mx+mx.a.example"
+
+
+def test_a_host_name_outside_a_z_0_9_dot_hyphen_is_made_safe_and_keeps_a_digest() -> None:
+    odd = mx_site("a.example", ["mx_1.a.example"]).name
+    assert odd.startswith("mx+mx-1.a.example+")
+    assert odd != mx_site("a.example", ["mx-1.a.example"]).name  # no clash with the lookalike
+
+
+def test_a_long_mx_host_set_name_is_cut_to_253_characters() -> None:
+    long_host = ".".join(["a" * 63] * 4)  # 255 characters
+    name = mx_site("a.example", [long_host]).name
+    assert len(name) == 253
+    assert SAFE_SITE_NAME.fullmatch(name)
+    assert name != mx_site("a.example", [long_host[:-1] + "b"]).name
+
+
+def test_a_provider_match_wins_over_the_mx_set() -> None:
+    assert mx_site("example.org", ["aspmx.l.google.com", "mx1.example.org"]) == Site(
+        "gmail", "gmail"
+    )
+
+
+def test_a_backup_mx_at_a_provider_gives_an_mx_set_site_without_provider() -> None:
+    site = mx_site("example.org", GOOGLE_BACKUP)
+    assert site.provider is None
+    assert site.name.startswith("mx+aspmx.l.google.com+")  # the set's first host by name
+    assert site != mx_site("example.org", ["aspmx.l.google.com"])
+
+
+def test_without_mx_hosts_the_domain_is_its_own_site() -> None:
+    assert mx_site("Example.NET.", []) == Site("example.net", None)
+    assert mx_site("example.net", ["", "."]) == Site("example.net", None)  # null MX
+
+
+def test_without_group_by_mx_each_domain_stays_its_own_site() -> None:
+    assert site_for("a.example", HOSTER, PROVIDERS) == Site("a.example", None)
+    assert site_for("b.example", HOSTER, PROVIDERS, group_by_mx=False) == Site("b.example", None)
+    assert site_for("example.org", GOOGLE_BACKUP, PROVIDERS) == Site("example.org", None)
+
+
+host_names = st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9.-]{0,40}", fullmatch=True)
+
+
+@given(st.lists(host_names, min_size=1, max_size=6), st.randoms())
+def test_the_mx_set_site_ignores_order_case_and_trailing_dots(
+    hosts: list[str], shuffler: random.Random
+) -> None:
+    shuffled = [f"{host.swapcase()}." for host in hosts]
+    shuffler.shuffle(shuffled)
+    assert mx_site("a.example", hosts) == mx_site("b.example", shuffled)
+
+
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=6))
+def test_an_mx_set_site_name_is_safe_and_never_a_domain_or_provider(hosts: list[str]) -> None:
+    site = mx_site("a.example", hosts)
+    assume(site.provider is None and site.name != "a.example")
+    assert SAFE_SITE_NAME.fullmatch(site.name)
+    assert site.name.startswith("mx+")  # "+" is in no domain and no provider name
+
+
+@given(
+    st.sets(host_names.map(str.lower), min_size=1, max_size=4),
+    st.sets(host_names.map(str.lower), min_size=1, max_size=4),
+)
+def test_different_mx_sets_have_different_site_names(first: set[str], second: set[str]) -> None:
+    normalised = [{host.rstrip(".") for host in hosts} for hosts in (first, second)]
+    assume(normalised[0] != normalised[1])
+    assert mx_site("a.example", sorted(first)).name != mx_site("a.example", sorted(second)).name
+
+
 DEFAULT = Limits(
     max_connections=20, max_messages_per_connection=100, max_rate=50.0, max_recipients=100
 )
@@ -105,6 +211,65 @@ def test_domain_lookup_tolerates_case_and_trailing_dot() -> None:
 
 def test_unset_everywhere_is_unlimited() -> None:
     assert effective(Limits(), {}, {}, GMAIL, "gmail.com") == Limits()
+
+
+# --- layers and where each limit comes from ---
+
+FIVE_LAYERS = [
+    ("shipped default", Limits(10, 100, 100.0, 100)),
+    ("[policy.default]", Limits(max_connections=20, max_rate=50.0)),
+    ("shipped gmail", Limits(max_connections=5, max_messages_per_connection=50)),
+    ("[[policy.provider]] gmail", Limits(max_connections=8)),
+    ('[policy.domain."example.org"]', Limits(max_rate=1.0)),
+]
+
+
+def test_each_limit_comes_from_the_most_specific_layer_that_sets_it() -> None:
+    limits, origins = layered(FIVE_LAYERS)
+    assert limits == Limits(
+        max_connections=8, max_messages_per_connection=50, max_rate=1.0, max_recipients=100
+    )
+    assert origins == {
+        "max_connections": "[[policy.provider]] gmail",
+        "max_messages_per_connection": "shipped gmail",
+        "max_rate": '[policy.domain."example.org"]',
+        "max_recipients": "shipped default",
+    }
+
+
+@pytest.mark.parametrize(
+    ("count", "connections", "per_connection", "rate"),
+    [
+        (1, "shipped default", "shipped default", "shipped default"),
+        (2, "[policy.default]", "shipped default", "[policy.default]"),
+        (3, "shipped gmail", "shipped gmail", "[policy.default]"),
+        (4, "[[policy.provider]] gmail", "shipped gmail", "[policy.default]"),
+        (5, "[[policy.provider]] gmail", "shipped gmail", '[policy.domain."example.org"]'),
+    ],
+)
+def test_each_layer_takes_over_the_limits_it_sets(
+    count: int, connections: str, per_connection: str, rate: str
+) -> None:
+    _, origins = layered(FIVE_LAYERS[:count])
+    assert origins == {
+        "max_connections": connections,
+        "max_messages_per_connection": per_connection,
+        "max_rate": rate,
+        "max_recipients": "shipped default",
+    }
+
+
+def test_a_limit_no_layer_sets_is_unlimited() -> None:
+    limits, origins = layered([("[policy.default]", Limits(max_rate=5.0))])
+    assert limits == Limits(max_rate=5.0)
+    assert origins["max_connections"] == origins["max_recipients"] == UNLIMITED
+    assert layered([]) == (Limits(), dict.fromkeys(origins, UNLIMITED))
+
+
+def test_layering_the_effective_limits_gives_effective() -> None:
+    layers = [("default", DEFAULT), ("gmail", BY_PROVIDER["gmail"])]
+    layers.append(("example.org", BY_DOMAIN["example.org"]))
+    assert layered(layers)[0] == effective(DEFAULT, BY_PROVIDER, BY_DOMAIN, GMAIL, "example.org")
 
 
 def test_merged_over_takes_each_field_separately() -> None:
@@ -189,10 +354,24 @@ def test_merging_is_associative_and_set_fields_win(a: Limits, b: Limits, c: Limi
         assert getattr(merged, name) == (getattr(b, name) if mine is None else mine)
 
 
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=8), limits), max_size=6))
+def test_layered_takes_each_field_from_the_last_layer_that_sets_it(
+    layers: list[tuple[str, Limits]],
+) -> None:
+    merged, origins = layered(layers)
+    for name in ("max_connections", "max_messages_per_connection", "max_rate", "max_recipients"):
+        values = [(origin, getattr(layer, name)) for origin, layer in layers]
+        setting = [(origin, value) for origin, value in values if value is not None]
+        origin, value = setting[-1] if setting else (UNLIMITED, None)
+        assert getattr(merged, name) == value
+        assert origins[name] == origin
+
+
 @given(
     st.text(alphabet="abcxyz.-", min_size=1, max_size=20),
     st.lists(st.text(alphabet="abcgoogle.-", max_size=30), max_size=3),
+    st.booleans(),
 )
-def test_site_for_never_raises(domain: str, mx_hosts: list[str]) -> None:
-    site = site_for(domain, mx_hosts, PROVIDERS)
+def test_site_for_never_raises(domain: str, mx_hosts: list[str], group_by_mx: bool) -> None:
+    site = site_for(domain, mx_hosts, PROVIDERS, group_by_mx=group_by_mx)
     assert site.provider is None or site.name == site.provider in PROVIDERS

@@ -14,6 +14,7 @@ from mta.policy.rules import (
     DEFAULT_RULES,
     Action,
     Rule,
+    Scope,
     classify,
     compile_rule,
     match,
@@ -68,11 +69,36 @@ EXAMPLES: dict[str, list[str]] = {
         " been temporarily blocked. To review our bulk email senders guidelines, go to Email"
         " sender guidelines. - gsmtp",
     ],
-    "gmail-rate-limited": [
+    # Gmail's 4.7.28 rate limits, by what they name (support.google.com/a/answer/3726730;
+    # the older "mail" wordings as senders quote them).
+    "gmail-domain-rate-limited": [
+        "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your"
+        " DKIM domain. To protect our users from spam, mail sent from your domain has been"
+        " temporarily rate limited. Please visit"
+        " https://support.google.com/mail/?p=UnsolicitedRateLimitError to review our Bulk Email"
+        " Senders Guidelines. - gsmtp",
+        "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your"
+        " SPF domain. To protect our users from spam, mail sent from your domain has been"
+        " temporarily rate limited. Please visit"
+        " https://support.google.com/mail/?p=UnsolicitedRateLimitError to review our Bulk Email"
+        " Senders Guidelines. - gsmtp",
+        "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail containing one of your"
+        " URL domains. To protect our users from spam, mail with the URL has been temporarily"
+        " limited. Please visit https://support.google.com/mail/?p=UnsolicitedRateLimitError to"
+        " review our Bulk Email Senders Guidelines. - gsmtp",
+    ],
+    "gmail-netblock-rate-limited": [
         "421 4.7.28 Gmail has detected an unusual rate of unsolicited email originating from your"
         " IP Netblock 192.0.2.0/24. To protect our users from spam, email sent from your IP"
         " Netblock has been temporarily rate limited. To review our bulk email senders"
         " guidelines, go to Email sender guidelines. - gsmtp",
+    ],
+    "gmail-rate-limited": [
+        "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from"
+        " your IP address. To protect our users from spam, mail sent from your IP address has"
+        " been temporarily rate limited. Please visit"
+        " https://support.google.com/mail/?p=UnsolicitedRateLimitError to review our Bulk Email"
+        " Senders Guidelines. - gsmtp",
         # The older wording, as a multi-line reply:
         "421-4.7.28 [192.0.2.1      15] Our system has detected an unusual rate of\r\n"
         "421-4.7.28 unsolicited mail originating from your IP address. To protect our\r\n"
@@ -172,7 +198,6 @@ EXAMPLES: dict[str, list[str]] = {
         " mailbox table",
         "550 5.1.1 The email account that you tried to reach does not exist. Please double-check"
         " the recipient's email address for typos or unnecessary spaces. - gsmtp",
-        "550 5.5.0 Requested action not taken: mailbox unavailable (S2017062302)",
         "550 No such user here",
     ],
 }
@@ -233,14 +258,44 @@ def test_no_rule_is_shadowed_by_one_before_it() -> None:
 
 def test_the_default_actions() -> None:
     table = {r.name: (r.classification, r.action, r.duration, r.factor) for r in DEFAULT_RULES}
-    assert table["yahoo-tss04"] == ("rate_limited", Action.SUSPEND, 1800, 0.5)
+    assert table["yahoo-tss04"] == ("rate_limited", Action.SUSPEND, 7200, 0.5)
+    assert table["yahoo-deferred"] == ("reputation", Action.SUSPEND, 5400, 0.5)
     assert table["gmail-rate-limited"] == ("rate_limited", Action.THROTTLE, 3600, 0.5)
-    assert table["outlook-ip-reputation"] == ("reputation", Action.SUSPEND, 3600, 0.5)
+    assert table["gmail-domain-rate-limited"] == ("rate_limited", Action.THROTTLE, 3600, 0.5)
+    assert table["outlook-ip-reputation"] == ("reputation", Action.SUSPEND, 5400, 0.5)
     assert table["too-many-connections"] == ("rate_limited", Action.THROTTLE, 600, 0.5)
     assert table["gmail-spam"][1] is Action.NONE
     assert table["sender-authentication"][1] is Action.NONE
     for rule in DEFAULT_RULES:
         assert (rule.action is Action.NONE) == (rule.duration == 0), rule.name
+
+
+def test_each_default_rule_penalises_what_its_reply_names() -> None:
+    scopes = {r.name: r.scope for r in DEFAULT_RULES if r.action is not Action.NONE}
+    assert scopes.pop("gmail-domain-rate-limited") is Scope.DOMAIN
+    assert scopes.pop("gmail-netblock-rate-limited") is Scope.SITE
+    assert set(scopes.values()) == {Scope.SOURCE}  # "from your IP address", "from [192.0.2.1]"
+
+
+def test_no_default_suspension_moves_its_mail_to_the_pools_other_addresses() -> None:
+    # Reputation, complaints, block lists: moving the stream would be IP-hopping.
+    suspending = [r for r in DEFAULT_RULES if r.action is Action.SUSPEND]
+    assert {r.classification for r in suspending} == {"rate_limited", "reputation", "spam_block"}
+    assert not any(rule.failover for rule in DEFAULT_RULES)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "550 5.2.1 mailbox unavailable",
+        "550 5.5.0 Requested action not taken: mailbox unavailable (S2017062302)",
+        "550 Requested action not taken: mailbox unavailable",
+    ],
+)
+def test_mailbox_unavailable_is_not_an_invalid_recipient(raw: str) -> None:
+    # RFC 5321's text for any 550, temporary and policy refusals included.
+    assert match(DEFAULT_RULES, reply(raw)) is None
+    assert classify(DEFAULT_RULES, reply(raw)) != "invalid_recipient"
 
 
 def test_first_match_wins() -> None:
@@ -259,7 +314,7 @@ def test_first_match_wins() -> None:
         ("550 5.1.0 bad address", "invalid_recipient"),
         ("550 5.1.2 bad domain", "invalid_recipient"),
         ("550 5.1.10 null MX", "invalid_recipient"),
-        ("550 5.2.1 disabled", "invalid_recipient"),
+        ("550 5.2.1 disabled", "other"),  # also sent for temporary and policy refusals
         ("452 4.2.2 full", "mailbox_full"),
         ("552 5.2.2 full", "mailbox_full"),
         ("552 5.3.4 too big", "message_content"),
@@ -302,9 +357,26 @@ def test_fallback_from_the_enhanced_status(raw: str, classification: str) -> Non
         (("r", "x", "other", "none", -1), "^rule r: duration must be 0 or more seconds, got -1$"),
         (("r", "x", "other", "none", float("inf")), "duration must be 0 or more"),
         (("r", "x", "other", "suspend", 0), "^rule r: a suspend action needs a duration above 0"),
-        (("r", "x", "other", "throttle", 60, 0), "^rule r: factor must be above 0 and at most 1"),
-        (("r", "x", "other", "throttle", 60, 1.5), "factor must be above 0 and at most 1, got 1.5"),
-        (("r", "x", "other", "throttle", 60, float("nan")), "factor must be above 0"),
+        (("r", "x", "other", "throttle", 60, 0), r"^rule r: factor must be from 0\.0625 to 1 "),
+        (("r", "x", "other", "throttle", 60, 0.05), r"suspend it instead\), got 0\.05$"),
+        (("r", "x", "other", "throttle", 60, 1.5), "factor must be from 0.0625 to 1 .*got 1.5$"),
+        (("r", "x", "other", "throttle", 60, float("nan")), "factor must be from"),
+        (
+            ("r", "x", "other", "throttle", 60, 0.5, "ip"),
+            "^rule r: scope must be one of source, domain, site; got 'ip'$",
+        ),
+        (
+            ("r", "x", "other", "throttle", 60, 0.5, "source", "yes"),
+            "^rule r: failover must be true or false, got 'yes'$",
+        ),
+        (
+            ("r", "x", "other", "throttle", 60, 0.5, "source", True),
+            "^rule r: failover says where a suspended path's mail goes: it needs action suspend$",
+        ),
+        (
+            ("r", "x", "other", "suspend", 60, 0.5, "site", True),
+            "^rule r: failover needs scope source, since a site suspension holds every source",
+        ),
     ],
 )
 def test_compile_rule_errors_are_one_clear_sentence(args: tuple[object, ...], message: str) -> None:
@@ -317,15 +389,21 @@ def test_compile_rule_errors_are_one_clear_sentence(args: tuple[object, ...], me
 def test_compile_rule_builds_a_rule() -> None:
     rule = compile_rule("acme-slow", r"(?i)slow down", "rate_limited", "throttle", 300, 0.25)
     assert rule == Rule("acme-slow", re.compile(r"(?i)slow down"), "rate_limited",
-                        Action.THROTTLE, 300, 0.25)  # fmt: skip
+                        Action.THROTTLE, 300, 0.25, Scope.SOURCE, False)  # fmt: skip
     assert match([rule], reply("421 4.7.0 SLOW DOWN please")) is rule
-    assert compile_rule("x_1", "a", "other").action is Action.NONE
+    plain = compile_rule("x_1", "a", "other")
+    assert (plain.action, plain.scope, plain.failover) == (Action.NONE, Scope.SOURCE, False)
+    partner = compile_rule("partner", "busy", "rate_limited", "suspend", 60, failover=True)
+    assert partner.failover
+    domain = compile_rule("acme-domain", "domain", "reputation", "throttle", 60, scope="domain")
+    assert domain.scope is Scope.DOMAIN
 
 
 def test_a_rule_made_directly_is_checked_too() -> None:
     with pytest.raises(ValueError, match="classification"):
         Rule("x", re.compile("a"), "nonsense")
     assert Rule("x", re.compile("a"), "other", "suspend", 5).action is Action.SUSPEND  # type: ignore[arg-type]
+    assert Rule("x", re.compile("a"), "other", scope="site").scope is Scope.SITE  # type: ignore[arg-type]
 
 
 replies = st.builds(Reply, st.integers(min_value=100, max_value=999), st.text(max_size=300))

@@ -7,6 +7,8 @@ against a real redis-server in tests/integration/test_fleet_suppression.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mta.cluster.suppression_sync import _id
 from mta.spool import suppression
 from mta.spool.store import Spool
@@ -29,7 +31,7 @@ def listed(spool: Spool) -> dict[str, bytes]:
 
 def unpushed(spool: Spool) -> list[tuple[str, bytes | None]]:
     with spool.read() as txn:
-        return [(c.entry, c.why) for c in suppression.unpushed(spool, txn)]
+        return [(c.key, c.why) for c in suppression.unpushed(spool, txn)]
 
 
 def test_changes_are_kept_to_push_only_while_the_list_is_shared(spool: Spool) -> None:
@@ -56,13 +58,13 @@ def test_pushed_changes_leave_in_order_and_numbers_keep_rising(spool: Spool) -> 
             suppression.add(spool, txn, f"u{n}@example.net", WHY)
     with spool.read() as txn:
         first_two = suppression.unpushed(spool, txn, limit=2)
-    assert [c.entry for c in first_two] == ["u0@example.net", "u1@example.net"]
+    assert [c.key for c in first_two] == ["u0@example.net", "u1@example.net"]
     with spool.write() as txn:
         suppression.pushed(spool, txn, first_two)
         suppression.add(spool, txn, "u3@example.net", WHY)
     with spool.read() as txn:
         rest = suppression.unpushed(spool, txn)
-    assert [c.entry for c in rest] == ["u2@example.net", "u3@example.net"]
+    assert [c.key for c in rest] == ["u2@example.net", "u3@example.net"]
     assert [c.number for c in first_two + rest] == [1, 2, 3, 4]
 
 
@@ -112,6 +114,24 @@ def test_merge_with_a_redis_new_to_us_unites_both_lists(spool: Spool) -> None:
         "theirs@example.net": BOUNCED.encode(),
     }
     assert unpushed(spool) == [("ours@example.net", WHY.encode())]  # what Redis lacks
+
+
+def test_a_scoped_expiring_entry_reaches_another_spool_as_it_was_made(
+    spool: Spool, tmp_path: Path
+) -> None:
+    shared(spool)
+    expiring = suppression.new(suppression.BOUNCE, "550 5.1.1", now=0.0, lifetime=86400.0)
+    with spool.write() as txn:
+        suppression.add(spool, txn, "gone@example.net", expiring, "shop.example")
+        suppression.add(spool, txn, "gone@example.net", WHY)
+    other = Spool(tmp_path / "other", max_size=2**20)
+    with spool.read() as txn, other.write() as other_txn:
+        suppression.apply(other, other_txn, suppression.unpushed(spool, txn), "1-0")
+    with other.read() as txn:
+        received = suppression.entries(other, txn, "gone@example.net")
+    other.close()
+    assert [(e.scope, e.why) for e in received] == [("", WHY), ("shop.example", expiring)]
+    assert received[1].why.expires == "1970-01-02T00:00:00+00:00"
 
 
 def test_stream_ids_compare_as_numbers() -> None:
