@@ -15,12 +15,14 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from datetime import datetime
 
 import lmdb
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.cli.policy import parse_duration
 from mta.observe.escape import printable
+from mta.observe.timefmt import iso_time
 from mta.spool import suppression
 from mta.spool.store import Spool
 from mta.spool.suppression import EVERY_SENDER, Entry
@@ -145,10 +147,17 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moment(stored: str | None) -> str | None:
+    """A stored time as every command prints one (mta.observe.timefmt)."""
+    return None if stored is None else iso_time(datetime.fromisoformat(stored).timestamp())
+
+
 def _print(entries: list[Entry], as_json: bool) -> None:
     if as_json:
         rows = [
-            {"entry": entry.target, "sender_domain": entry.scope or None} | asdict(entry.why)
+            {"entry": entry.target, "sender_domain": entry.scope or None}
+            | asdict(entry.why)
+            | {"added": _moment(entry.why.added), "expires": _moment(entry.why.expires)}
             for entry in entries
         ]
         json.dump(rows, sys.stdout, indent=2)
@@ -158,6 +167,6 @@ def _print(entries: list[Entry], as_json: bool) -> None:
         scope = f"from {entry.scope}" if entry.scope else "every sender"
         why = entry.why
         print(
-            f"{printable(entry.target):<40} {printable(scope):<24} {why.added}  "
-            f"until {why.expires or 'never':<25}  {why.source:<8} {printable(why.reason)}"
+            f"{printable(entry.target):<40} {printable(scope):<24} {_moment(why.added)}  "
+            f"until {_moment(why.expires) or 'never':<24}  {why.source:<8} {printable(why.reason)}"
         )
