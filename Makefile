@@ -11,13 +11,15 @@ BIN := $(VENV)/bin
 # delivery tests run), prometheus (promtool, and a real server that scrapes the
 # daemon), systemd-analyze (checks the unit file) and libopendkim (OpenDKIM's
 # verifier, loaded by the signing tests), redis-server (the fleet's shared
-# limits) and libfaketime (a wall clock the warmup tests move). Under CI a
-# test skipped for want of one fails (tests/conftest.py).
+# limits), libfaketime (a wall clock the warmup tests move), unbound and
+# ldnsutils (a validating resolver over zones signed for the DANE tests). Under
+# CI a test skipped for want of one fails (tests/conftest.py).
 MULTIARCH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH'))")
 DEBIAN_TOOLS := /usr/sbin/smtp-sink:postfix /usr/bin/swaks:swaks /usr/sbin/nsd:nsd \
 	/usr/bin/promtool:prometheus /usr/bin/systemd-analyze:systemd \
 	/usr/lib/$(MULTIARCH)/libopendkim.so.11:libopendkim11 /usr/bin/redis-server:redis-server \
-	/usr/lib/$(MULTIARCH)/faketime/libfaketime.so.1:libfaketime
+	/usr/lib/$(MULTIARCH)/faketime/libfaketime.so.1:libfaketime /usr/sbin/unbound:unbound \
+	/usr/bin/ldns-signzone:ldnsutils /usr/bin/ldns-keygen:ldnsutils
 
 .PHONY: run test lint reliability-report clean
 

@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -205,7 +206,18 @@ class DeliveryConfig:
     smtp_port: int = setting(int, 25, parse=positive)
     allow_private_mx: bool = setting(bool, False)
     routes: Mapping[str, HostPort] = setting(str, {}, parse=parse_host_port, table=True)
+    # Deprecated: each domain listed gets "encrypt", as in tls_policy (which wins).
     require_tls: tuple[str, ...] = setting(str, [], parse=lowercase_domain, many=True)
+    # Outbound TLS levels (mta.policy.tls); "dane" is not among them: only DNS says it.
+    _LEVELS = ("none", "may", "encrypt", "verify")
+    tls_level: str = setting(str, "may", parse=one_of(*_LEVELS))
+    tls_policy: Mapping[str, str] = setting(str, {}, parse=one_of(*_LEVELS), table=True)
+    ca_file: str | None = setting(str, None, parse=non_empty)  # None: the system's store
+    # A domain's own word on TLS: its MTA-STS policy (fetched over HTTPS from this
+    # port) and, through resolvers that validate DNSSEC, its DANE TLSA records.
+    mta_sts: bool = setting(bool, True)
+    mta_sts_port: int = setting(int, 443, parse=positive)
+    dnssec_nameservers: tuple[HostPort, ...] = setting(str, [], parse=parse_host_port, many=True)
     max_concurrent: int = setting(int, 100, parse=positive)
     max_concurrent_per_domain: int = setting(int, 20, parse=positive)
     connect_timeout: float = setting(float, 30.0, parse=positive)
@@ -222,6 +234,13 @@ class DeliveryConfig:
             raise ValueError("retry_factor must be 1 or more: waits never shrink")
         if self.retry_max < self.retry_first:
             raise ValueError("retry_max must be at least retry_first")
+        if self.ca_file is not None:
+            # Loaded here so that a bad file fails check-config, a start and a reload alike.
+            try:
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                why = getattr(error, "strerror", None) or str(error)
+                raise ValueError(f"ca_file: cannot load {self.ca_file}: {why}") from None
 
 
 def parse_date(text: str) -> datetime.date:
@@ -452,6 +471,20 @@ class SuppressionConfig:
     bounce_expiry: float = setting(float, 180 * 86400.0, parse=positive)
 
 
+@dataclass(frozen=True)
+class TlsReportConfig:
+    # TLS-RPT (RFC 8460): a daily report of TLS outcomes to domains that ask for one.
+    enabled: bool = setting(bool, False)
+    organization: str = setting(str, "", parse=non_empty)
+    sender: str = setting(str, "", parse=non_empty)  # the reports' envelope sender and From
+    contact: str | None = setting(str, None, parse=non_empty)  # default: sender
+    submitter: str | None = setting(str, None, parse=lowercase_domain)  # default: hostname
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (self.organization and self.sender):
+            raise ValueError("enabled: give organization and sender too")
+
+
 def redis_url(text: str) -> str:
     if not re.fullmatch(r"(rediss?://[^\s/]+(/[0-9]+)?|unix:///\S+)", text):
         raise ValueError(
@@ -494,6 +527,7 @@ class Config:
     policy: PolicyConfig = setting(PolicyConfig, PolicyConfig())
     events: EventsConfig = setting(EventsConfig, EventsConfig())
     suppression: SuppressionConfig = setting(SuppressionConfig, SuppressionConfig())
+    tls_report: TlsReportConfig = setting(TlsReportConfig, TlsReportConfig())
     cluster: ClusterConfig = setting(ClusterConfig, ClusterConfig())
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
@@ -515,7 +549,7 @@ class Config:
                 if name not in known:
                     raise ValueError(
                         f"[[egress.source]] {source.name}: warmup.provider.{name}: no provider "
-                        f"of that name (shipped, [[policy.provider]] or \"other\")"
+                        f'of that name (shipped, [[policy.provider]] or "other")'
                     )
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,12 +36,17 @@ from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
 from mta.inbound.node_sessions import NodeSessions, node_sessions_dir
 from mta.inbound.server import Session, Sessions
+from mta.node.local_mail import LocalMail
 from mta.node.ownership import Peers
-from mta.observe import http, loop_lag
+from mta.observe import http, loop_lag, metrics
 from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import Resolver
+from mta.outbound.tls_policies import TlsPolicies
+from mta.outbound.tls_report import TlsReports
 from mta.policy.retry import RetrySchedule
+from mta.policy.tls import Failure, TlsPolicy
+from mta.policy.tls_report import Reporter
 from mta.signing.keys import DkimKey, SigningError, load_key
 from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
@@ -51,6 +57,8 @@ from mta.spool.scheduled_queue import Scheduler
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta")
+TLS_REPORT_EVERY = 600.0  # seconds between looks for finished days to report (TLS-RPT)
+TLS_REPORT_CHECK = 5.0  # how often the wall clock is read for that
 
 
 class StartupError(Exception):
@@ -155,7 +163,11 @@ class Daemon:
             NodeSessions.clear(str(node_sessions_dir(config.spool.path)))  # and sessions
         # Connection counts and AUTH failures, shared by the node's workers.
         self.node_sessions = NodeSessions(str(node_sessions_dir(config.spool.path)))
-        self.egress = Egress(config, self.spool)
+        local_mail = LocalMail(
+            self.spool, self.committer, signer, self.sign_pool, new_id, self.queued
+        )
+        self.tls_reports = tls_reports(config, self.spool, local_mail)
+        self.egress = Egress(config, self.spool, on_tls=self.tls_session)
         self.scheduler = Scheduler(
             self.spool,
             lambda key: self.attempter(key),
@@ -174,6 +186,7 @@ class Daemon:
             schedule=retry_schedule(config),
             hostname=config.server.hostname,
             on_queued=self.queued,
+            tls_policies=TlsPolicies(config, self.spool),
             suppression_config=config.suppression,
             events=self.events,
         )
@@ -247,6 +260,10 @@ class Daemon:
                 else None
             )
             posting = loop.create_task(self.webhook.run()) if self.webhook else None
+            reporting = [
+                loop.create_task(task)
+                for task in self._tls_report_tasks(self.role is None or self.role.index == 0)
+            ]
             if self.peers is not None:
                 self.peers.listen(self.scheduler.offer)
             if self.role is None or self.role.index == 0:
@@ -279,6 +296,9 @@ class Daemon:
                 sharing.cancel()
             if following is not None:
                 following.cancel()
+            for task in reporting:
+                task.cancel()  # the counting task flushes once more
+            await asyncio.gather(*reporting, return_exceptions=True)
             if posting is not None:
                 await posting
         finally:
@@ -295,6 +315,35 @@ class Daemon:
         else:
             log.info("worker %d stopped", self.role.index)
         return 0
+
+    def tls_session(
+        self, address: str, policy: TlsPolicy, host: str, failure: Failure | None
+    ) -> None:
+        """How an outbound TLS session went: counted, and kept for TLS-RPT."""
+        metrics.TLS_SESSIONS.labels(policy.level, policy.source, failure or "ok").inc()
+        if self.tls_reports is not None:
+            self.tls_reports.count(policy, host, address, failure, time.time())
+
+    def _tls_report_tasks(self, sending: bool) -> list[Coroutine[Any, Any, None]]:
+        """Every process counts; one per node sends the finished days' reports."""
+        if self.tls_reports is None:
+            return []
+        return [self.tls_reports.run(), *([self._send_tls_reports()] if sending else [])]
+
+    async def _send_tls_reports(self) -> None:
+        """Look for finished days to report every TLS_REPORT_EVERY seconds of the wall
+        clock (checked often, so a clock that steps is followed)."""
+        assert self.tls_reports is not None
+        looked = None
+        while True:
+            now = time.time()
+            if looked != now // TLS_REPORT_EVERY:
+                looked = now // TLS_REPORT_EVERY
+                try:
+                    await self.tls_reports.send_due(now)
+                except Exception:  # a report is retried at the next look; delivery goes on
+                    log.exception("sending TLS reports failed")
+            await asyncio.sleep(TLS_REPORT_CHECK)
 
     async def reload(self) -> None:
         """SIGHUP: read the config file again and apply it without dropping a session.
@@ -380,6 +429,28 @@ def event_log(config: Config, spool: Spool) -> EventLog:
         raise StartupError(
             f"cannot open the events file {config.events.file}: {error.strerror or error}"
         ) from None
+
+
+def tls_reports(config: Config, spool: Spool, local_mail: LocalMail) -> TlsReports | None:
+    """TLS-RPT, when ``[tls_report] enabled``."""
+    settings = config.tls_report
+    if not settings.enabled:
+        return None
+    reporter = Reporter(
+        settings.organization,
+        settings.contact or settings.sender,
+        settings.submitter or config.server.hostname,
+    )
+    delivery = config.delivery
+    return TlsReports(
+        spool,
+        reporter,
+        settings.sender,
+        local_mail.enqueue,
+        [(ns.host, ns.port) for ns in delivery.nameservers] or None,
+        allow_private=delivery.allow_private_mx,
+        ca_file=delivery.ca_file,
+    )
 
 
 def resolver(config: Config) -> Resolver:

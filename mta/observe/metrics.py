@@ -90,6 +90,12 @@ THROTTLE_EVENTS = Counter(
     ["rule"],
 )
 
+TLS_SESSIONS = Counter(
+    "mta_tls_sessions_total",
+    "Outbound TLS sessions, by level, where the policy came from (default, config, "
+    "mta-sts, dane) and result (ok, or the RFC 8460 failure type).",
+    ["level", "source", "result"],
+)
 EVENTS = Counter(
     "mta_events_total",
     "Delivery events recorded, by type (received, delivered, deferred, bounced, expired).",

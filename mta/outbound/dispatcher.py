@@ -41,9 +41,11 @@ from mta.observe.escape import field
 from mta.outbound.dsn import Failure, build_dsn
 from mta.outbound.egress import Egress, Lease, Stream, Wait
 from mta.outbound.routes import ResolveError, Resolver
+from mta.outbound.tls_policies import TlsPolicies
 from mta.policy.disposition import Decision, decide
 from mta.policy.retry import RetrySchedule
 from mta.policy.rules import Action, Rule, classify, match
+from mta.policy.tls import TlsPolicy
 from mta.signing.signer import Signer
 from mta.spool import suppression
 from mta.spool.commit import GroupCommitter
@@ -64,6 +66,7 @@ class AttemptResult:
     replies: dict[str, Reply]
     lease: Lease | None = None  # the path used, when SMTP was tried
     wait_until: float | None = None  # no path may send yet: not an attempt, only a later time
+    tls: TlsPolicy | None = None  # the TLS policy SMTP was tried under
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Attempter:
         schedule: RetrySchedule,
         hostname: str,
         on_queued: Callable[[Message], None],
+        tls_policies: TlsPolicies,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         events: EventLog | None = None,
@@ -103,6 +107,7 @@ class Attempter:
         self.schedule = schedule
         self.hostname = hostname
         self.on_queued = on_queued
+        self.tls_policies = tls_policies
         self.clock = clock
         self.rng = rng or random.Random()
         self.events = events or EventLog(EventsConfig())  # none configured: counted only
@@ -115,6 +120,7 @@ class Attempter:
         way finish with what they started with."""
         self.signer, self.resolver, self.schedule = signer, resolver, schedule
         self.hostname, self.suppression = config.server.hostname, config.suppression
+        self.tls_policies.reload(config)
 
     async def __call__(self, key: bytes) -> None:
         loaded = self._load(key)
@@ -163,6 +169,8 @@ class Attempter:
         """Route, lease a path, talk SMTP: each recipient's reply."""
         try:
             route = await self.resolver.route(job.domain)
+            # Before the lease: finding the policy must not hold a connection slot.
+            tls, route = await self.tls_policies.for_route(route)
         except ResolveError as failure:
             reply = Reply(550 if failure.permanent else 451, f"{failure.status} {failure.text}")
             return AttemptResult(NO_RELAY, dict.fromkeys(job.recipients, reply))
@@ -190,6 +198,7 @@ class Attempter:
                     body,
                     lease.limits.max_messages_per_connection,
                     lease.slot,
+                    tls,
                 )
                 replies.update(delivery.replies)
                 relay = delivery.relay
@@ -198,7 +207,7 @@ class Attempter:
             rules = tuple(self.egress.react(lease, replies))
         finally:
             self.egress.release(lease)
-        return AttemptResult(relay, _blocks_defer(replies, rules), lease)
+        return AttemptResult(relay, _blocks_defer(replies, rules), lease, tls=tls)
 
     async def _bounce(
         self, message: Message, body: bytes, decision: Decision, relay: str
@@ -320,6 +329,8 @@ class Attempter:
         attempts = job.attempts + (0 if result.wait_until is not None else 1)
         bounced = dict(decision.bounced)
         source = f" source={result.lease.source.name}" if result.lease else ""
+        if result.tls is not None:  # which TLS policy applied, and on whose word
+            source += f" tls={result.tls.level}/{result.tls.source}"
         for recipient in job.recipients:
             reply = bounced.get(recipient) or result.replies[recipient]
             if recipient in decision.delivered:

@@ -56,7 +56,7 @@ from mta.config import Config
 from mta.mail.reply import Reply
 from mta.observe import metrics
 from mta.outbound import warmup_counts
-from mta.outbound.pool import Source, pools_from_config, sources_from_config
+from mta.outbound.pool import Source, TlsOutcome, pools_from_config, sources_from_config
 from mta.outbound.ready_queue import Busy, ReadyQueue
 from mta.outbound.routes import Route
 from mta.outbound.shaping import Shaping
@@ -159,8 +159,10 @@ class Egress:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         shared: SharedLimits | None = None,
+        on_tls: TlsOutcome = lambda address, policy, host, failure: None,
     ) -> None:
         self.spool = spool
+        self.on_tls = on_tls
         self.shared = shared or shared_limits(config.cluster, str(spool.path), self._warmup_counts)
         self.clock = clock
         self.rng = rng or random.Random()
@@ -181,12 +183,12 @@ class Egress:
     def configure(self, config: Config) -> list[Deliverer]:
         """Take (new) sources, pools, limits and rules; the retired SMTP clients.
 
-        A source whose address, EHLO name and TLS requirements are unchanged
+        A source whose address, EHLO name and client settings are unchanged
         keeps its client and its pooled connections; deliveries under way
         finish on whatever they leased.
         """
         self.sources = sources_from_config(
-            config, {s.name: s for s in self.sources}, self._slot_free
+            config, {s.name: s for s in self.sources}, self._slot_free, self.on_tls
         )
         kept = {id(source.deliverer) for source in self.sources}
         self.pools = pools_from_config(config, self.sources)

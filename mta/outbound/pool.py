@@ -12,9 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from mta.config import Config, WarmupConfig
 from mta.outbound.smtp_client import ClientSettings, Deliverer, Slot
+from mta.policy.tls import Failure, TlsPolicy
+
+# How a TLS session went, with the address it left from: (address, policy, MX host, failure).
+TlsOutcome = Callable[[str, TlsPolicy, str, Failure | None], None]
 
 
 @dataclass
@@ -25,7 +30,6 @@ class Source:
     address: str | None  # None: let the kernel choose (no [[egress.source]] configured)
     warmup: WarmupConfig | None  # its plan, and any per provider
     deliverer: Deliverer
-    tls_domains: frozenset[str] = frozenset()  # [delivery] require_tls, as its client has it
 
 
 def client_settings(config: Config, source_address: str | None, helo: str) -> ClientSettings:
@@ -37,16 +41,20 @@ def client_settings(config: Config, source_address: str | None, helo: str) -> Cl
         max_messages_per_connection=delivery.max_messages_per_connection,
         idle_timeout=delivery.connection_idle_timeout,
         source_address=source_address,
+        ca_file=delivery.ca_file,
     )
 
 
 def sources_from_config(
-    config: Config, current: Mapping[str, Source], on_slot_free: Callable[[Slot], None]
+    config: Config,
+    current: Mapping[str, Source],
+    on_slot_free: Callable[[Slot], None],
+    on_tls: TlsOutcome = lambda address, policy, host, failure: None,
 ) -> list[Source]:
     """One Deliverer per source, so that connections are pooled per source address;
     a source in ``current`` with the same settings keeps its Deliverer. Each tells
-    ``on_slot_free`` when a connection slot is free again."""
-    tls_domains = frozenset(config.delivery.require_tls)
+    ``on_slot_free`` when a connection slot is free again, and ``on_tls`` how each
+    TLS session went (mta.outbound.smtp_client)."""
     configured: list[tuple[str, str | None, WarmupConfig | None, str | None]] = [
         (s.name, s.address, s.warmup, s.ehlo) for s in config.egress.source
     ] or [("default", None, None, None)]
@@ -54,11 +62,11 @@ def sources_from_config(
     for name, address, plan, ehlo in configured:
         settings = client_settings(config, address, ehlo or config.server.hostname)
         old = current.get(name)
-        if old and old.deliverer.settings == settings and old.tls_domains == tls_domains:
+        if old and old.deliverer.settings == settings:
             deliverer = old.deliverer
         else:
-            deliverer = Deliverer(settings, tls_domains.__contains__, on_slot_free)
-        sources.append(Source(name, address, plan, deliverer, tls_domains))
+            deliverer = Deliverer(settings, on_slot_free, partial(on_tls, address or ""))
+        sources.append(Source(name, address, plan, deliverer))
     return sources
 
 

@@ -160,6 +160,14 @@ class DnsLookup:
         resolver.timeout = min(resolver.timeout, timeout)
         self.resolver = resolver
 
+    async def texts(self, name: str) -> list[bytes]:
+        """The TXT records at ``name``, each's strings joined (RFC 7208 3.3); [] for
+        none. dns.resolver.NXDOMAIN, or another DNSException, when the DNS fails."""
+        answer = await self.resolver.resolve(
+            dns.name.from_text(name), "TXT", raise_on_no_answer=False, search=False
+        )
+        return [b"".join(record.strings) for record in answer.rrset or ()]
+
     async def __call__(self, name: str, rdtype: str) -> Answer:
         try:
             # An absolute name: resolv.conf's search list must not apply.

@@ -26,23 +26,37 @@ When every address fails, each recipient gets one temporary reply that
 describes the last failure, with an RFC 3463 code: 4.4.1 "no answer from
 host" (could not connect), 4.4.2 "bad connection" (lost or timed out
 mid-session), 4.7.4 "security features not supported" (TLS required but not
-offered), 4.7.5 "cryptographic failure" (TLS required, handshake failed),
-4.5.0 "other protocol status" (a reply without a valid code); a server that
-refused to talk keeps its own code, made temporary. All are "451 <status>
-<what happened>", Postfix-worded ("connect to mx[192.0.2.1]:25: Connection
-refused", "host mx[...]:25 said: 421 ... (in reply to MAIL FROM)").
+offered), 4.7.5 "cryptographic failure" (TLS required, the handshake or the
+certificate failed), 4.5.0 "other protocol status" (a reply without a valid
+code); a server that refused to talk keeps its own code, made temporary. All
+are "451 <status> <what happened>", Postfix-worded ("connect to
+mx[192.0.2.1]:25: Connection refused", "host mx[...]:25 said: 421 ... (in
+reply to MAIL FROM)").
 
-TLS is opportunistic, like Postfix's "may" level: STARTTLS whenever offered,
-without certificate checks (encryption without authentication). If the
-handshake fails and TLS is not required, the same address is tried again
-once in plaintext, as Postfix does, so a broken TLS stack cannot hold mail.
+TLS follows the delivery's policy (mta.policy.tls), connection by connection:
+``none`` never STARTTLS; ``may`` (the default, Postfix's name) STARTTLS when
+offered, with no certificate checks, and after a failed handshake the same
+address once more in plaintext, so that a broken TLS stack cannot hold mail;
+``encrypt`` TLS required, any certificate; ``verify`` TLS required, the chain
+valid against ``ca_file`` (or the system's store) and issued to the MX host's
+name; ``dane`` TLS required, the chain matching the host's TLSA records
+(mta.policy.dane; RFC 7672 2.2: a host without records gets ``may``, one whose
+records are all unusable ``encrypt``). A required level never falls back to
+plaintext: the address fails, 4.7.4 when STARTTLS is not offered (or refused),
+4.7.5 when the handshake or the certificate fails, saying which. Under an
+MTA-STS policy in ``enforce`` mode only the MX hosts it names are tried; in
+``testing`` mode mail goes as under ``may`` and what enforce would have
+refused is only reported. ``on_tls`` hears of every failure, and of every new
+TLS connection (TLS-RPT, metrics).
 
 Connections are pooled and reused for the next message: after a failed
 transaction the next one starts with RSET, a connection carries at most
 ``max_messages_per_connection`` transactions and closes (QUIT) after
 ``idle_timeout`` unused. A pooled connection the server closed meanwhile is
 replaced silently. A connection is checked out of the pool while in use, so
-concurrent deliveries never share one.
+concurrent deliveries never share one. A pooled connection remembers what its
+TLS proved (``Assurance``) and carries only mail whose policy that satisfies:
+a ``verify`` delivery never reuses a plaintext or unverified connection.
 
 A delivery may carry a ``Slot``: a connection slot on its egress path,
 granted by the shared limits (mta.cluster). The connection opened for it holds
@@ -93,13 +107,38 @@ from mta.outbound.smtp_transaction import (
     refused,
     temporary,
 )
+from mta.outbound.tls_compat import peer_chain
 from mta.outbound.wire import Garbled, Lost, Wire, extensions
+from mta.policy import dane
+from mta.policy.tls import REQUIRED, Failure, Level, Tlsa, TlsPolicy, mx_matches
 
 log = logging.getLogger("mta.outbound.client")
 
 NO_RELAY = "none"
 # QUIT is a courtesy: never let a slow server hold up closing or shutdown.
 QUIT_TIMEOUT = 5.0
+
+# OpenSSL's X509_V_ERR_* codes, by the RFC 8460 result they are.
+VERIFY_FAILURES = {
+    10: Failure.CERTIFICATE_EXPIRED,  # CERT_HAS_EXPIRED
+    62: Failure.CERTIFICATE_HOST_MISMATCH,  # HOSTNAME_MISMATCH
+    64: Failure.CERTIFICATE_HOST_MISMATCH,  # IP_ADDRESS_MISMATCH (a route to an IP)
+    2: Failure.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT
+    18: Failure.CERTIFICATE_NOT_TRUSTED,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: Failure.CERTIFICATE_NOT_TRUSTED,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: Failure.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: Failure.CERTIFICATE_NOT_TRUSTED,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
+SAID = {
+    Failure.CERTIFICATE_HOST_MISMATCH: "certificate host name mismatch",
+    Failure.CERTIFICATE_EXPIRED: "certificate expired",
+    Failure.CERTIFICATE_NOT_TRUSTED: "certificate not trusted",
+    Failure.VALIDATION_FAILURE: "certificate not valid",
+    Failure.TLSA_INVALID: "TLSA mismatch",
+}
+
+OnTls = Callable[[TlsPolicy, str, Failure | None], None]
+OPPORTUNISTIC = TlsPolicy()  # may: a delivery that names no policy
 
 
 @dataclass(frozen=True)
@@ -123,6 +162,7 @@ class ClientSettings:
     idle_timeout: float = 5.0  # a pooled connection unused this long is closed (QUIT)
     max_idle_per_address: int = 10  # pooled idle connections kept per (address, port)
     source_address: str | None = None  # local IP to bind
+    ca_file: str | None = None  # the CAs the verify level trusts; None: the system's store
 
     @property
     def end_of_data_timeout(self) -> float:
@@ -133,9 +173,72 @@ class ClientSettings:
 
 
 @dataclass(frozen=True)
+class Assurance:
+    """What a connection's TLS proved, so that a pooled one carries only mail it is
+    good enough for: nothing (NONE: plaintext), encryption (ENCRYPT: any
+    certificate), or also the server's identity as ``host`` (VERIFY, or DANE by
+    the records ``tlsa``)."""
+
+    level: Level = Level.NONE
+    host: str = ""
+    tlsa: tuple[Tlsa, ...] = ()
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What TLS a connection to one MX host must give under a policy."""
+
+    policy: TlsPolicy
+    level: Level  # the policy's level for this host (under dane, by its records)
+    host: str
+    tlsa: tuple[Tlsa, ...] = ()  # DANE: the host's usable records
+    second_try: bool = False  # after a failed handshake: that session is reported already
+
+    @property
+    def enforced(self) -> bool:
+        """Must the connection fail without it? (MTA-STS testing only reports.)"""
+        return self.level in REQUIRED and not self.policy.testing
+
+    def proven(self) -> Assurance:
+        """What a TLS connection opened for this demand proves."""
+        if self.level in (Level.VERIFY, Level.DANE):
+            return Assurance(self.level, self.host, self.tlsa)
+        return Assurance(Level.ENCRYPT)
+
+    def accepts(self, assurance: Assurance) -> bool:
+        """May a connection that proved ``assurance`` carry mail under this demand?"""
+        if not self.enforced:
+            return True
+        if self.level is Level.ENCRYPT:
+            return assurance.level is not Level.NONE
+        return assurance == self.proven()
+
+    def fallback(self) -> Demand:
+        """What an unenforced demand tries after a failed handshake: TLS without
+        checks, then plaintext; the session is reported once, as the failure."""
+        level = Level.NONE if self.level is Level.MAY else Level.MAY
+        return Demand(TlsPolicy(level), level, self.host, second_try=True)
+
+    @classmethod
+    def of(cls, policy: TlsPolicy, host: str) -> Demand:
+        """What ``policy`` demands of MX host ``host``. Under dane it depends on the
+        host's TLSA records (RFC 7672 2.2, Postfix's dane level): usable ones
+        authenticate the server, a set with none usable still requires TLS, and a
+        host without records gets opportunistic TLS."""
+        if policy.level is not Level.DANE:
+            return cls(policy, policy.level, host)
+        records = policy.tlsa.get(host)
+        if records is None:
+            return cls(policy, Level.MAY, host)
+        usable = dane.usable(records)
+        return cls(policy, Level.DANE if usable else Level.ENCRYPT, host, usable)
+
+
+@dataclass(frozen=True)
 class _Target:
     host: MxHost
     address: str
+    demand: Demand
 
     @property
     def key(self) -> tuple[str, int]:
@@ -152,7 +255,7 @@ class Connection:
     session: ClientSession  # its mail transactions
     key: tuple[str, int]
     relay: str  # as named when opened, for logs
-    tls: bool
+    assurance: Assurance
 
 
 @dataclass(eq=False)
@@ -170,12 +273,18 @@ class Slot:
     idle_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
-class _TlsBroken(Exception):
-    """The TLS handshake failed; the connection is gone."""
+class _TlsFailed(Exception):
+    """The connection cannot give the TLS its demand asks for."""
 
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
+    def __init__(self, failure: Failure, text: str) -> None:
+        super().__init__(failure, text)
+        self.failure = failure
+        self.text = text  # "TLS handshake with mx[192.0.2.1]:25 failed: ..."
+
+    def reply(self, policy: TlsPolicy) -> Reply:
+        """The deferral, saying what failed and whose word required TLS."""
+        code = "4.7.4" if self.failure is Failure.STARTTLS_NOT_SUPPORTED else "4.7.5"
+        return temporary(code, f"{self.text} ({REQUIRED_BY[policy.source]} {policy.level})")
 
 
 def format_relay(name: str, address: str, port: int) -> str:
@@ -183,26 +292,58 @@ def format_relay(name: str, address: str, port: int) -> str:
     return f"{name}[{address}]:{port}"
 
 
-def _targets(route: Route) -> list[_Target]:
+def _targets(route: Route, policy: TlsPolicy) -> list[_Target]:
     """Every (host, address) of the route, in order, each address once."""
     seen: set[tuple[str, int]] = set()
     targets = []
     for host in route.hosts:
         for address in host.addresses:
-            target = _Target(host, address)
+            target = _Target(host, address, Demand.of(policy, host.name))
             if target.key not in seen:
                 seen.add(target.key)
                 targets.append(target)
     return targets
 
 
-def _tls_context() -> ssl.SSLContext:
-    # Opportunistic TLS: no certificate or name checks (a self-signed or expired
-    # certificate still gives encryption against passive listeners).
+def _unverified_context() -> ssl.SSLContext:
+    # No certificate or name checks: a self-signed or expired certificate still
+    # gives encryption against passive listeners (and DANE checks the chain itself).
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _handshake_failure(error: Exception) -> tuple[Failure, str]:
+    """Why a handshake failed: RFC 8460's name for it, and what to say."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        failure = VERIFY_FAILURES.get(error.verify_code, Failure.VALIDATION_FAILURE)
+        return failure, f"{SAID[failure]} ({error.verify_message})"
+    return Failure.VALIDATION_FAILURE, str(error) or type(error).__name__
+
+
+# Whose word a required level is, for the deferral's text (and so `mta queue list`).
+REQUIRED_BY = {
+    "default": "[delivery] tls_level:",
+    "config": "[delivery] tls_policy:",
+    "mta-sts": "the domain's MTA-STS policy:",
+    "dane": "the MX host's DANE TLSA records:",
+}
+
+
+def _handshake_failed(relay: str, why: str) -> str:
+    return f"TLS handshake with {relay} failed: {why}"
+
+
+def _sts_refusal(route: Route, policy: TlsPolicy) -> str:
+    patterns = ", ".join(policy.mx_patterns)
+    return f"no MX host of {route.domain} matches its MTA-STS policy (mx: {patterns})"
+
+
+def _no_host(route: Route, policy: TlsPolicy) -> str:
+    if policy.mx_patterns and not policy.testing:
+        return _sts_refusal(route, policy)
+    return f"no MX host for {route.domain}"
 
 
 class Deliverer:
@@ -211,13 +352,14 @@ class Deliverer:
     def __init__(
         self,
         settings: ClientSettings,
-        require_tls: Callable[[str], bool] = lambda domain: False,
         on_slot_free: Callable[[Slot], None] = lambda slot: None,
+        on_tls: OnTls = lambda policy, host, failure: None,
     ) -> None:
         self.settings = settings
-        self.require_tls = require_tls
         self.on_slot_free = on_slot_free
-        self._tls = _tls_context()
+        self.on_tls = on_tls
+        self._unverified = _unverified_context()
+        self._verifying = ssl.create_default_context(cafile=settings.ca_file)
         self._idle: dict[str, list[Slot]] = {}  # by path ("": deliveries without a slot)
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -230,30 +372,43 @@ class Deliverer:
         data: bytes,
         max_messages: int | None = None,
         slot: Slot | None = None,
+        tls: TlsPolicy = OPPORTUNISTIC,
     ) -> Delivery:
         """Send ``data`` from ``sender`` to ``recipients`` over ``route``; one reply each.
 
         ``max_messages``: the destination's own limit of messages per
         connection, when lower than ``ClientSettings.max_messages_per_connection``.
         ``slot``: the connection slot this delivery holds (its connection is
-        used, or one is opened for it); the caller gives it back with
-        ``give_back``. Without one, an idle connection to the route is reused.
+        used if ``tls`` accepts it, or one is opened for it); the caller gives
+        it back with ``give_back``. Without one, an idle connection to the
+        route that ``tls`` accepts is reused. ``tls``: the destination's TLS policy.
         """
-        tls_required = self.require_tls(route.domain)
-        targets = _targets(route)
+        targets = _targets(route, tls)
+        if tls.mx_patterns:
+            targets = self._sts_hosts(targets, route, tls)
+        no_host = _no_host(route, tls)
         if slot is not None:
-            return await self._deliver(targets, route, slot, sender, recipients, data, max_messages)
-        borrowed = self._take("", tls_required, {t.key for t in targets}) or Slot("")
+            return await self._deliver(
+                targets, no_host, slot, sender, recipients, data, max_messages
+            )
+        demands = {target.key: target.demand for target in targets}
+
+        def usable(connection: Connection) -> bool:
+            wanted = demands.get(connection.key)
+            return wanted is not None and wanted.accepts(connection.assurance)
+
+        borrowed = self._take("", usable) or Slot("")
         try:
             return await self._deliver(
-                targets, route, borrowed, sender, recipients, data, max_messages
+                targets, no_host, borrowed, sender, recipients, data, max_messages
             )
         finally:
             self.give_back(borrowed)
 
     def take_idle(self, path: str, domain: str) -> Slot | None:
-        """An idle slot of ``path``, with its open connection, for a delivery to ``domain``."""
-        return self._take(path, self.require_tls(domain), None)
+        """An idle slot of ``path``, with its open connection, for a delivery to
+        ``domain``; ``deliver`` replaces the connection if its TLS policy needs more."""
+        return self._take(path, lambda connection: True)
 
     def retire(self, slot: Slot, reason: str) -> None:
         """Close the connection of a slot taken with ``take_idle``; then the slot is free."""
@@ -290,7 +445,7 @@ class Deliverer:
     async def _deliver(
         self,
         targets: list[_Target],
-        route: Route,
+        no_host: str,  # what to say when no address is left to try
         slot: Slot,
         sender: str,
         recipients: Sequence[str],
@@ -300,22 +455,21 @@ class Deliverer:
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             return Delivery(NO_RELAY, {})
-        tls_required = self.require_tls(route.domain)
         pooled = slot.connection
         if pooled is not None:
             # A pooled connection saves a handshake: its host first.
             first = next((t for t in targets if t.key == pooled.key), None)
             if first is None:  # the route no longer lists that address
                 self._drop(slot, "not on the route")
+            elif not first.demand.accepts(pooled.assurance):
+                self._drop(slot, "less TLS than the policy requires")
             else:
                 targets.remove(first)
                 targets.insert(0, first)
-        failure = Unavailable(temporary("4.4.4", f"no MX host for {route.domain}"), NO_RELAY)
+        failure = Unavailable(temporary("4.4.4", no_host), NO_RELAY)
         for target in targets:
             try:
-                return await self._deliver_via(
-                    target, tls_required, slot, sender, rcpts, data, max_messages
-                )
+                return await self._deliver_via(target, slot, sender, rcpts, data, max_messages)
             except Unavailable as unavailable:
                 log.debug("%s unavailable: %s", target.relay, unavailable.reply)
                 failure = unavailable
@@ -336,7 +490,6 @@ class Deliverer:
     async def _deliver_via(
         self,
         target: _Target,
-        tls_required: bool,
         slot: Slot,
         sender: str,
         rcpts: list[str],
@@ -349,13 +502,31 @@ class Deliverer:
                 return await self._transaction(slot, target, sender, rcpts, data, max_messages)
             except Stale:
                 pass  # the server closed it while it sat in the pool: not a failure
-        slot.connection = await self._open(target, tls_required)
+        slot.connection = await self._open(target, target.demand)
         return await self._transaction(slot, target, sender, rcpts, data, max_messages)
 
-    async def _open(
-        self, target: _Target, tls_required: bool, plaintext: bool = False
-    ) -> Connection:
-        """A connected, greeted, EHLO'd (and if offered, encrypted) connection."""
+    async def _open(self, target: _Target, demand: Demand) -> Connection:
+        """A connected, greeted, EHLO'd connection, encrypted as ``demand`` asks;
+        unless it is enforced, a failed handshake is retried with its fallback."""
+        relay = target.relay
+        wire = await self._greeted(target)
+        try:
+            offered = await self._hello(wire, relay)
+            offered, assurance = await self._secure(wire, target, demand, offered)
+        except _TlsFailed as failed:
+            wire.close()
+            self._tls_failed(demand, relay, failed)
+            if demand.enforced:
+                raise Unavailable(failed.reply(demand.policy), relay) from None
+            return await self._open(target, demand.fallback())
+        except BaseException:
+            wire.close()
+            raise
+        log.debug("connected to %s tls=%s", relay, assurance.level)
+        return Connection(wire, ClientSession(offered), target.key, relay, assurance)
+
+    async def _greeted(self, target: _Target) -> Wire:
+        """A connection to the target that has had its 220 greeting."""
         relay = target.relay
         sock = await self._connect_socket(target)
         try:
@@ -369,32 +540,10 @@ class Deliverer:
             )
             if greeting.code != 220:
                 raise Unavailable(refused(relay, greeting, "the greeting"), relay)
-            offered = await self._hello(wire, relay)
-            tls = False
-            if not plaintext and "starttls" in offered:
-                try:
-                    encrypted = await self._starttls(wire, relay, tls_required)
-                except _TlsBroken as broken:
-                    wire.close()
-                    if tls_required:
-                        raise Unavailable(
-                            temporary("4.7.5", f"TLS handshake with {relay} failed: {broken.why}"),
-                            relay,
-                        ) from None
-                    log.debug("TLS with %s failed (%s); trying plaintext", relay, broken.why)
-                    return await self._open(target, tls_required, plaintext=True)
-                if encrypted is not None:
-                    offered, tls = encrypted, True
-            if tls_required and not tls:
-                raise Unavailable(
-                    temporary("4.7.4", f"TLS is required, but was not offered by host {relay}"),
-                    relay,
-                )
         except BaseException:
             wire.close()
             raise
-        log.debug("connected to %s tls=%s", relay, "yes" if tls else "no")
-        return Connection(wire, ClientSession(offered), target.key, relay, tls)
+        return wire
 
     async def _connect_socket(self, target: _Target) -> socket.socket:
         """A TCP connection to the target, from our source address if set."""
@@ -447,30 +596,95 @@ class Deliverer:
             raise Unavailable(refused(relay, reply, "HELO"), relay)
         return {}
 
-    async def _starttls(self, wire: Wire, relay: str, tls_required: bool) -> dict[str, str] | None:
-        """STARTTLS and EHLO again: the extensions offered over TLS, or None
-        if the server refused STARTTLS (plaintext goes on)."""
+    async def _secure(
+        self, wire: Wire, target: _Target, demand: Demand, offered: dict[str, str]
+    ) -> tuple[dict[str, str], Assurance]:
+        """STARTTLS as ``demand`` asks: the extensions offered then, and what the
+        TLS proved. Raises _TlsFailed when the connection cannot go on as it is."""
+        if demand.level is Level.NONE:
+            return offered, Assurance()
+        relay = target.relay
+        if "starttls" not in offered:
+            return offered, self._without_tls(demand, relay, f"was not offered by host {relay}")
+        refusal = await self._starttls(wire, relay)
+        if refusal is not None:
+            what = f"host {relay} refused STARTTLS: {refusal}"
+            return offered, self._without_tls(demand, relay, what)
+        ssl_object = await self._handshake(wire, target, demand)
+        self._authenticate(ssl_object, relay, demand)
+        if not demand.second_try:
+            self.on_tls(demand.policy, demand.host, None)
+        # RFC 3207 4.2: what the server offered before TLS is forgotten.
+        return await self._hello(wire, relay), demand.proven()
+
+    async def _starttls(self, wire: Wire, relay: str) -> Reply | None:
+        """STARTTLS: None when the server is ready for the handshake, else its refusal
+        (plaintext may go on)."""
         wire.write(b"STARTTLS\r\n")
         try:
             reply = await wire.read_reply(self.settings.command_timeout)
         except Garbled as garbled:
-            raise _TlsBroken(f"malformed reply to STARTTLS: {garbled.text[:200]!r}") from None
+            why = f"malformed reply to STARTTLS: {garbled.text[:200]!r}"
+            raise _TlsFailed(Failure.VALIDATION_FAILURE, _handshake_failed(relay, why)) from None
         except (Lost, TimeoutError) as error:
-            raise _TlsBroken(str(error) or type(error).__name__) from None
-        if reply.code != 220:
-            if reply.code == SERVICE_UNAVAILABLE:
-                raise Unavailable(refused(relay, reply, "STARTTLS"), relay)
-            if tls_required:
-                raise Unavailable(
-                    temporary("4.7.5", f"host {relay} refused STARTTLS: {reply}"), relay
-                )
+            why = str(error) or type(error).__name__
+            raise _TlsFailed(Failure.VALIDATION_FAILURE, _handshake_failed(relay, why)) from None
+        if reply.code == 220:
             return None
+        if reply.code == SERVICE_UNAVAILABLE:
+            raise Unavailable(refused(relay, reply, "STARTTLS"), relay)
+        return reply
+
+    async def _handshake(self, wire: Wire, target: _Target, demand: Demand) -> ssl.SSLObject:
+        """The TLS handshake; under verify, the chain and the MX host's name checked."""
+        context = self._verifying if demand.level is Level.VERIFY else self._unverified
         try:
-            await wire.start_tls(self._tls, self.settings.command_timeout)
+            return await wire.start_tls(context, self.settings.command_timeout, target.host.name)
         except (OSError, Lost) as error:  # OSError covers ssl.SSLError and TimeoutError
-            raise _TlsBroken(str(error) or type(error).__name__) from None
-        # RFC 3207 4.2: what the server offered before TLS is forgotten.
-        return await self._hello(wire, relay)
+            failure, why = _handshake_failure(error)
+            raise _TlsFailed(failure, _handshake_failed(target.relay, why)) from None
+
+    def _authenticate(self, ssl_object: ssl.SSLObject, relay: str, demand: Demand) -> None:
+        """Under dane: the chain the server presented must match the host's TLSA records."""
+        if demand.level is not Level.DANE:
+            return
+        failure = dane.check(peer_chain(ssl_object), demand.tlsa, demand.host)
+        if failure is not None:
+            why = f"{SAID[failure]} (DANE: the TLSA records of {demand.host})"
+            raise _TlsFailed(failure, _handshake_failed(relay, why))
+
+    def _without_tls(self, demand: Demand, relay: str, what: str) -> Assurance:
+        """Plaintext goes on, unless ``demand`` requires TLS (MTA-STS testing: noted)."""
+        if demand.level in REQUIRED:
+            failed = _TlsFailed(Failure.STARTTLS_NOT_SUPPORTED, f"TLS is required, but {what}")
+            if demand.enforced:
+                raise failed
+            self._tls_failed(demand, relay, failed)
+        return Assurance()
+
+    def _tls_failed(self, demand: Demand, relay: str, failed: _TlsFailed) -> None:
+        """One log line and one report per failure."""
+        policy = demand.policy
+        log.info(
+            "relay=%s tls=%s source=%s%s result=%s (%s)",
+            relay,
+            demand.level,
+            policy.source,
+            " testing" if policy.testing else "",
+            failed.failure,
+            failed.text,
+        )
+        self.on_tls(policy, demand.host, failed.failure)
+
+    def _sts_hosts(self, targets: list[_Target], route: Route, policy: TlsPolicy) -> list[_Target]:
+        """MTA-STS (RFC 8461 4.1): only the MX hosts the policy names; in testing mode
+        every host, noting when enforce would have found none."""
+        named = [t for t in targets if any(mx_matches(t.host.name, p) for p in policy.mx_patterns)]
+        if not named:
+            host = route.hosts[0].name
+            failed = _TlsFailed(Failure.VALIDATION_FAILURE, _sts_refusal(route, policy))
+            self._tls_failed(Demand.of(policy, host), host, failed)
+        return targets if policy.testing else named
 
     async def _read(self, wire: Wire, relay: str, name: str, doing: str) -> Reply:
         """The next reply while opening the connection. Lost, timed out or
@@ -534,16 +748,14 @@ class Deliverer:
 
     # --- the pool ---
 
-    def _take(
-        self, path: str, tls_required: bool, keys: set[tuple[str, int]] | None
-    ) -> Slot | None:
-        """An idle slot of ``path`` whose connection is usable (to one of ``keys``)."""
+    def _take(self, path: str, usable: Callable[[Connection], bool]) -> Slot | None:
+        """An idle slot of ``path`` whose connection is open and ``usable``."""
         idle = self._idle.get(path, [])
         # Most recently used first, so that surplus connections age out.
         for slot in reversed(list(idle)):
             connection = slot.connection
             assert connection is not None
-            if keys is not None and connection.key not in keys:
+            if not usable(connection):
                 continue
             if not connection.wire.is_connected:
                 idle.remove(slot)
@@ -556,7 +768,7 @@ class Deliverer:
                 # reply nobody asked for would be read as the next command's.
                 idle.remove(slot)
                 self._retire(slot, "the server spoke while pooled")
-            elif connection.tls or not tls_required:
+            else:
                 idle.remove(slot)
                 self._unschedule(slot)
                 connection.session.untested = True

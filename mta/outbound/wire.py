@@ -197,13 +197,17 @@ class Wire(asyncio.Protocol):
         assert self._failure is not None
         raise self._failure
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """The TLS handshake (after the server's 220 to STARTTLS).
+    async def start_tls(
+        self, context: ssl.SSLContext, timeout: float, server_hostname: str | None = None
+    ) -> ssl.SSLObject:
+        """The TLS handshake (after the server's 220 to STARTTLS); the connection's
+        SSLObject, for what the server presented.
 
-        Anything the server sent after its 220 is discarded (RFC 3207 4.2:
-        nothing from before TLS may be trusted after it; a man in the middle
-        could have injected replies). Raises OSError (ssl.SSLError included)
-        or TimeoutError if the handshake fails.
+        ``server_hostname`` is sent (SNI) and, if the context checks host
+        names, checked. Anything the server sent after its 220 is discarded
+        (RFC 3207 4.2: nothing from before TLS may be trusted after it; a man
+        in the middle could have injected replies). Raises OSError
+        (ssl.SSLError included) or TimeoutError if the handshake fails.
         """
         if self.transport is None:
             raise Lost("connection closed")
@@ -211,11 +215,16 @@ class Wire(asyncio.Protocol):
         self._replies.clear()
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(
-            self.transport, self, context, ssl_handshake_timeout=timeout
+            self.transport,
+            self,
+            context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=timeout,
         )
         if transport is None:
             raise Lost("connection closed during the TLS handshake")
         self.transport = cast(asyncio.Transport, transport)
+        return cast(ssl.SSLObject, transport.get_extra_info("ssl_object"))
 
     def close(self) -> None:
         if self.transport is not None:

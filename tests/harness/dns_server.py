@@ -79,6 +79,7 @@ class DnsServer(Service):
         a: Mapping[str, Addresses] | None = None,
         aaaa: Mapping[str, Addresses] | None = None,
         cname: Mapping[str, str] | None = None,
+        txt: Mapping[str, str] | None = None,  # one TXT string per name
         servfail: Iterable[str] = (),
         ttl: int = 300,
         negative_ttl: int = 30,
@@ -92,10 +93,11 @@ class DnsServer(Service):
         self.a = {name: _as_list(value) for name, value in (a or {}).items()}
         self.aaaa = {name: _as_list(value) for name, value in (aaaa or {}).items()}
         self.cname = dict(cname or {})
+        self.txt = dict(txt or {})
         self.servfail = [_name(name) for name in servfail]
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        for name in [*self.mx, *self.a, *self.aaaa, *self.cname, *self.servfail]:
+        for name in [*self.mx, *self.a, *self.aaaa, *self.cname, *self.txt, *self.servfail]:
             _check_test_name(name, self.zones)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -225,6 +227,9 @@ class DnsServer(Service):
         for name, target in self.cname.items():
             if mine(name):
                 lines.append(f"{_name(name)}. IN CNAME {_name(target)}.")
+        for name, text in self.txt.items():
+            if mine(name):
+                lines.append(f'{_name(name)}. IN TXT "{text}"')
         return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,8 @@ class FakeClock:
         if not self.library.exists():
             pytest.skip("libfaketime is not installed (Debian package libfaketime; make test)")
         self.file = directory / "faketime"
-        self.file.write_text("+0\n")
+        # "+0" would read as "no fake time" and the file would not be read again.
+        self.file.write_text("+0s\n")
 
     def env(self) -> dict[str, str]:
         """What a process needs in its environment to follow this clock."""
@@ -40,4 +41,4 @@ class FakeClock:
     def move_to(self, moment: datetime.datetime) -> None:
         """From now on the processes read `moment`, running on from there."""
         offset = round(moment.timestamp() - time.time())
-        self.file.write_text(f"{offset:+d}\n")
+        self.file.write_text(f"{offset:+d}s\n")

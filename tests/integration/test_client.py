@@ -29,7 +29,8 @@ from aiosmtpd.controller import Controller
 
 from mta.mail.reply import Reply
 from mta.outbound.routes import MxHost, Route
-from mta.outbound.smtp_client import ClientSettings, Deliverer, Delivery
+from mta.outbound.smtp_client import OPPORTUNISTIC, ClientSettings, Deliverer, Delivery
+from mta.policy.tls import Level, TlsPolicy
 from tests.harness.mta import make_certificate
 from tests.harness.poll import eventually as wait_until
 from tests.harness.sink import Sink, free_port
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 MX1, MX2, PEER = "127.0.0.10", "127.0.0.11", "127.0.0.12"
 BOUND = 10.0  # seconds any one test's client work may take
+ENCRYPT = TlsPolicy(Level.ENCRYPT, "config")
 
 MESSAGE = (
     b"From: App <app@example.test>\r\n"
@@ -108,16 +110,12 @@ async def deliver_once(
     sender: str = "app@example.test",
     recipients: tuple[str, ...] = ("user@example.net",),
     data: bytes = MESSAGE,
+    tls: TlsPolicy = OPPORTUNISTIC,
     **overrides: Any,
 ) -> Delivery:
-    require = overrides.pop("require_tls", None)
-    deliverer = (
-        Deliverer(settings(**overrides))
-        if require is None
-        else Deliverer(settings(**overrides), require_tls=require)
-    )
+    deliverer = Deliverer(settings(**overrides))
     try:
-        return await deliverer.deliver(target, sender, recipients, data)
+        return await deliverer.deliver(target, sender, recipients, data, tls=tls)
     finally:
         await deliverer.close()
 
@@ -686,7 +684,7 @@ def test_opportunistic_starttls(server_tls: ssl.SSLContext) -> None:
 
 def test_require_tls_with_tls(server_tls: ssl.SSLContext) -> None:
     with Peer(server_tls) as peer:
-        attempt = run(deliver_once(peer.route(), require_tls=lambda domain: True))
+        attempt = run(deliver_once(peer.route(), tls=ENCRYPT))
         assert attempt.replies["user@example.net"].code == 250
         assert peer.handler.messages[0].tls
 
@@ -699,24 +697,17 @@ def test_require_tls_without_starttls_fails_over(
         target = route(
             ("mx1.example.test", sink.host, sink.port), ("peer.example.test", PEER, peer.port)
         )
-        wanted = {"example.net"}.__contains__
-        attempt = run(deliver_once(target, require_tls=wanted))
+        attempt = run(deliver_once(target, tls=ENCRYPT))
         assert attempt.relay == f"peer.example.test[{PEER}]:{peer.port}"
         assert peer.handler.messages[0].tls
-        # Another domain on the same route may go in plaintext to mx1.
-        plain = run(
-            deliver_once(route(*target_hosts(target), domain="other.test"), require_tls=wanted)
-        )
+        # Without that policy, the same route may go in plaintext to mx1.
+        plain = run(deliver_once(target))
         assert plain.relay.startswith("mx1.example.test")
-    alone = run(deliver_once(sink_route(sink), require_tls=wanted))
+    alone = run(deliver_once(sink_route(sink), tls=ENCRYPT))
     reply = alone.replies["user@example.net"]
     assert reply.code == 451 and reply.status == "4.7.4"
     assert "TLS is required, but was not offered" in reply.text
     assert sink.wait_for_messages(1)[0].recipients == ("user@example.net",)
-
-
-def target_hosts(target: Route) -> list[tuple[str, str, int]]:
-    return [(h.name, h.addresses[0], h.port) for h in target.hosts]
 
 
 def test_tls_handshake_failure(tmp_path: Path) -> None:
@@ -731,6 +722,6 @@ def test_tls_handshake_failure(tmp_path: Path) -> None:
         assert attempt.replies["user@example.net"].code == 250
         assert not peer.handler.messages[0].tls
         # Required: a temporary failure.
-        required = run(deliver_once(peer.route(), require_tls=lambda domain: True))
+        required = run(deliver_once(peer.route(), tls=ENCRYPT))
     reply = required.replies["user@example.net"]
     assert reply.code == 451 and reply.status == "4.7.5"

@@ -70,11 +70,11 @@ def dns() -> Iterator[DnsServer]:
 def peers() -> Iterator[dict[str, CountingPeer]]:
     """One receiver per provider, all on one port (the resolver's MX port)."""
     with ExitStack() as stack:
-        first = stack.enter_context(CountingPeer(PEERS["gmail"], data_delay=0.2))
+        first = stack.enter_context(CountingPeer(PEERS["gmail"], data_delay=0.1))
         found = {"gmail": first}
         for provider, address in PEERS.items():
             if provider != "gmail":
-                peer = CountingPeer(address, data_delay=0.2, port=first.port)
+                peer = CountingPeer(address, data_delay=0.1, port=first.port)
                 found[provider] = stack.enter_context(peer)
         yield found
 

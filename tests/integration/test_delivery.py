@@ -147,7 +147,7 @@ def test_delivered_byte_for_byte_with_a_verifying_signature(delivering: Mta, wor
     log = delivering.log()
     assert re.search(
         rf"id={queue_id} to=<a@dest\.test> relay=mx1\.dest\.test\[{MX1}\]:{world.port} "
-        r"source=default delay=[\d.]+ attempts=1 dsn=2\.0\.0 status=sent \(250 ",
+        r"source=default tls=may/default delay=[\d.]+ attempts=1 dsn=2\.0\.0 status=sent \(250 ",
         log,
     ), log
     assert "mta_messages_delivered_total 2.0" in delivering.metrics()

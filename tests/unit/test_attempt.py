@@ -20,8 +20,10 @@ from mta.mail.reply import Reply
 from mta.outbound.dispatcher import Attempter
 from mta.outbound.egress import Egress
 from mta.outbound.routes import MxHost, ResolveError, Route
-from mta.outbound.smtp_client import Delivery, Slot
+from mta.outbound.smtp_client import OPPORTUNISTIC, Delivery, Slot
+from mta.outbound.tls_policies import TlsPolicies
 from mta.policy.retry import RetrySchedule
+from mta.policy.tls import TlsPolicy
 from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
@@ -66,6 +68,7 @@ class FakeDeliverer:
         data: bytes,
         max_messages: int | None = None,
         slot: Slot | None = None,
+        tls: TlsPolicy = OPPORTUNISTIC,
     ) -> Delivery:
         self.meanwhile()
         replies = {r: self.ANSWERS[r.split("@")[0]] for r in recipients}
@@ -109,6 +112,7 @@ def run_attempt(
                 schedule=RetrySchedule(first=60, jitter=0),
                 hostname="mta.example.test",
                 on_queued=lambda message: None,
+                tls_policies=TlsPolicies(config.parse({"delivery": {"mta_sts": False}}), spool),
                 clock=lambda: NOW,
                 events=events(spool) if events else None,
             )
