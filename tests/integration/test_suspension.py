@@ -73,10 +73,10 @@ def bigmail_dns() -> DnsServer:
     )
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_tss04_suspension_stops_the_site_at_once_and_resume_lets_it_go(
-    mta: Mta, workers: int
-) -> None:
+def test_a_tss04_suspension_stops_the_site_at_once_and_resume_lets_it_go(mta: Mta) -> None:
+    # Two workers: the one that got the reply and the other must both stop at once
+    # (one worker alone is the first half of that; the suite's time is better spent).
+    workers = 2
     dns = bigmail_dns().start()
     try:
         with DefersOnce(PEER, after=ACCEPTED_FIRST) as peer:
