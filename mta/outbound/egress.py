@@ -173,7 +173,7 @@ class Egress:
         self.paths: dict[tuple[str, str], EgressPath] = {}
         self.throttles = Throttles()
         self._stored: bytes | None = None  # the spool's record self.throttles was read from
-        self._today: datetime.date | None = None  # the day of the last lease
+        self._day_ends = -math.inf  # when the day of the last lease ends (UTC)
         self._gauged_at = float("-inf")
         # A busy job looks again at least this often.
         self.ready_queue = ReadyQueue(
@@ -556,10 +556,12 @@ class Egress:
     def _new_day(self, now: float) -> None:
         """At the first lease of a day: forget the days' caps worked out so far (held days
         may change the new day's), and the spool's old warmup counts."""
-        today = day_of(now)
-        if today == self._today:
+        if now < self._day_ends:  # one comparison per lease, not a date conversion
             return
-        self._today = today
+        today = day_of(now)
+        self._day_ends = datetime.datetime.combine(
+            today + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+        ).timestamp()
         self._caps.clear()
         self._full.clear()
         if any(source.warmup is not None for source in self.sources):

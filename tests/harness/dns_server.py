@@ -30,8 +30,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -161,19 +162,10 @@ class DnsServer(Service):
         return dns.query.udp(request, "127.0.0.1", port=self.port, timeout=timeout)
 
     def _wait_until_answering(self) -> None:
-        process = self.process
-        assert process is not None
-
-        def answering() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"nsd exited with {process.returncode}:\n{self.log()}")
-            try:
-                response = self.query("test", "SOA", timeout=0.2)
-            except (dns.exception.Timeout, OSError):
-                return False
+        def good(response: dns.message.Message) -> bool:
             return response.rcode() == dns.rcode.NOERROR and bool(response.answer)
 
-        eventually(answering, START_TIMEOUT, lambda: f"nsd to answer:\n{self.log()}", 0.05)
+        wait_until_answered(self, "nsd", ("test", "SOA"), good, START_TIMEOUT)
 
     # --- what NSD reads ---
 
@@ -260,3 +252,26 @@ def _as_list(value: Addresses) -> list[str]:
 def _check_test_name(name: str, zones: Sequence[str]) -> None:
     if not any(_name(name) == zone or _name(name).endswith("." + zone) for zone in zones):
         raise ValueError(f"{name}: test DNS names must be under {', '.join(zones)}")
+
+
+def wait_until_answered(
+    server: Any,  # NSD here, or unbound (validating_resolver): .process, .query, .log
+    program: str,
+    question: tuple[str, str],
+    good: Callable[[dns.message.Message], bool],
+    timeout: float,
+) -> None:
+    """Until ``server.query(*question)`` gives a ``good`` answer; RuntimeError with the
+    server's log if its process exits first (NSD here, unbound in validating_resolver)."""
+    process = server.process
+    assert process is not None
+
+    def answered() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"{program} exited with {process.returncode}:\n{server.log()}")
+        try:
+            return good(server.query(*question, timeout=0.2))
+        except (dns.exception.Timeout, OSError):
+            return False
+
+    eventually(answered, timeout, lambda: f"{program} to answer:\n{server.log()}", 0.05)

@@ -35,8 +35,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from tests.harness.dns_server import ZONES, DnsServer, free_udp_and_tcp_port
-from tests.harness.poll import eventually
+from tests.harness.dns_server import ZONES, DnsServer, free_udp_and_tcp_port, wait_until_answered
 from tests.harness.programs import require_program
 from tests.harness.service import Service
 
@@ -149,19 +148,10 @@ class ValidatingResolver(Service):
         return dns.query.udp(request, "127.0.0.1", port=self.port, timeout=timeout)
 
     def _wait_until_validating(self) -> None:
-        process = self.process
-        assert process is not None
-
-        def validating() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"unbound exited with {process.returncode}:\n{self.log()}")
-            try:
-                response = self.query(PARENT + ".", "SOA", timeout=0.2)
-            except (dns.exception.Timeout, OSError):
-                return False
+        def validated(response: dns.message.Message) -> bool:
             return response.rcode() == dns.rcode.NOERROR and bool(response.flags & dns.flags.AD)
 
-        eventually(validating, START_TIMEOUT, lambda: f"unbound to validate:\n{self.log()}", 0.05)
+        wait_until_answered(self, "unbound", (PARENT + ".", "SOA"), validated, START_TIMEOUT)
 
     # --- what unbound reads ---
 
