@@ -485,6 +485,44 @@ class TlsReportConfig:
             raise ValueError("enabled: give organization and sender too")
 
 
+PRIORITIES = ("transactional", "bulk")  # transactional mail goes first on every path
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    # One application or customer sharing the MTA: who it is (an AUTH name, a
+    # client network, an API token) and what it may use.
+    name: str = setting(str, parse=label_name)
+    sender_domains: tuple[str, ...] = setting(str, parse=lowercase_domain, many=True)
+    pools: tuple[str, ...] = setting(str, [], parse=label_name, many=True)
+    default_pool: str | None = setting(str, None, parse=label_name)
+    priority: str = setting(str, "bulk", parse=one_of(*PRIORITIES))
+    smtp_users: tuple[str, ...] = setting(str, [], parse=non_empty, many=True)
+    relay_networks: tuple[IPNetwork, ...] = setting(str, [], parse=parse_network, many=True)
+
+    def __post_init__(self) -> None:
+        if not self.sender_domains:
+            raise ValueError(f"{self.name}: sender_domains: give at least one domain")
+        if self.default_pool is not None and self.default_pool not in self.pools:
+            raise ValueError(f"{self.name}: default_pool {self.default_pool} is not in its pools")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    # The HTTP injection API (POST /api/inject/v1); None: not served.
+    listen: HostPort | None = setting(str, None, parse=parse_host_port)
+    tls_cert: str | None = setting(str, None, parse=non_empty)
+    tls_key: str | None = setting(str, None, parse=non_empty)
+    # The tenants' API tokens, hashed (`mta tenant token add NAME`).
+    tokens_file: str = setting(str, "var/api-tokens", parse=non_empty)
+    max_request_size: int = setting(int, 50 * 2**20, parse=positive)
+    max_recipients: int = setting(int, 10_000, parse=positive)  # per request
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+
+
 def redis_url(text: str) -> str:
     if not re.fullmatch(r"(rediss?://[^\s/]+(/[0-9]+)?|unix:///\S+)", text):
         raise ValueError(
@@ -529,15 +567,37 @@ class Config:
     suppression: SuppressionConfig = setting(SuppressionConfig, SuppressionConfig())
     tls_report: TlsReportConfig = setting(TlsReportConfig, TlsReportConfig())
     cluster: ClusterConfig = setting(ClusterConfig, ClusterConfig())
+    http: HttpConfig = setting(HttpConfig, HttpConfig())
+    tenant: tuple[TenantConfig, ...] = setting(TenantConfig, [], many=True)
     dkim: tuple[DkimConfig, ...] = setting(DkimConfig, [], many=True)
 
     def __post_init__(self) -> None:
         self._check_warmup_providers()
+        self._check_tenants()
         seen: set[tuple[str, str]] = set()
         for key in self.dkim:
             if (key.domain, key.selector) in seen:
                 raise ValueError(f"[[dkim]]: {key.domain} selector {key.selector} is listed twice")
             seen.add((key.domain, key.selector))
+
+    def _check_tenants(self) -> None:
+        """Each tenant has its own name and AUTH names, and uses configured pools."""
+        pools = {pool.name for pool in self.egress.pool}
+        names: set[str] = set()
+        users: dict[str, str] = {}
+        for tenant in self.tenant:
+            if tenant.name in names:
+                raise ValueError(f"[[tenant]] {tenant.name} is defined twice")
+            names.add(tenant.name)
+            for pool in tenant.pools:
+                if pool not in pools:
+                    raise ValueError(f"[[tenant]] {tenant.name}: no [[egress.pool]] named {pool}")
+            for user in tenant.smtp_users:
+                if user in users:
+                    raise ValueError(
+                        f"[[tenant]] {tenant.name}: smtp_users: {user} is also {users[user]}'s"
+                    )
+                users[user] = tenant.name
 
     def _check_warmup_providers(self) -> None:
         """A per-provider plan must name a provider, or it would never apply."""

@@ -53,6 +53,9 @@ class Event:
     classification: str | None  # for failures: invalid_recipient, spam_block, ...
     attempt: int  # delivery attempts so far (0 for a reception)
     arrived: str  # ISO 8601 UTC, when the message was accepted
+    tenant: str | None  # the [[tenant]] whose mail it is
+    campaign: str | None  # the mailing it belongs to, as its sender named it
+    metadata: Mapping[str, str]  # the API client's own keys, as it gave them
 
     def encode(self) -> bytes:
         """Compact JSON, ASCII only (anything else \\u-escaped), one line."""
@@ -88,6 +91,9 @@ def _event(
         classification=classification,
         attempt=attempt,
         arrived=iso_time(message.arrived),
+        tenant=message.tenant or None,
+        campaign=message.campaign or None,
+        metadata=message.metadata,
     )
 
 

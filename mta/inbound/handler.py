@@ -3,41 +3,36 @@
 MAIL   valid sender, and room in the spool (452 4.3.1 now rather than after
        the client has sent a 25 MB message we cannot keep).
 RCPT   valid address, relay permission (554 5.7.1), recipient limit (452 4.5.3).
-DATA   header sanity (mta.inbound.message), DKIM signing (on the event
-       loop up to INLINE_SIGN_MAX bytes, in a thread pool above), then a
-       durable group commit; "250 ... queued as ID" only after it.
+DATA   the steps every submission takes (mta.inbound.intake: header
+       sanity, the tenant's checks, DKIM signing, a durable group commit);
+       "250 ... queued as ID" only after the commit.
+
+A client is a tenant (mta.inbound.tenants) by its AUTH name or its address;
+a tenant's envelope sender is checked at MAIL, its From field and pool at
+DATA (550 5.7.1).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
-from mta.config import Config, EgressConfig, EventsConfig, ServerConfig, SuppressionConfig
-from mta.events.event import received_events
-from mta.events.log import EventLog
+from mta.config import Config, ServerConfig, SuppressionConfig, TenantConfig
 from mta.inbound import reply_texts
 from mta.inbound.access import may_relay
-from mta.inbound.message import Rejected, prepare, received_field
-from mta.mail.address import address_is_valid, domain_of
-from mta.mail.header import header_safe
+from mta.inbound.intake import Built, Intake, Origin
+from mta.inbound.message import Rejected
+from mta.inbound.tenants import Refused, Tenants, check_sender
+from mta.mail.address import address_is_valid
 from mta.observe import metrics
 from mta.observe.escape import field
 from mta.policy import inflow
-from mta.signing.signer import Signer, SignResult
-from mta.spool import suppression
-from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
-from mta.spool.records import Message
 from mta.spool.store import Spool, SpoolFull
 
 log = logging.getLogger("mta.smtpd")
@@ -46,47 +41,30 @@ log = logging.getLogger("mta.smtpd")
 # read in order from one stream, which is all PIPELINING asks of a server.
 _EXTRA_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
 
-# Messages up to this size are signed on the event loop, larger ones in the
-# thread pool. Signing 4-256 KB takes 0.5-1.2 ms (mostly RSA, GIL released),
-# and handing it to a thread costs more than that under load: two wake-ups,
-# and the signing thread waiting for the GIL to come back to it (see
-# docs/benchmarks.md). Above
-# it, signing is Python work long enough (25 MB: about 110 ms) that the
-# loop's other sessions should not wait for it.
-INLINE_SIGN_MAX = 256 * 1024
-
 
 class Handler:
     def __init__(
         self,
         config: ServerConfig,
-        egress: EgressConfig,
         spool: Spool,
-        committer: GroupCommitter,
-        signer: Signer,
-        sign_pool: Executor,
+        intake: Intake,
         new_id: IdGenerator,
-        on_queued: Callable[[Message], None],
+        tenants: Tenants,
         suppression: SuppressionConfig | None = None,
-        events: EventLog | None = None,
     ) -> None:
         self.config = config
-        self.egress = egress
         self.spool = spool
-        self.committer = committer
-        self.signer = signer
-        self.sign_pool = sign_pool
+        self.intake = intake
         self.new_id = new_id
-        self.on_queued = on_queued  # the scheduler tries new mail at once
+        self.tenants = tenants
         self.suppression = suppression or SuppressionConfig()
-        self.events = events or EventLog(EventsConfig())
         # Per transaction: suppressed recipients accepted at RCPT, to leave out at DATA.
         self._dropped: weakref.WeakKeyDictionary[Envelope, set[str]] = weakref.WeakKeyDictionary()
 
-    def reload(self, config: Config, signer: Signer) -> None:
-        """Take a reloaded configuration and the signer built from its keys."""
-        self.config, self.egress, self.signer = config.server, config.egress, signer
-        self.suppression = config.suppression
+    def reload(self, config: Config) -> None:
+        """Take a reloaded configuration (the intake takes its own)."""
+        self.config, self.suppression = config.server, config.suppression
+        self.tenants = Tenants(config.tenant)
 
     async def handle_EHLO(
         self,
@@ -113,6 +91,10 @@ class Handler:
         sender = "" if address == "<>" else address
         if sender and not address_is_valid(sender):
             return reply_texts.bad_address(address, "sender")
+        try:
+            check_sender(self._tenant(server, session), sender)
+        except Refused as refused:
+            return reply_texts.tenant_refused(str(refused))
         with self.spool.read() as txn:
             if self.spool.room_problem(txn):
                 return reply_texts.NO_ROOM
@@ -140,11 +122,15 @@ class Handler:
     ) -> str:
         if not address_is_valid(address):
             return reply_texts.bad_address(address, "recipient")
-        if not may_relay(server.ip, bool(session.authenticated), self.config.relay_networks):
+        authenticated = bool(session.authenticated)
+        if not (
+            may_relay(server.ip, authenticated, self.config.relay_networks)
+            or self.tenants.may_relay(server.ip)
+        ):
             return reply_texts.relay_denied(address)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return reply_texts.TOO_MANY_RECIPIENTS
-        listed = await self._suppressed(address, envelope.mail_from or "")
+        listed = await self.intake.suppressed(address, envelope.mail_from or "")
         if listed is not None:
             if self.suppression.action == "reject":
                 return reply_texts.suppressed(address, listed.summary())
@@ -153,71 +139,35 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return reply_texts.RECIPIENT_OK
 
-    async def _suppressed(self, address: str, sender: str) -> suppression.Entry | None:
-        """The entry that stops mail from ``sender`` to ``address``; expired ones met go."""
-        now = time.time()
-        with self.spool.read() as txn:
-            found = suppression.lookup(self.spool, txn, address, sender, now)
-        if found.expired:
-            await self._remove_expired(found.expired, now)
-        return found.entry
-
-    async def _remove_expired(self, keys: tuple[str, ...], now: float) -> None:
-        # A full spool keeps them a while longer: they stop nothing meanwhile.
-        with contextlib.suppress(SpoolFull):
-            await self.committer.run(
-                lambda txn: suppression.remove_expired(self.spool, txn, keys, now)
-            )
-
     async def handle_DATA(self, server: Any, session: SmtpSession, envelope: Envelope) -> str:
         queue_id = self.new_id()
-        now = time.time()
-        helo = session.host_name or ""
+        sender = envelope.mail_from or ""
+        origin = Origin(
+            helo=session.host_name or "",
+            ip=server.ip,
+            protocol=_protocol(session),
+            tenant=self._tenant(server, session),
+        )
+        recipients = self._drop_suppressed(queue_id, envelope)
         try:
-            prepared = prepare(
+            built = await self.intake.build(
                 envelope.original_content or b"",
-                received=received_field(
-                    helo=helo,
-                    client_ip=server.ip,
-                    hostname=self.config.hostname,
-                    protocol=_protocol(session),
-                    queue_id=queue_id,
-                    recipients=envelope.rcpt_tos,
-                    now=now,
-                ),
                 queue_id=queue_id,
-                hostname=self.config.hostname,
-                now=now,
-                instruction=self.egress.pool_header,
+                sender="" if sender == "<>" else sender,
+                recipients=recipients or envelope.rcpt_tos,
+                origin=origin,
             )
-            pool = self._pool(prepared.instructed, envelope.mail_from or "")
         except Rejected as rejected:
             return str(rejected)
-        recipients = self._drop_suppressed(queue_id, envelope)
+        except Refused as refused:
+            return reply_texts.tenant_refused(str(refused))
         if not recipients:  # every recipient was suppressed: nothing to keep
             return reply_texts.queued(queue_id)
-        if len(prepared.data) <= INLINE_SIGN_MAX:
-            signed = self._sign(prepared.data)
-        else:
-            loop = asyncio.get_running_loop()
-            signed = await loop.run_in_executor(self.sign_pool, self._sign, prepared.data)
-        sender = envelope.mail_from or ""
-        message = Message(
-            id=queue_id,
-            sender="" if sender == "<>" else sender,
-            recipients=recipients,
-            arrived=now,
-            size=len(signed.message),
-            client=f"{helo} ([{server.ip}])",
-            message_id=prepared.message_id,
-            pool=pool,
-            sending_domain=signed.domain or domain_of(sender),
-        )
         # A client that goes before the reply (a reset right after the final dot)
         # cancels this handler; the storing goes on, so that a message that gets
         # stored is also counted, logged and offered for delivery.
         left: list[bool] = []
-        storing = asyncio.ensure_future(self._store(message, signed, server.ip, left))
+        storing = asyncio.ensure_future(self._store(built, server.ip, left))
         try:
             return await asyncio.shield(storing)
         except asyncio.CancelledError:
@@ -225,38 +175,22 @@ class Handler:
             storing.add_done_callback(_log_failure)
             raise
 
-    async def _store(
-        self, message: Message, signed: SignResult, client_ip: str, left: list[bool]
-    ) -> str:
-        """Commit the message, then count it, log it and hand it to delivery; the reply.
-        ``left`` is not empty when the client went before the reply."""
+    def _tenant(self, server: Any, session: SmtpSession) -> TenantConfig | None:
+        user = session.auth_data if session.authenticated else None  # the AUTH name
+        return self.tenants.of_client(user, server.ip)
+
+    async def _store(self, built: Built, client_ip: str, left: list[bool]) -> str:
+        """Commit the message, then announce it; the reply. ``left`` is not
+        empty when the client went before the reply."""
         try:
-            events = received_events(message, message.arrived)
-            await self.committer.run(
-                self.events.storing(
-                    events, lambda txn: self.spool.add(txn, message, signed.message)
-                )
-            )
+            events = await self.intake.store([built])
         except SpoolFull as full:
-            log.warning("id=%s not queued: %s", message.id, full)
+            log.warning("id=%s not queued: %s", built.message.id, full)
             return reply_texts.NO_ROOM
-        metrics.MESSAGES_RECEIVED.inc()
-        self.events.publish(events)
-        self.on_queued(message)
-        # The sender and the Message-ID are the client's: escape.field keeps
-        # them from reading as other fields (a Message-ID holding " status=...").
-        log.info(
-            "id=%s from=%s size=%d nrcpt=%d client=[%s] message-id=%s dkim=%s status=queued%s",
-            message.id,
-            field(f"<{message.sender}>"),
-            message.size,
-            len(message.recipients),
-            client_ip,
-            field(message.message_id),
-            _dkim_summary(signed),
-            " (the client left before the reply: it will likely send it again)" if left else "",
-        )
-        return reply_texts.queued(message.id)
+        self.intake.events.publish(events)
+        note = " (the client left before the reply: it will likely send it again)" if left else ""
+        self.intake.announce(built, client_ip, note)
+        return reply_texts.queued(built.message.id)
 
     def _drop_suppressed(self, queue_id: str, envelope: Envelope) -> tuple[str, ...]:
         """The recipients to keep; those on the suppression list (action "drop") are logged."""
@@ -268,27 +202,6 @@ class Handler:
                 field(f"<{recipient}>"),
             )
         return tuple(r for r in envelope.rcpt_tos if r not in dropped)
-
-    def _pool(self, instructed: str | None, sender: str) -> str:
-        """The egress pool: the pool header's, else the sender domain's, else the default."""
-        if not self.egress.pool:
-            return ""  # no pools configured: the host's own address
-        if instructed is not None:
-            name = instructed.strip()
-            if name not in {pool.name for pool in self.egress.pool}:
-                header = self.egress.pool_header
-                shown = header_safe(name)[:64]  # the client's text, in a reply and the log
-                raise Rejected(f"550 5.7.0 Error: {header} names no configured pool: {shown}")
-            return name
-        domain = sender.rpartition("@")[2].lower()
-        return self.egress.sender_pools.get(domain, self.egress.default_pool)
-
-    def _sign(self, data: bytes) -> SignResult:
-        started = time.perf_counter()
-        result = self.signer.sign(data)
-        metrics.DKIM_SIGN_SECONDS.observe(time.perf_counter() - started)
-        metrics.DKIM_MESSAGES.labels("signed" if result.domain else "unsigned").inc()
-        return result
 
     async def handle_exception(self, error: Exception) -> str:
         # The error's text may quote the client's input.
@@ -304,12 +217,6 @@ def _protocol(session: SmtpSession) -> str:
     if session.authenticated:
         name += "A"
     return name
-
-
-def _dkim_summary(result: SignResult) -> str:
-    if result.domain is None:
-        return "none"
-    return f"{result.domain}/{','.join(result.selectors)}"
 
 
 def _log_failure(storing: asyncio.Future[str]) -> None:

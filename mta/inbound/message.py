@@ -19,7 +19,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
 
 from mta.inbound.reply_texts import BARE_LINE_ENDING
 from mta.mail.address import is_address_literal
@@ -53,7 +55,9 @@ class Rejected(Exception):
 class Prepared:
     data: bytes  # the message as it will be signed and stored
     message_id: str  # its Message-ID field's value
-    instructed: str | None = None  # the value of the instruction field, which was removed
+    author_domain: str  # the domain of the From field's address ("" if it has none)
+    # The values of the instruction fields found, by lower-case name; the fields were removed.
+    instructed: Mapping[str, str] = field(default_factory=dict)
 
 
 def has_bare_line_ending(data: bytes) -> bool:
@@ -124,12 +128,13 @@ def prepare(
     queue_id: str,
     hostname: str,
     now: float | None = None,
-    instruction: str | None = None,
+    instructions: Iterable[str] = (),
 ) -> Prepared:
     """The message to sign and store, or Rejected with the SMTP reply.
 
-    ``instruction`` names a header field that instructs us rather than the
-    recipient (the egress pool header): it is removed, and its value returned.
+    ``instructions`` name header fields that instruct us rather than the
+    recipient (the egress pool header, X-MTA-Priority): they are removed, and
+    their values returned (the last one of each, stripped).
     """
     if has_bare_line_ending(data):
         raise Rejected(BARE_LINE_ENDING)
@@ -138,10 +143,11 @@ def prepare(
     if len(senders) != 1:
         problem = "has no From header" if not senders else "has more than one From header"
         raise Rejected(f"550 5.6.0 Error: message {problem} (RFC 5322 3.6)")
-    instructed = None
-    if instruction is not None:
-        lines, values = remove_field(lines, instruction.lower().encode())
-        instructed = values[-1].decode("ascii", "replace") if values else None
+    instructed = {}
+    for name in instructions:
+        lines, values = remove_field(lines, name.lower().encode())
+        if values:
+            instructed[name.lower()] = values[-1].decode("ascii", "replace").strip()
     added = []
     message_ids = [value for value in field_values(lines, b"message-id") if value]
     if message_ids:
@@ -154,4 +160,5 @@ def prepare(
         stamp = time.time() if now is None else now
         added.append(f"Date: {rfc5322_date(stamp)}\r\n".encode())
     data = received + b"".join(lines) + b"".join(added) + CRLF + body
-    return Prepared(data, message_id, instructed)
+    author = parseaddr(senders[0].decode("utf-8", "replace"))[1]
+    return Prepared(data, message_id, author.rpartition("@")[2].lower(), instructed)

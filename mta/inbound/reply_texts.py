@@ -54,6 +54,10 @@ def bad_address(address: str, what: str) -> str:
     return f"501 5.1.3 <{address}>: Bad {what} address syntax"
 
 
+def tenant_refused(why: str) -> str:
+    return f"550 5.7.1 Error: {why}"
+
+
 def suppressed(address: str, why: str) -> str:
     return f"550 5.1.1 <{address}>: Recipient address rejected: on the suppression list ({why})"
 

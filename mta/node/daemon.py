@@ -34,8 +34,10 @@ from mta.events.log import EventLog
 from mta.events.webhook import Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
 from mta.inbound.handler import Handler
+from mta.inbound.intake import Intake
 from mta.inbound.node_sessions import NodeSessions, node_sessions_dir
 from mta.inbound.server import Session, Sessions
+from mta.inbound.tenants import Tenants
 from mta.node.local_mail import LocalMail
 from mta.node.ownership import Peers
 from mta.observe import http, loop_lag, metrics
@@ -190,17 +192,16 @@ class Daemon:
             suppression_config=config.suppression,
             events=self.events,
         )
+        self.intake = Intake(
+            config, self.spool, self.committer, signer, self.sign_pool, self.queued, self.events
+        )
         self.handler = Handler(
             config.server,
-            config.egress,
             self.spool,
-            self.committer,
-            signer,
-            self.sign_pool,
+            self.intake,
             new_id,
-            self.queued,
+            Tenants(config.tenant),
             suppression=config.suppression,
-            events=self.events,
         )
         self.sessions = Sessions(
             config.server.max_connections,
@@ -365,7 +366,8 @@ class Daemon:
         if self.authenticator is not None and resources.users is not None:
             self.authenticator.replace_users(resources.users)
         self.sessions.reload(new)
-        self.handler.reload(new, signer)
+        self.intake.reload(new, signer)
+        self.handler.reload(new)
         self.attempter.reload(new, signer, resources.resolver, schedule)
         self.scheduler.reload(new)
         await self.egress.reload(new)

@@ -96,3 +96,9 @@ def _unescaped(match: re.Match[str]) -> str:
         return _UNNAMED[sequence]
     code = int(sequence[1:], 16)
     return chr(code) if code <= 0x10FFFF else match.group(0)
+
+
+def tenant_fields(tenant: str, campaign: str) -> str:
+    """ " tenant=T campaign=C" for a message's log lines; what is unset is left out."""
+    shown = f" tenant={tenant}" if tenant else ""  # a configured name: never needs quoting
+    return shown + (f" campaign={field(campaign)}" if campaign else "")

@@ -12,6 +12,12 @@ from prometheus_client import Counter, Gauge, Histogram
 MESSAGES_RECEIVED = Counter(
     "mta_messages_received_total", "Messages accepted and spooled (answered 250)."
 )
+# Only for mail of a configured [[tenant]], so the label's values are bounded.
+TENANT_MESSAGES = Counter(
+    "mta_tenant_messages_total",
+    "A tenant's messages received, and its recipients delivered, deferred and bounced.",
+    ["tenant", "event"],
+)
 MESSAGES_REJECTED = Counter(
     "mta_messages_rejected_total",
     "SMTP commands or messages refused, by reason.",

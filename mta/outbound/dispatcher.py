@@ -37,7 +37,7 @@ from mta.events.log import EventLog
 from mta.mail.address import domain_of
 from mta.mail.reply import Reply
 from mta.observe import metrics
-from mta.observe.escape import field
+from mta.observe.escape import field, tenant_fields
 from mta.outbound.dsn import Failure, build_dsn
 from mta.outbound.egress import Egress, Lease, Stream, Wait
 from mta.outbound.routes import ResolveError, Resolver
@@ -345,7 +345,7 @@ class Attempter:
                 )
                 counter.inc()
             log.info(
-                "id=%s to=%s relay=%s%s delay=%.2f attempts=%d dsn=%s%s status=%s (%s)",
+                "id=%s to=%s relay=%s%s delay=%.2f attempts=%d dsn=%s%s%s status=%s (%s)",
                 job.message_id,
                 field(f"<{recipient}>"),
                 result.relay,
@@ -354,9 +354,13 @@ class Attempter:
                 attempts,
                 reply.status,
                 kind,
+                tenant_fields(message.tenant, message.campaign),
                 status,
                 reply,
             )
+            if message.tenant:
+                event = "delivered" if status == "sent" else status
+                metrics.TENANT_MESSAGES.labels(message.tenant, event).inc()
         metrics.DELIVERY_ATTEMPTS.labels(_attempt_result(decision)).inc()
         if bounce is not None:
             log.info(

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 
@@ -37,6 +38,11 @@ class Message:
     # The domain a receiver judges the mail's reputation by: the DKIM d= it was
     # signed with, else the envelope sender's domain; "" for neither.
     sending_domain: str = ""
+    tenant: str = ""  # the [[tenant]] whose mail it is; "" for none
+    campaign: str = ""  # the sender's name for the mailing it belongs to
+    priority: str = "bulk"  # "transactional" goes first on its path (config.PRIORITIES)
+    # The API client's own keys, returned in every event of the message.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -58,6 +64,7 @@ class Job:
     attempts: int = 0
     last_reply: str = ""
     last_class: str = ""  # what kind of failure last_reply is (mta.policy.rules)
+    priority: str = "bulk"  # its message's, so the scheduler orders jobs without reading it
 
     @property
     def key(self) -> bytes:
@@ -88,7 +95,13 @@ def jobs_for(message: Message) -> list[Job]:
     for recipient in message.recipients:
         by_domain.setdefault(domain_of(recipient), []).append(recipient)
     return [
-        Job(message.id, domain, tuple(recipients), next_attempt=message.arrived)
+        Job(
+            message.id,
+            domain,
+            tuple(recipients),
+            next_attempt=message.arrived,
+            priority=message.priority,
+        )
         for domain, recipients in by_domain.items()
     ]
 

@@ -25,10 +25,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta.config import EgressConfig, ServerConfig, parse_host_port
+from mta.config import Config, ServerConfig, parse_host_port
+from mta.events.log import EventLog
 from mta.inbound.handler import Handler
+from mta.inbound.intake import Intake
 from mta.inbound.message import Rejected, has_bare_line_ending, prepare
 from mta.inbound.server import Session, Sessions
+from mta.inbound.tenants import Tenants
 from mta.mail.address import address_is_valid
 from mta.mail.header import split_header
 from mta.mail.reply import parse_reply
@@ -112,8 +115,8 @@ def test_prepare_any_bytes_is_rejected_or_keeps_the_body(scenario: Scenario) -> 
     outcomes = {"rejected": 0, "prepared": 0}
 
     @FUZZ
-    @given(data=messages(), instruction=st.sampled_from([None, "X-Pool"]))
-    def check(data: bytes, instruction: str | None) -> None:
+    @given(data=messages(), instructions=st.sampled_from([(), ("X-Pool", "X-MTA-Priority")]))
+    def check(data: bytes, instructions: tuple[str, ...]) -> None:
         try:
             prepared = prepare(
                 data,
@@ -121,7 +124,7 @@ def test_prepare_any_bytes_is_rejected_or_keeps_the_body(scenario: Scenario) -> 
                 queue_id="06H13ZYVFC2JH800",
                 hostname="mta.test",
                 now=1_700_000_000,
-                instruction=instruction,
+                instructions=instructions,
             )
         except Rejected as rejected:
             outcomes["rejected"] += 1
@@ -396,17 +399,11 @@ def listener(tmp_path_factory: pytest.TempPathFactory, keys: list[DkimKey]) -> I
     spool = Spool(tmp_path_factory.mktemp("spool"), max_size=2**30)
     committer = GroupCommitter(spool)
     pool = ThreadPoolExecutor(max_workers=2)
-    config = dataclasses.replace(ServerConfig(), hostname="mta.test", max_recipients=5)
-    handler = Handler(
-        config,
-        EgressConfig(),
-        spool,
-        committer,
-        Signer(keys),
-        pool,
-        IdGenerator(node="test"),
-        on_queued=lambda message: None,
-    )
+    server = dataclasses.replace(ServerConfig(), hostname="mta.test", max_recipients=5)
+    config = Config(server=server)
+    events = EventLog(config.events)
+    intake = Intake(config, spool, committer, Signer(keys), pool, lambda message: None, events)
+    handler = Handler(server, spool, intake, IdGenerator(node="test"), Tenants(()))
     yield Listener(handler, spool, Sessions(max_total=1000, max_per_ip=1000))
     committer.close()
     pool.shutdown()

@@ -109,6 +109,9 @@ def test_an_event_is_compact_ascii_json_with_every_field() -> None:
         "classification",
         "attempt",
         "arrived",
+        "tenant",
+        "campaign",
+        "metadata",
     ]
     assert fields["recipient"] == "jürgen@example.net"
     assert fields["sender"] == ""

@@ -82,6 +82,7 @@ def test_encoding_is_json_an_operator_can_read() -> None:
         "attempts": 2,
         "last_reply": "451 4.7.1 try later",
         "last_class": "rate_limited",
+        "priority": "bulk",
     }
 
 
