@@ -21,23 +21,25 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+import lmdb
 
 from mta import config
 from mta.cli import policy
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.mail.header import split_header
 from mta.node.evacuate import SpoolInUse, SpoolUsers, evacuate
-from mta.observe.escape import printable
+from mta.observe.escape import printable, tenant_fields
 from mta.observe.timefmt import iso_time
 from mta.outbound.pool import client_settings
 from mta.spool.ids import LENGTH, is_queue_id
 from mta.spool.records import Job, JobState, Message
-from mta.spool.store import Spool
+from mta.spool.store import DomainStats, Spool, SpoolStats
 
 _CHANGE_HELP = {
     "hold": "keep jobs from being delivered",
@@ -54,8 +56,12 @@ def add_commands(commands: Commands) -> None:
     queue = commands.add_parser("queue", help="inspect and steer the spool").add_subparsers(
         dest="queue_command", required=True, metavar="COMMAND"
     )
-    listing = queue.add_parser("list", parents=[output], help="list jobs")
-    listing.add_argument("--domain")
+    # Which jobs: of a recipient domain, a tenant, a campaign (all that are given).
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--domain")
+    which.add_argument("--tenant")
+    which.add_argument("--campaign")
+    listing = queue.add_parser("list", parents=[output, which], help="list jobs")
     listing.add_argument("--state", choices=[state.value for state in JobState])
     listing.set_defaults(run=run_list)
     show_one = queue.add_parser("show", parents=[output], help="envelope, jobs and headers")
@@ -63,11 +69,13 @@ def add_commands(commands: Commands) -> None:
     show_one.add_argument("--raw", action="store_true", help="print the message as stored")
     show_one.set_defaults(run=run_show)
     totals = queue.add_parser("stats", parents=[output], help="totals and counts by domain")
+    totals.add_argument(
+        "--tenant", help="count only this tenant's mail (reads every job: slower on a big queue)"
+    )
     totals.set_defaults(run=run_stats)
     for action, text in _CHANGE_HELP.items():
-        sub = queue.add_parser(action, parents=[with_config], help=text)
+        sub = queue.add_parser(action, parents=[with_config, which], help=text)
         sub.add_argument("ids", nargs="*", metavar="ID")
-        sub.add_argument("--domain")
         sub.set_defaults(run=run_change, action=action)
     evacuation = queue.add_parser(
         "evacuate", parents=[with_config], help="hand a stopped node's mail to another node"
@@ -76,8 +84,45 @@ def add_commands(commands: Commands) -> None:
     evacuation.set_defaults(run=run_evacuate)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which jobs a command is about; a filter left None matches every job."""
+
+    domain: str | None = None
+    tenant: str | None = None
+    campaign: str | None = None
+    state: str | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Selection:
+        domain = args.domain.lower() if args.domain else None
+        return cls(domain, args.tenant, args.campaign, getattr(args, "state", None))
+
+    def __bool__(self) -> bool:
+        return any((self.domain, self.tenant, self.campaign, self.state))
+
+    def jobs(self, spool: Spool, txn: lmdb.Transaction) -> Iterator[tuple[Message, Job]]:
+        """The selected jobs with their messages, in the spool's order."""
+        messages: dict[str, Message | None] = {}
+        for job in spool.all_jobs(txn):
+            if (self.domain and job.domain != self.domain) or (
+                self.state and job.state != self.state
+            ):
+                continue
+            if job.message_id not in messages:
+                messages[job.message_id] = spool.message(txn, job.message_id)
+            message = messages[job.message_id]
+            if message is None:
+                continue
+            if (self.tenant and message.tenant != self.tenant) or (
+                self.campaign and message.campaign != self.campaign
+            ):
+                continue
+            yield message, job
+
+
 def run_list(args: argparse.Namespace) -> int:
-    return list_jobs(open_spool(args), args.domain, args.state, args.json, sys.stdout)
+    return list_jobs(open_spool(args), Selection.of(args), args.json, sys.stdout)
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -87,11 +132,12 @@ def run_show(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     spool = open_spool(args)
     shared = policy.sharing(config.load(args.config))
-    return stats(spool, policy.restrictions(spool, time.time()), shared, args.json, sys.stdout)
+    paths = policy.restrictions(spool, time.time())
+    return stats(spool, paths, shared, args.json, sys.stdout, tenant=args.tenant)
 
 
 def run_change(args: argparse.Namespace) -> int:
-    return change(open_spool(args), args.action, args.ids, args.domain, sys.stdout)
+    return change(open_spool(args), args.action, args.ids, Selection.of(args), sys.stdout)
 
 
 def run_evacuate(args: argparse.Namespace) -> int:
@@ -140,23 +186,15 @@ def job_row(message: Message, job: Job) -> dict[str, Any]:
         "size": message.size,
         "arrived": iso_time(message.arrived),
         "message_id": message.message_id,
+        "tenant": message.tenant,
+        "campaign": message.campaign,
+        "priority": job.priority,
     }
 
 
-def list_jobs(
-    spool: Spool, domain: str | None, state: str | None, as_json: bool, out: TextIO
-) -> int:
-    rows = []
+def list_jobs(spool: Spool, selection: Selection, as_json: bool, out: TextIO) -> int:
     with spool.read() as txn:
-        messages: dict[str, Message | None] = {}
-        for job in spool.all_jobs(txn):
-            if (domain and job.domain != domain.lower()) or (state and job.state != state):
-                continue
-            if job.message_id not in messages:
-                messages[job.message_id] = spool.message(txn, job.message_id)
-            message = messages[job.message_id]
-            if message is not None:
-                rows.append(job_row(message, job))
+        rows = [job_row(message, job) for message, job in selection.jobs(spool, txn)]
     if as_json:
         json.dump(rows, out, indent=2)
         out.write("\n")
@@ -177,7 +215,8 @@ def _print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         arrived = row["arrived"][:19].replace("T", " ")
         out.write(
             f"{row['id']:<{LENGTH}}  {row['state']:<5}  {row['attempts']:>3}  {row['size']:>8}  "
-            f"{arrived:<19}  <{printable(row['sender'])}>\n"
+            f"{arrived:<19}  <{printable(row['sender'])}>"
+            f"{tenant_fields(row['tenant'], row['campaign'])}\n"
         )
         for recipient in row["recipients"]:
             out.write(f"{'':<{LENGTH + 2}}{printable(recipient)}\n")
@@ -244,13 +283,18 @@ def stats(
     shared: dict[str, Any],
     as_json: bool,
     out: TextIO,
+    tenant: str | None = None,
 ) -> int:
     """Totals, counts by domain, waiting jobs by the class of their last reply,
     ``paths`` (suspended or throttled) and who shares the limits (``shared``,
     from mta.cli.policy.sharing); from counters, so it answers at once whatever
-    the size of the spool."""
+    the size of the spool; a ``tenant``'s figures are counted from its jobs."""
     with spool.read() as txn:
-        figures = spool.stats(txn)
+        figures = (
+            spool.stats(txn)
+            if tenant is None
+            else selected_stats(spool, txn, Selection(tenant=tenant))
+        )
     if as_json:
         json.dump(asdict(figures) | {"restrictions": paths, "shared": shared}, out, indent=2)
         out.write("\n")
@@ -277,6 +321,26 @@ def stats(
         what = "suspended" if "suspended_until" in path else f"throttled to {path['factor']:g}x"
         out.write(f"{path['source']} -> {path['site']}: {what} until {until} ({path['reason']})\n")
     return 0
+
+
+def selected_stats(spool: Spool, txn: lmdb.Transaction, selection: Selection) -> SpoolStats:
+    """The figures of ``spool.stats`` for the selected jobs only."""
+    figures = SpoolStats()
+    messages: set[str] = set()
+    for message, job in selection.jobs(spool, txn):
+        if message.id not in messages:
+            messages.add(message.id)
+            figures.messages += 1
+            figures.bytes += message.size
+        figures.jobs += 1
+        figures.by_state[job.state] = figures.by_state.get(job.state, 0) + 1
+        domain = figures.by_domain.setdefault(job.domain, DomainStats())
+        domain.jobs += 1
+        domain.recipients += len(job.recipients)
+        domain.by_state[job.state] = domain.by_state.get(job.state, 0) + 1
+        if job.last_class:
+            figures.by_class[job.last_class] = figures.by_class.get(job.last_class, 0) + 1
+    return figures
 
 
 # --- changing jobs ---
@@ -312,18 +376,21 @@ CHANGES: dict[str, tuple[Change, str]] = {
 }
 
 
-def change(spool: Spool, action: str, ids: Iterable[str], domain: str | None, out: TextIO) -> int:
-    """Apply ``action`` to the jobs of the given messages, or of a domain."""
+def change(spool: Spool, action: str, ids: Iterable[str], selection: Selection, out: TextIO) -> int:
+    """Apply ``action`` to the jobs of the given messages, or to the selected ones
+    (of a domain, a tenant, a campaign)."""
     ids = list(ids)
-    if bool(ids) == bool(domain):
-        raise CommandError(f"queue {action}: give queue IDs or --domain, not both or neither")
+    if bool(ids) == bool(selection):
+        raise CommandError(
+            f"queue {action}: give queue IDs or --domain/--tenant/--campaign, not both or neither"
+        )
     _check_ids(ids)
     transform, done = CHANGES[action]
     missing = []
     changed = 0
     with spool.write() as txn:
-        if domain:
-            jobs = [job for job in spool.all_jobs(txn) if job.domain == domain.lower()]
+        if selection:
+            jobs = [job for _, job in selection.jobs(spool, txn)]
         else:
             jobs = []
             for queue_id in ids:

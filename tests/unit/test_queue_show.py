@@ -7,7 +7,7 @@ import io
 import json
 from dataclasses import replace
 
-from mta.cli.queue import list_jobs, show
+from mta.cli.queue import Selection, list_jobs, show
 from mta.spool.records import Message
 from mta.spool.store import Spool
 
@@ -73,6 +73,6 @@ def test_list_escapes_what_remote_servers_replied(spool: Spool) -> None:
         (job,) = spool.jobs_of(txn, QID)
         spool.put_job(txn, replace(job, last_reply="451 \x1b]0;owned\x07"), old=job)
     out = io.StringIO()
-    list_jobs(spool, None, None, False, out)
+    list_jobs(spool, Selection(), False, out)
     assert printed(out.getvalue())
     assert "(451 \\x1b]0;owned\\x07)" in out.getvalue()
