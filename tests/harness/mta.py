@@ -1,8 +1,9 @@
 """A real `mta serve` on loopback in its own directory, as the tests and tools run it.
 
 ``Mta(root)`` prepares a directory with everything a user would make: a DKIM
-key made by `mta dkim keygen`, a self-signed certificate, an empty users
-file, a spool and free ports; tests adjust ``.server``, ``.spool``,
+key made by `mta dkim keygen` (once per process, then copied: see
+``dkim_key``), a self-signed certificate, an empty users file, a spool and
+free ports; tests adjust ``.server``, ``.spool``,
 ``.delivery`` and ``.routes``, then ``start()``. By default mail is parked
 (routed to a port nothing listens on, retried after an hour) so tests of
 accepting can look at the spool.
@@ -10,14 +11,18 @@ accepting can look at the spool.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -110,6 +115,26 @@ def dkim_keygen(directory: Path, domain: str = "example.test", selector: str = "
     return "".join(re.findall(r'"([^"]*)"', keygen.stdout))
 
 
+@functools.cache
+def _made_once() -> tuple[Path, str]:
+    directory = Path(tempfile.mkdtemp(prefix="mta-dkim-")) / "dkim"
+    atexit.register(shutil.rmtree, directory.parent, True)
+    return directory, dkim_keygen(directory)
+
+
+def dkim_key(directory: Path) -> str:
+    """The example.test key (selector s1) that `mta dkim keygen` made, copied into
+    ``directory`` with its modes; its DNS TXT record.
+
+    Made once per process: `mta dkim keygen` takes half a second (a process and
+    an RSA key), and every test starts at least one MTA; each MTA gets its own
+    copy. test_cli.py tests keygen itself.
+    """
+    made, record = _made_once()
+    shutil.copytree(made, directory)
+    return record
+
+
 def run_mta(
     *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -151,11 +176,12 @@ class Mta:
     parking_port: int = 0
     txt_record: str = ""
     env: dict[str, str] = field(default_factory=dict)  # for `mta serve` and cli(): a fake clock
+    extra_config: str = ""  # TOML appended to what is written above ([policy], [[tenant]] ...)
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.port, self.metrics_port, self.parking_port = free_ports(3)
-        self.txt_record = dkim_keygen(self.root / "dkim")
+        self.txt_record = dkim_key(self.root / "dkim")
         cert, key = make_certificate(self.root)
         self.users_file = self.root / "users"
         self.users_file.touch()
@@ -197,7 +223,7 @@ class Mta:
             'selector = "s1"',
             f'private_key = "{self.root / "dkim" / "example.test.s1.pem"}"',
         ]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
 
     def start(self) -> None:
         self.write_config()

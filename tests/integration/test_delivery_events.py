@@ -109,21 +109,14 @@ def configure(mta: Mta, hook: Hook, sink: Sink) -> Path:
         "parked.test": f"127.0.0.1:{mta.parking_port}",
     }
     events_file = mta.root / "events.jsonl"
-    original = mta.write_config
-
-    def write_config() -> None:
-        original()
-        with mta.config_path.open("a") as config:
-            config.write(
-                "[events]\n"
-                f'file = "{events_file}"\n'
-                f'webhook_url = "{hook.url}"\n'
-                "webhook_batch = 4\n"
-                "webhook_timeout = 5\n"
-                "webhook_retry_max = 1\n"
-            )
-
-    mta.write_config = write_config  # type: ignore[method-assign]
+    mta.extra_config += (
+        "[events]\n"
+        f'file = "{events_file}"\n'
+        f'webhook_url = "{hook.url}"\n'
+        "webhook_batch = 4\n"
+        "webhook_timeout = 5\n"
+        "webhook_retry_max = 1\n"
+    )
     return events_file
 
 

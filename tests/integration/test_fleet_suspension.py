@@ -31,14 +31,7 @@ def node(root: Path, name: str, redis: RedisServer, dns: DnsServer, peer: Defers
         "allow_private_mx": True,
         "retry_first": 1,
     }
-    original = mta.write_config
-
-    def write_config() -> None:
-        original()
-        with mta.config_path.open("a") as config:
-            config.write(POLICY + f'[cluster]\nnode = "{name}"\nredis = "{redis.url}"\n')
-
-    mta.write_config = write_config  # type: ignore[method-assign]
+    mta.extra_config += POLICY + f'[cluster]\nnode = "{name}"\nredis = "{redis.url}"\n'
     return mta
 
 

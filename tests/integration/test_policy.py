@@ -38,14 +38,7 @@ def route_to(mta: Mta, peer: CountingPeer, *domains: str) -> None:
 
 def add_policy(mta: Mta, text: str) -> None:
     """Append TOML the fixture does not write itself ([egress], [policy])."""
-    original = mta.write_config
-
-    def write_config() -> None:
-        original()
-        with mta.config_path.open("a") as config:
-            config.write(text)
-
-    mta.write_config = write_config  # type: ignore[method-assign]
+    mta.extra_config += text
 
 
 def wait_for_messages(peer: CountingPeer, count: int, timeout: float = 20.0) -> None:

@@ -29,14 +29,7 @@ def one_provider(mta: Mta, peer: CountingPeer, limits: str) -> None:
     mta.server["workers"] = 2
     mta.routes = dict.fromkeys(DOMAINS, f"{PEER}:{peer.port}")
     mta.delivery |= {"retry_first": 1, "retry_max": 1}
-    original = mta.write_config
-
-    def write_config() -> None:
-        original()
-        with mta.config_path.open("a") as config:
-            config.write(f'[[policy.provider]]\nname = "peer"\nmx_suffixes = ["{PEER}"]\n{limits}')
-
-    mta.write_config = write_config  # type: ignore[method-assign]
+    mta.extra_config += f'[[policy.provider]]\nname = "peer"\nmx_suffixes = ["{PEER}"]\n{limits}'
 
 
 def send_to_every_domain(mta: Mta, rounds: int) -> int:
