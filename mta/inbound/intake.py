@@ -27,7 +27,13 @@ import lmdb
 from mta.config import Config, TenantConfig
 from mta.events.event import Event, received_events
 from mta.events.log import EventLog
-from mta.inbound.message import Rejected, prepare, received_field
+from mta.inbound.message import (
+    CAMPAIGN_HEADER,
+    PRIORITY_HEADER,
+    Rejected,
+    prepare,
+    received_field,
+)
 from mta.inbound.tenants import Refused, check_sender, pool_for, priority_for
 from mta.mail.address import domain_of
 from mta.mail.header import header_safe
@@ -41,9 +47,6 @@ from mta.spool.records import Message
 from mta.spool.store import Spool, SpoolFull
 
 log = logging.getLogger("mta.smtpd")
-
-PRIORITY_HEADER = "X-MTA-Priority"
-CAMPAIGN_HEADER = "X-MTA-Campaign"
 
 # Messages up to this size are signed on the event loop, larger ones in the
 # thread pool. Signing 4-256 KB takes 0.5-1.2 ms (mostly RSA, GIL released),

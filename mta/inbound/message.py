@@ -40,6 +40,10 @@ from mta.mail.header import (
 # (parsers find the date after it), no quotes, no "[" "]" (a fake address literal).
 _NOT_SHOWN_OF_HELO = re.compile(r"[^A-Za-z0-9._:-]")
 HELO_SHOWN_MAX = 64
+# Instruction fields (besides the configured pool header): a message's
+# priority and campaign, removed before signing.
+PRIORITY_HEADER = "X-MTA-Priority"
+CAMPAIGN_HEADER = "X-MTA-Campaign"
 # The address in "for <...>" is shown with its local part in dot-atom
 # characters and its domain in those of a name or address literal; anything
 # else (a quoted local part's quotes, ";", parentheses, a second "@") is "?".

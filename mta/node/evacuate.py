@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mta.config import HostPort
+from mta.inbound.message import CAMPAIGN_HEADER, PRIORITY_HEADER
 from mta.mail.reply import Reply
 from mta.outbound.routes import MxHost, Route
 from mta.outbound.smtp_client import ClientSettings, Deliverer, Delivery
@@ -109,11 +110,17 @@ async def route_to(target: HostPort) -> Route:
 
 
 def wire_data(message: Message, body: bytes, pool_header: str) -> bytes:
-    """What to send for a stored message: its bytes, after the pool header when it
-    names a pool, which the live node takes and removes as it did here."""
-    if not message.pool:
-        return body
-    return f"{pool_header}: {message.pool}\r\n".encode() + body
+    """What to send for a stored message: its bytes, after the instruction fields
+    for its pool, priority and campaign, which the live node takes and removes as
+    this one did. (Its tenant is not passed on: the live node knows this client
+    as a relay client, not as the tenant.)"""
+    instructions = (
+        (pool_header, message.pool),
+        (PRIORITY_HEADER, message.priority),
+        (CAMPAIGN_HEADER, message.campaign),
+    )
+    head = "".join(f"{name}: {value}\r\n" for name, value in instructions if value)
+    return head.encode() + body
 
 
 async def evacuate(
