@@ -16,11 +16,14 @@ from mta.config import IPNetwork
 
 
 def may_relay(client_ip: str, authenticated: bool, networks: Iterable[IPNetwork]) -> bool:
-    if authenticated:
-        return True
+    return authenticated or in_networks(client_ip, networks)
+
+
+def in_networks(client_ip: str, networks: Iterable[IPNetwork]) -> bool:
+    """Whether the client's address (an IPv4-mapped IPv6 one as IPv4) is in ``networks``."""
     try:
         address = ipaddress.ip_address(client_ip)
-    except ValueError:
+    except ValueError:  # not from a TCP socket
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped

@@ -11,10 +11,10 @@ as before tenants existed.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 
 from mta.config import PRIORITIES, EgressConfig, TenantConfig
+from mta.inbound.access import in_networks
 from mta.mail.address import domain_of
 
 
@@ -35,14 +35,8 @@ class Tenants:
         """The tenant an SMTP client is: by its AUTH name, else by its address."""
         if auth_user is not None:
             return self._by_user.get(auth_user)
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         for tenant in self.all:
-            if any(address in network for network in tenant.relay_networks):
+            if in_networks(client_ip, tenant.relay_networks):
                 return tenant
         return None
 
