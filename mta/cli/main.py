@@ -14,15 +14,16 @@ from collections.abc import Sequence
 import lmdb
 
 from mta import config
-from mta.cli import dkim, policy, queue, serve, suppress, user
+from mta.cli import dkim, policy, queue, serve, suppress, tenant, user
 from mta.cli.common import CommandError
+from mta.inbound.api_tokens import TokensFileError
 from mta.inbound.auth import UsersFileError
 from mta.signing.keys import SigningError
 
 EXIT_CONFIG = 2
 
 # In the order `mta --help` lists them.
-GROUPS = (serve, queue, policy, suppress, dkim, user)
+GROUPS = (serve, queue, policy, suppress, dkim, user, tenant)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # error; stdout goes to /dev/null so that exiting does not flush into it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (CommandError, lmdb.Error, OSError) as error:
+    except (CommandError, TokensFileError, lmdb.Error, OSError) as error:
         print(f"mta: {_describe(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

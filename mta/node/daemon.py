@@ -1,9 +1,14 @@
-"""`mta serve`: start the listener, the spool writer and /metrics; stop cleanly.
+"""`mta serve`: start the listeners, the spool writer and /metrics; stop cleanly.
+
+The listeners: SMTP on ``[server] listen`` and, when ``[http] listen`` is
+set, the HTTP injection API (mta.inbound.http_api) on it, both with the
+same intake (mta.inbound.intake).
 
 SIGTERM or SIGINT: stop listening, close idle sessions, let sessions in a
-transaction finish (up to ``[server] shutdown_timeout``), let the webhook
-finish the POST under way (events not yet posted stay in the spool for the
-next start), commit what was handed to the spool writer, exit 0.
+transaction and API requests under way finish (up to ``[server]
+shutdown_timeout``), let the webhook finish the POST under way (events not
+yet posted stay in the spool for the next start), commit what was handed to
+the spool writer, exit 0.
 
 With ``[server] workers`` above 1, `mta serve` is mta.node.workers' supervisor and
 each worker process runs a ``Daemon`` with a ``WorkerRole``: it listens with
@@ -19,17 +24,17 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from mta.cluster import suppression_sync
 from mta.cluster.local_limits import LocalLimits, local_limits_dir
-from mta.config import Config, ConfigError, ServerConfig, load
+from mta.config import Config, ConfigError, HostPort, ServerConfig, load
 from mta.events.log import EventLog
 from mta.events.webhook import Webhook
 from mta.inbound.auth import Authenticator, UsersFileError, read_users
@@ -57,6 +62,9 @@ from mta.spool.ids import IdGenerator
 from mta.spool.records import Message, jobs_for
 from mta.spool.scheduled_queue import Scheduler
 from mta.spool.store import Spool
+
+if TYPE_CHECKING:
+    from mta.inbound.http_api import InjectApi
 
 log = logging.getLogger("mta")
 TLS_REPORT_EVERY = 600.0  # seconds between looks for finished days to report (TLS-RPT)
@@ -108,6 +116,7 @@ class Resources:
     tls: ssl.SSLContext | None
     resolver: Resolver
     users: dict[str, str] | None  # None: AUTH is off
+    api_tls: ssl.SSLContext | None  # the HTTP API's certificate; None: plain HTTP
 
     @classmethod
     def load(cls, config: Config) -> Resources:
@@ -117,6 +126,7 @@ class Resources:
             tls=tls_context(config.server),
             resolver=resolver(config),
             users=read_users(users_file) if users_file else None,
+            api_tls=server_tls(config.http.tls_cert, config.http.tls_key, "[http]"),
         )
 
 
@@ -125,18 +135,26 @@ def load_keys(config: Config) -> list[DkimKey]:
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
-    if server.tls_cert is None or server.tls_key is None:
+    return server_tls(server.tls_cert, server.tls_key, "[server]")
+
+
+def server_tls(cert: str | None, key: str | None, section: str) -> ssl.SSLContext | None:
+    """A server's TLS context with the certificate and key of ``section``; None without."""
+    if cert is None or key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_certificate(context, cert, key, section)
+    return context
+
+
+def load_certificate(context: ssl.SSLContext, cert: str, key: str, section: str) -> None:
     try:
-        context.load_cert_chain(server.tls_cert, server.tls_key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise ConfigError(
-            f"[server] tls_cert/tls_key: cannot load {server.tls_cert} and "
-            f"{server.tls_key}: {reason}"
+            f"{section} tls_cert/tls_key: cannot load {cert} and {key}: {reason}"
         ) from None
-    return context
 
 
 class Daemon:
@@ -159,7 +177,8 @@ class Daemon:
         if self.webhook is not None:
             self.events.wake = self.webhook.wake
         self.sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
-        signer, new_id = Signer(resources.keys), IdGenerator(node=config.cluster.node)
+        signer = Signer(resources.keys)
+        self.new_id = new_id = IdGenerator(node=config.cluster.node)  # the handler's and the API's
         if role is None:
             LocalLimits.clear(str(local_limits_dir(config.spool.path)))  # the last run's leases
             NodeSessions.clear(str(node_sessions_dir(config.spool.path)))  # and sessions
@@ -203,6 +222,13 @@ class Daemon:
             Tenants(config.tenant),
             suppression=config.suppression,
         )
+        self.api: InjectApi | None = None
+        if config.http.listen is not None:
+            # Imported only here: aiohttp and Jinja2 cost every other start 0.15 s.
+            from mta.inbound.http_api import InjectApi
+
+            tenants = Tenants(config.tenant)
+            self.api = InjectApi(config, self.intake, tenants, new_id, resources.api_tls)
         self.sessions = Sessions(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -246,6 +272,7 @@ class Daemon:
             listeners = await listen(
                 self.new_session, config.server, reuse_port=self.role is not None
             )
+            await self._start_api()
             if self.role is None:
                 serve_metrics(config, self.spool, self.not_ready)
             loop = asyncio.get_running_loop()
@@ -272,7 +299,7 @@ class Daemon:
             if self.role is None:
                 log.info(
                     "mta started: listening on %s, metrics on %s, spool %s, %d DKIM key(s)",
-                    " ".join(str(address) for address in config.server.listen),
+                    listening(config),
                     config.metrics.listen,
                     Path(config.spool.path).resolve(),
                     self.key_count,
@@ -288,7 +315,7 @@ class Daemon:
             for listener in listeners:
                 listener.close()
             timeout = self.config.server.shutdown_timeout
-            await self.sessions.drain(timeout)
+            await asyncio.gather(self.sessions.drain(timeout), self._stop_api())
             await self.scheduler.stop(timeout)
             await delivering
             renewing.cancel()
@@ -316,6 +343,20 @@ class Daemon:
         else:
             log.info("worker %d stopped", self.role.index)
         return 0
+
+    async def _start_api(self) -> None:
+        if self.api is None:
+            return
+        try:
+            await self.api.start(reuse_port=self.role is not None)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen on {self.config.http.listen} (the HTTP API): {error.strerror}"
+            ) from None
+
+    async def _stop_api(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
 
     def tls_session(
         self, address: str, policy: TlsPolicy, host: str, failure: Failure | None
@@ -368,16 +409,33 @@ class Daemon:
         self.sessions.reload(new)
         self.intake.reload(new, signer)
         self.handler.reload(new)
+        self._reload_api(new)
         self.attempter.reload(new, signer, resources.resolver, schedule)
         self.scheduler.reload(new)
         await self.egress.reload(new)
         log.info("reloaded %s: %d DKIM key(s)", self.path, self.key_count)
+
+    def _reload_api(self, new: Config) -> None:
+        """The API takes the new tenants and limits, and a renewed certificate
+        (read again into the context its listener uses)."""
+        if self.api is None:
+            return
+        self.api.reload(new, Tenants(new.tenant))
+        cert, key = new.http.tls_cert, new.http.tls_key
+        if self.api.tls is not None and cert is not None and key is not None:
+            load_certificate(self.api.tls, cert, key, "[http]")
 
     def _warn_restart_only(self, new: Config, resources: Resources) -> None:
         """Log each change a reload cannot apply: these need a restart."""
         old = self.config
         for what, before, after in (
             ("[server] listen", old.server.listen, new.server.listen),
+            ("[http] listen", old.http.listen, new.http.listen),
+            (
+                "HTTPS on or off ([http] tls_cert)",
+                old.http.tls_cert is None,
+                new.http.tls_cert is None,
+            ),
             ("[spool]", old.spool, new.spool),
             ("[metrics] listen", old.metrics.listen, new.metrics.listen),
             ("[events]", old.events, new.events),
@@ -492,12 +550,32 @@ def serve_metrics(
         ) from None
 
 
+def listening(config: Config) -> str:
+    """Where the daemon listens, for its start line: SMTP, and the HTTP API if any."""
+    smtp = " ".join(str(address) for address in config.server.listen)
+    return smtp if config.http.listen is None else f"{smtp}, HTTP API on {config.http.listen}"
+
+
+def every_address(config: Config) -> list[HostPort]:
+    """Every address the daemon listens on for clients: SMTP's, and the API's."""
+    api = [config.http.listen] if config.http.listen is not None else []
+    return [*config.server.listen, *api]
+
+
 async def listen(
     factory: Callable[[], asyncio.Protocol], server: ServerConfig, reuse_port: bool = False
 ) -> list[asyncio.Server]:
+    return await listen_on(factory, server.listen, reuse_port)
+
+
+async def listen_on(
+    factory: Callable[[], asyncio.Protocol],
+    addresses: Sequence[HostPort],
+    reuse_port: bool = False,
+) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     listeners = []
-    for address in server.listen:
+    for address in addresses:
         try:
             listeners.append(
                 await loop.create_server(

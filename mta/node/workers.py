@@ -4,8 +4,9 @@ One Python process uses one core for the GIL-holding part of SMTP, signing
 and delivery; workers put every core to work, as Postfix's many processes do.
 
 The supervisor (the process `mta serve` started):
-- checks the configuration (keys, certificate, routes, users file) and that
-  every listening address is free, so a mistake is one clear error;
+- checks the configuration (keys, certificates, routes, users file) and that
+  every listening address (SMTP's, the HTTP API's) is free, so a mistake is
+  one clear error;
 - starts the workers (``python -m mta.node.workers``) and waits until each one
   listens; if one cannot start, it stops the others and exits 1;
 - serves /metrics (the workers' figures summed, prometheus_client's
@@ -15,13 +16,13 @@ The supervisor (the process `mta serve` started):
   keeps dying (1 s, doubling up to 30 s).
 
 Each worker is a whole MTA (mta.node.daemon.Daemon) on the same spool: its own
-SMTP listeners on the same addresses with SO_REUSEPORT (the kernel spreads
-connections over them), its own LMDB environment and group commit (LMDB
-serialises the workers' commits), and deliveries for the domains it owns
-(mta.node.ownership). Workers die with the supervisor (PR_SET_PDEATHSIG): a
-SIGKILL of `mta serve` stops everything at once, as a crash of one process
-would, and the spool's leases make that safe (docs/architecture.md,
-invariant 3).
+SMTP listeners and HTTP API on the same addresses with SO_REUSEPORT (the
+kernel spreads connections over them), its own LMDB environment and group
+commit (LMDB serialises the workers' commits), and deliveries for the
+domains it owns (mta.node.ownership). Workers die with the supervisor
+(PR_SET_PDEATHSIG): a SIGKILL of `mta serve` stops everything at once, as a
+crash of one process would, and the spool's leases make that safe
+(docs/architecture.md, invariant 3).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class Supervisor:
             log.info(
                 "mta started: %d workers listening on %s, metrics on %s, spool %s",
                 len(self.workers),
-                " ".join(str(address) for address in self.settings.server.listen),
+                daemon.listening(self.settings),
                 self.settings.metrics.listen,
                 Path(self.settings.spool.path).resolve(),
             )
@@ -150,7 +151,8 @@ class Supervisor:
         """Bind each address once without SO_REUSEPORT: a port another program (or
         another `mta serve`) holds fails here with a clear error, not silently
         shared with it."""
-        for listener in await daemon.listen(asyncio.Protocol, self.settings.server):
+        addresses = daemon.every_address(self.settings)
+        for listener in await daemon.listen_on(asyncio.Protocol, addresses):
             listener.close()
             await listener.wait_closed()
 
