@@ -6,9 +6,10 @@ The steps, each in the module that owns it:
    deleted or held since it fell due is left alone);
 2. find the route (mta.outbound.routes), lease a path from the message's
    egress pool to the site (mta.outbound.egress: limits, warmup,
-   suspensions) and talk SMTP from that source (mta.outbound.smtp_client), which
-   gives one reply per recipient; the site's replies may suspend or
-   throttle the path (response rules);
+   suspensions; a transactional job ahead of bulk ones, and no delivery
+   slot held while it waits) and talk SMTP from that source
+   (mta.outbound.smtp_client), which gives one reply per recipient; the
+   site's replies may suspend or throttle the path (response rules);
 3. decide per recipient: delivered, bounced, or deferred until when
    (mta.policy.disposition, pure);
 4. for bounces, build and sign the DSN (mta.outbound.dsn) before touching the
@@ -128,6 +129,9 @@ class Attempter:
             return
         job, message, body = loaded
         result = await self._deliver(job, message, body)
+        if result is None:
+            log.info("id=%s domain=%s: held or deleted while it waited", job.message_id, job.domain)
+            return
         decision = decide(
             job, result.replies, message.arrived, self.clock(), self.schedule, self.rng
         )
@@ -153,6 +157,11 @@ class Attempter:
         if bounce is not None:
             self.on_queued(bounce.message)
 
+    def _still_ready(self, job: Job) -> bool:
+        with self.spool.read() as txn:
+            now = self.spool.job(txn, job.key)
+        return now is not None and now.state is JobState.READY
+
     def _load(self, key: bytes) -> tuple[Job, Message, bytes] | None:
         with self.spool.read() as txn:
             job = self.spool.job(txn, key)
@@ -165,8 +174,9 @@ class Attempter:
             return None
         return job, message, body
 
-    async def _deliver(self, job: Job, message: Message, body: bytes) -> AttemptResult:
-        """Route, lease a path, talk SMTP: each recipient's reply."""
+    async def _deliver(self, job: Job, message: Message, body: bytes) -> AttemptResult | None:
+        """Route, lease a path, talk SMTP: each recipient's reply; None when an
+        operator held or deleted the job while it waited for its path."""
         try:
             route = await self.resolver.route(job.domain)
             # Before the lease: finding the policy must not hold a connection slot.
@@ -176,12 +186,20 @@ class Attempter:
             return AttemptResult(NO_RELAY, dict.fromkeys(job.recipients, reply))
         site = self.egress.site(job.domain, route)
         stream = Stream(message.sending_domain, message.id)
-        lease = await self.egress.lease(message.pool, site, job.domain, len(job.recipients), stream)
+        # Waiting for a path, the job holds no delivery slot (mta.outbound.ready_queue).
+        lease = await self.egress.lease(
+            message.pool, site, job.domain, len(job.recipients), stream, job.priority
+        )
         if isinstance(lease, Wait):
             reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
             return AttemptResult(
                 NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until
             )
+        if not self._still_ready(job):
+            # `mta queue hold --campaign` stops what waits in the ready queue too.
+            self.egress.release(lease)
+            self.egress.settle(lease)
+            return None
         sending = lease.recipients(job.recipients)
         # The rest wait for another source, or the next day: a warmup cap.
         capped = Reply(451, f"4.7.0 {lease.source.name} reached its warmup cap for {site.name}")

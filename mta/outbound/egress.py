@@ -19,9 +19,12 @@ policy applies per path:
 ``lease`` picks a source of the message's pool for the site: one that is not
 suspended or capped, preferring one with a free connection slot and rate
 budget (by the pool's weights). When every usable path is busy the job waits
-in memory in the ready queue (mta.outbound.ready_queue); when no source may
-send at all it answers ``Wait`` with the time the job should come back, and
-the job is deferred without counting an attempt.
+in memory in the ready queue (mta.outbound.ready_queue), transactional jobs
+ahead of bulk ones, without a delivery slot of the scheduler; when no source
+may send at all it answers ``Wait`` with the time the job should come back,
+and the job is deferred without counting an attempt. The connection and rate
+limits are the shared limits' alone (a lease is admitted by them in one
+decision), so neither the order of a line nor the slots change them.
 
 Suspensions live in the spool's policy database, so they survive restarts and
 every worker and ``mta policy suspend|resume`` share them: each lease looks
@@ -234,13 +237,20 @@ class Egress:
         return limits
 
     async def lease(
-        self, pool: str, site: Site, domain: str, recipients: int = 1, stream: Stream = Stream()
+        self,
+        pool: str,
+        site: Site,
+        domain: str,
+        recipients: int = 1,
+        stream: Stream = Stream(),
+        priority: str = "bulk",
     ) -> Lease | Wait:
         """A path to send ``recipients`` of ``stream`` on now (waiting for a slot or the
-        rate), or when to come back; a warmup cap may let the lease take fewer."""
+        rate, behind the jobs of its ``priority`` and those before it), or when to come
+        back; a warmup cap may let the lease take fewer."""
         line = (pool, site.name, domain if domain in self.domain_limits else "")
         return await self.ready_queue.wait(
-            line, lambda now: self._try_lease(pool, site, domain, recipients, stream, now)
+            line, lambda now: self._try_lease(pool, site, domain, recipients, stream, now), priority
         )
 
     async def _try_lease(

@@ -7,6 +7,9 @@ Named databases inside the environment:
     jobs      queue ID NUL domain -> Job as JSON
     due       ms of next attempt + job key -> b"" (ready jobs only, in time order)
     ready     domain NUL ms of next attempt + job key -> b"" (the same, by domain)
+    ready_first  the same entries, of the ready jobs of priority ``FIRST``
+              ("transactional") only: the scheduler finds a domain's due ones
+              by a seek, before its other due jobs (mta.spool.scheduled_queue)
     meta      b"bytes" -> total size of stored bodies (8 bytes, big-endian);
               b"untried-counted" once the "u" count below has been built
     policy    traffic-policy state that must survive restarts: warmup counters
@@ -25,13 +28,15 @@ Named databases inside the environment:
               watches (mta.policy.inflow)
 
 Every change to a job goes through ``put_job``/``delete_job``, which keep the
-``due`` index and the byte counter right in the same transaction; nothing
-else writes those. Writes take a transaction from the caller, so one commit
-can carry many messages (group commit, mta.spool.commit) and the admin tool
-can change several jobs at once. ``write`` returns only once its commit is on
-disk, which is what makes "250" mean durable. LMDB allows one writer at a
-time across processes, so the daemon and ``mta queue`` can both write;
-readers never block.
+``due``, ``ready`` and ``ready_first`` indexes and the byte counter right in
+the same transaction; nothing else writes those. A spool written before
+``ready_first`` existed gets it built at its first opening (one pass, once),
+so its transactional jobs keep their place. Writes take a transaction from
+the caller, so one commit can carry many messages (group commit,
+mta.spool.commit) and the admin tool can change several jobs at once.
+``write`` returns only once its commit is on disk, which is what makes "250"
+mean durable. LMDB allows one writer at a time across processes, so the
+daemon and ``mta queue`` can both write; readers never block.
 
 Durable, and the writer lock held for one fdatasync rather than two: with
 metasync on, LMDB's commit syncs the data pages, writes the meta page that
@@ -56,6 +61,7 @@ from pathlib import Path
 
 import lmdb
 
+from mta.config import PRIORITIES
 from mta.spool.records import (
     Job,
     JobState,
@@ -71,6 +77,8 @@ from mta.spool.records import (
 _BYTES = b"bytes"
 _UNTRIED_COUNTED = b"untried-counted"
 _UNTRIED = "u"
+_READY_FIRST = b"ready_first"
+FIRST = PRIORITIES[0]  # the priority whose ready jobs have an index of their own
 log = logging.getLogger("mta.spool")
 
 # LMDB reserves address space, not disk: a map twice the spool limit leaves
@@ -140,6 +148,7 @@ class Spool:
         self._jobs = self.env.open_db(b"jobs")
         self._due = self.env.open_db(b"due")
         self._ready = self.env.open_db(b"ready")
+        self._ready_first = self._open_ready_first()
         self._meta = self.env.open_db(b"meta")
         self._policy = self.env.open_db(b"policy")
         self._events = self.env.open_db(b"events")
@@ -223,6 +232,8 @@ class Spool:
         if job.state is JobState.READY:
             txn.put(due_key(job), b"", db=self._due)
             txn.put(domain_due_key(job), b"", db=self._ready)
+            if job.priority == FIRST:
+                txn.put(domain_due_key(job), b"", db=self._ready_first)
 
     def _count(self, txn: lmdb.Transaction, job: Job, sign: int) -> None:
         self._bump(txn, f"d\0{job.domain}\0{job.state.value}", sign, sign * len(job.recipients))
@@ -279,9 +290,26 @@ class Spool:
                         self._bump(txn, _UNTRIED, 1, len(job.recipients))
                 txn.put(_UNTRIED_COUNTED, b"1", db=self._meta)
 
+    def _open_ready_first(self) -> lmdb._Database:
+        """The ``ready_first`` index; built (once) for a spool written before it existed,
+        in the transaction that makes it, so that it never exists unbuilt. Looked
+        at in a read transaction first: opening the spool takes no writer lock."""
+        with self.env.begin() as txn:
+            if txn.get(_READY_FIRST) is not None:  # the main database names the others
+                return self.env.open_db(_READY_FIRST)
+        with self.env.begin(write=True) as txn:
+            index = self.env.open_db(_READY_FIRST, txn=txn)
+            for job in self.all_jobs(txn):
+                if job.state is JobState.READY and job.priority == FIRST:
+                    txn.put(domain_due_key(job), b"", db=index)
+        self.env.sync(True)
+        return index
+
     def _unindex(self, txn: lmdb.Transaction, job: Job) -> None:
         txn.delete(due_key(job), db=self._due)
         txn.delete(domain_due_key(job), db=self._ready)
+        if job.priority == FIRST:
+            txn.delete(domain_due_key(job), db=self._ready_first)
 
     def delete_job(self, txn: lmdb.Transaction, job: Job) -> bool:
         """Remove a job; the message goes with its last job. True if it went."""
@@ -392,15 +420,37 @@ class Spool:
             raw = bytes(key)
             yield due_time(raw), raw[8:]
 
-    def due_in(self, txn: lmdb.Transaction, domain: str, until: float, limit: int) -> list[bytes]:
-        """Keys of up to ``limit`` ready jobs of ``domain`` due by ``until``, soonest first:
-        a seek, whatever the size of the rest of the queue."""
+    def due_in(
+        self,
+        txn: lmdb.Transaction,
+        domain: str,
+        until: float,
+        limit: int,
+        priority: str | None = None,
+    ) -> list[bytes]:
+        """Keys of up to ``limit`` ready jobs of ``domain`` due by ``until``, soonest first,
+        of ``priority`` (None: any): a seek, whatever the size of the rest of the queue.
+
+        ``FIRST``'s jobs are read from their own index, each checked against the
+        index of all (an older version writing the spool in between would have
+        left it stale); another priority's from the index of all, passing over
+        ``FIRST``'s (the scheduler starts those first, so few of them are due)."""
+        prefix = domain_prefix(domain)
+        first = priority == FIRST
         keys: list[bytes] = []
-        for entry in self._keys_from(txn, self._ready, domain_prefix(domain)):
+        for entry in self._keys_from(txn, self._ready_first if first else self._ready, prefix):
             if len(keys) >= limit or due_time(entry) > until:
                 break
-            keys.append(entry[8:])
+            if priority is None or self._of_priority(txn, prefix + entry, first):
+                keys.append(entry[8:])
         return keys
+
+    def _of_priority(self, txn: lmdb.Transaction, ready_key: bytes, first: bool) -> bool:
+        """Whether the entry of ``ready`` (or of ``ready_first``) is a job of ``FIRST`` (or,
+        with ``first`` False, of another priority)."""
+        if first:
+            return txn.get(ready_key, db=self._ready) is not None  # not a stale entry
+        return txn.get(ready_key, db=self._ready_first) is None
 
     def domains_with_ready_jobs(
         self, txn: lmdb.Transaction, start: str = ""
