@@ -202,7 +202,7 @@ class Egress:
         self._full: set[str] = set()  # warmup counters whose cap was used up (at these caps)
         self._caps: dict[tuple[str, str, datetime.date], int | None] = {}  # the days' caps
         self._sites: dict[tuple[str, tuple[str, ...], bool], Site] = {}
-        self._limits: dict[tuple[str, str], Limits] = {}
+        self._limits: dict[tuple[str, bool, str], Limits] = {}
         retired = [d for d in self._deliverers if id(d) not in kept]
         self._deliverers = [source.deliverer for source in self.sources]
         return retired
@@ -224,11 +224,13 @@ class Egress:
         if site is None:
             if len(self._sites) >= SITES_CACHED:
                 self._sites.clear()
-            site = self._sites[key] = site_for(domain, hosts, self.providers, group_by_mx=by_mx)
+            site = self._sites[key] = site_for(
+                domain, hosts, self.providers, group_by_mx=by_mx, static=route.static
+            )
         return site
 
     def limits(self, site: Site, domain: str) -> Limits:
-        key = (site.name, domain if domain in self.domain_limits else "")
+        key = (site.name, site.static, domain if domain in self.domain_limits else "")
         limits = self._limits.get(key)
         if limits is None:
             if len(self._limits) >= SITES_CACHED:

@@ -23,17 +23,17 @@ class Shaping:
         policy = config.policy
         shipped = SHIPPED if policy.shipped_shaping else ()
         self.suffixes = suffix_map(shipped, {p.name: p.mx_suffixes for p in policy.provider})
-        self._defaults = [
-            ("shipped default", DEFAULT_LIMITS if shipped else Limits()),
-            ("[policy.default]", limits_from_config(policy.default)),
-        ]
+        self._shipped_default = ("shipped default", DEFAULT_LIMITS if shipped else Limits())
+        self._default = ("[policy.default]", limits_from_config(policy.default))
         self._shipped = {p.name: p.limits for p in shipped}
         self._configured = {p.name: limits_from_config(p) for p in policy.provider}
         self.domains = {d: limits_from_config(limits) for d, limits in policy.domain.items()}
 
     def layers(self, site: Site, domain: str) -> list[tuple[str, Limits]]:
-        """The layers that apply to mail for ``domain`` on ``site``, general first."""
-        layers = list(self._defaults)
+        """The layers that apply to mail for ``domain`` on ``site``, general first;
+        a static route's site is the operator's own next hop, not a stranger's
+        server the shipped default is cautious with."""
+        layers = [self._default] if site.static else [self._shipped_default, self._default]
         provider = site.provider
         if provider in self._shipped:
             layers.append((f"shipped {provider}", self._shipped[provider]))

@@ -115,6 +115,9 @@ class Site:
     # group_by_mx, a name made from the MX host set; else the domain.
     name: str
     provider: str | None
+    # Reached by a static route: the operator's own next hop (a smarthost, a
+    # relay of theirs), for which the shipped default's caution is not meant.
+    static: bool = False
 
 
 def _suffix_matches(host: str, suffix: str) -> bool:
@@ -164,6 +167,7 @@ def site_for(
     providers: Mapping[str, Sequence[str]],
     *,
     group_by_mx: bool = False,
+    static: bool = False,
 ) -> Site:
     """The site a domain's mail goes to.
 
@@ -184,11 +188,11 @@ def site_for(
     """
     provider = _provider_of(mx_hosts[0], providers) if mx_hosts else None
     if provider is not None:
-        return Site(provider, provider)
+        return Site(provider, provider, static)
     hosts = {lowercase_name(host) for host in mx_hosts} - {""}
     if group_by_mx and hosts:
         return Site(_mx_set_name(hosts), None)
-    return Site(lowercase_name(domain), None)
+    return Site(lowercase_name(domain), None, static)
 
 
 def effective(
