@@ -52,6 +52,7 @@ from mta.spool import suppression
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.records import Job, JobState, Message
+from mta.spool.scheduled_queue import current_slot
 from mta.spool.store import Spool
 
 log = logging.getLogger("mta.delivery")
@@ -225,6 +226,10 @@ class Attempter:
             rules = tuple(self.egress.react(lease, replies))
         finally:
             self.egress.release(lease)
+            # The domain's servers are done with: its slot is for the next job, not
+            # for this one's fsync'd commit (a slot held through it kept one busy
+            # domain below what the worker could deliver: docs/benchmarks.md).
+            current_slot().give_back()
         return AttemptResult(relay, _blocks_defer(replies, rules), lease, tls=tls)
 
     async def _bounce(

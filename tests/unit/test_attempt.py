@@ -13,6 +13,9 @@ import email.policy
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from mta import config
 from mta.events.log import EventLog
@@ -28,6 +31,7 @@ from mta.signing.signer import Signer
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.records import JobState, Message, job_key
+from mta.spool.scheduled_queue import _CURRENT_SLOT, DeliverySlot
 from mta.spool.store import Spool
 
 NOW = 1_800_000_000.0
@@ -207,3 +211,30 @@ def test_a_refusal_that_blocks_our_address_waits_instead_of_bouncing(tmp_path: P
         [job] = spool.jobs_of(txn, queue_id)
     assert job.recipients == ("blocked@example.net",) and job.attempts == 1
     assert job.last_reply.startswith("451 4.7.0 554 5.7.1") and "dnsbl-listed" in job.last_reply
+
+
+def test_the_delivery_slot_is_given_back_when_smtp_ends_before_the_commit(
+    tmp_path: Path,
+) -> None:
+    """The domain's slot is for its servers: the next job may start while this
+    one's result is being committed (fsync'd), not only after."""
+    steps: list[str] = []
+
+    class RecordingSlot(DeliverySlot):
+        def give_back(self) -> None:
+            steps.append("slot given back")
+
+    original_run = GroupCommitter.run
+
+    async def run(self: GroupCommitter, change: Any) -> Any:
+        steps.append("commit")
+        return await original_run(self, change)
+
+    _CURRENT_SLOT.set(RecordingSlot())  # asyncio.run's task copies this context
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(GroupCommitter, "run", run)
+            run_attempt(tmp_path, ("ok@example.net",))
+    finally:
+        _CURRENT_SLOT.set(None)
+    assert steps == ["slot given back", "commit"]
