@@ -20,8 +20,10 @@ ones is left waiting for room (so that seek passes over few of them).
 Delivery slots. ``max_concurrent`` (per worker) and ``max_per_domain`` bound
 the jobs that hold a delivery slot: a job holds one while it routes, while it
 looks for a path and while it talks SMTP, but not while it waits in a ready
-queue for a path, nor while its result is committed (mta.outbound.ready_queue gives the slot back before it
-waits and takes one again before its next look: ``current_slot``). So a
+queue for a path (mta.outbound.ready_queue gives the slot back before it
+waits and takes one again before its next look: ``current_slot``), nor
+while its result is committed (mta.outbound.dispatcher gives it back when
+the SMTP transaction ends). So a
 throttled site's backlog waits without slots: a transactional job to one of
 its domains, or mail to other sites, still starts. A freed slot goes first to
 a waiting job that wants to look again (transactional first), then to new
