@@ -20,12 +20,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any, TextIO, TypeVar
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from mta.cli.common import CommandError, Commands, config_option, open_spool
+from mta.cluster import redis_client
 from mta.cluster.limits import ALIVE_SECONDS
 from mta.cluster.redis_limits import NODES, sent_key
 from mta.cluster.throttle_log import Decision, ThrottleLog
@@ -39,6 +37,9 @@ from mta.policy.limits import Site
 from mta.policy.throttle import describe
 from mta.policy.warmup import day_of, hour_of, hour_share
 from mta.spool.store import Spool
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis  # imported only with Redis: mta.cluster.redis_client
 
 OPERATOR = "operator"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -145,7 +146,7 @@ def tell_fleet(config: Config, decided: list[Decision], out: TextIO) -> int:
         return 0
 
     async def publish() -> None:
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        client = redis_client.connect(url, socket_connect_timeout=2, socket_timeout=2)
         try:
             await ThrottleLog(client).publish(decided)
         finally:
@@ -153,7 +154,7 @@ def tell_fleet(config: Config, decided: list[Decision], out: TextIO) -> int:
 
     try:
         asyncio.run(publish())
-    except (OSError, RedisError) as error:
+    except (OSError, redis_client.redis_error()) as error:
         out.write(
             f"not told to the other nodes ({error}): this node only; "
             "run the command again when Redis answers\n"
@@ -248,7 +249,7 @@ def _from_redis(config: Config, ask: Callable[[aioredis.Redis], Awaitable[T]]) -
     """What ``ask`` reads from the cluster's Redis; None when it does not answer."""
 
     async def run() -> T:
-        client = aioredis.Redis.from_url(config.cluster.redis or "", socket_connect_timeout=2)
+        client = redis_client.connect(config.cluster.redis or "", socket_connect_timeout=2)
         try:
             return await ask(client)
         finally:
@@ -258,7 +259,7 @@ def _from_redis(config: Config, ask: Callable[[aioredis.Redis], Awaitable[T]]) -
         return None
     try:
         return asyncio.run(asyncio.wait_for(run(), 3))
-    except (OSError, RedisError, TimeoutError):
+    except (OSError, redis_client.redis_error(), TimeoutError):
         return None
 
 

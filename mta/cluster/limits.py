@@ -42,9 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from mta.cluster import redis_client
 from mta.cluster.local_limits import LocalLimits, local_limits_dir
 from mta.cluster.redis_limits import EpochChanged, RedisLimits
 from mta.cluster.throttle_log import Decision, ThrottleLog
@@ -125,6 +123,11 @@ class SharedLimits:
         # still have granted them when Redis woke up, to a holder that gave up.
         self._unanswered: list[tuple[list[str], str]] = []
         self._names = (f"{node}.{os.getpid()}.{n}" for n in itertools.count())
+        # What a Redis that is away raises (redis-py's names only with Redis:
+        # mta.cluster.redis_client); nothing is asked of Redis without it.
+        self._trouble: tuple[type[BaseException], ...] = (
+            (TimeoutError, OSError, redis_client.redis_error(), EpochChanged) if remote else ()
+        )
         metrics.CLUSTER_REDIS_UP.set(1 if remote else 0)
 
     @property
@@ -188,7 +191,7 @@ class SharedLimits:
             return  # written back with every count when Redis is back
         try:
             await self._ask_redis(self._redis.settle(self.node, [(counter, count, reservation)]))
-        except _REDIS_TROUBLE as error:
+        except self._trouble as error:
             self._went_away(error)
 
     async def release(self, holding: Holding) -> None:
@@ -196,7 +199,7 @@ class SharedLimits:
         self.local.release(holding.ask.path, holding.lease)
         if self.remote is None or self._away():
             return  # Redis's copy, if any, expires within LEASE_SECONDS
-        with contextlib.suppress(*_REDIS_TROUBLE):
+        with contextlib.suppress(*self._trouble):
             await self._ask_redis(self._redis.release(holding.ask.path, holding.lease))
 
     async def run(self) -> None:
@@ -226,7 +229,7 @@ class SharedLimits:
                 await self._reassert()
                 alive = await self._ask_redis(self._redis.heartbeat(self.node, ALIVE_SECONDS))
             self._seen_alive(sorted(alive) or [self.node])
-        except _REDIS_TROUBLE as error:
+        except self._trouble as error:
             self._went_away(error)
             return
         self._came_back()
@@ -260,7 +263,7 @@ class SharedLimits:
         assert self.throttle_log is not None
         try:
             await self._ask_redis(self.throttle_log.publish(decisions))
-        except _REDIS_TROUBLE as error:
+        except self._trouble as error:
             self._went_away(error)  # kept, and appended with the next decisions read
 
     async def read_decisions(self, after: str) -> tuple[list[Decision], str] | None:
@@ -271,7 +274,7 @@ class SharedLimits:
         try:
             await self._ask_redis(self.throttle_log.publish([]))
             return await self._ask_redis(self.throttle_log.read(after))
-        except _REDIS_TROUBLE as error:
+        except self._trouble as error:
             self._went_away(error)
             return None
 
@@ -304,7 +307,7 @@ class SharedLimits:
             except EpochChanged:  # Redis restarted empty, or this node is new to it
                 await self._reassert()
                 result = await self._ask_redis(self._redis.admit(asks, lease))
-        except _REDIS_TROUBLE as error:
+        except self._trouble as error:
             self._unanswered.append(([ask.path for ask in asks], lease))
             self._went_away(error)
             return None
@@ -387,9 +390,6 @@ def _recall_nodes(nodes_file: Path | None, node: str) -> list[str]:
     return sorted({*remembered, node})
 
 
-_REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError, EpochChanged)
-
-
 def shared_limits(
     cluster: ClusterConfig, spool_path: str, counts: WarmupCounts = lambda names=None: {}
 ) -> SharedLimits:
@@ -398,7 +398,7 @@ def shared_limits(
     local = LocalLimits(str(local_limits_dir(spool_path)), LEASE_SECONDS)
     if cluster.redis is None:
         return SharedLimits(cluster.node, local, counts=counts)
-    client = aioredis.Redis.from_url(cluster.redis, socket_connect_timeout=1.0)
+    client = redis_client.connect(cluster.redis, socket_connect_timeout=1.0)
     # Every node renews, so writes its leases back, within RENEW_SECONDS.
     remote = RedisLimits(client, LEASE_SECONDS, settling=2 * RENEW_SECONDS + 0.5)
     nodes_file = Path(spool_path) / NODES_FILE

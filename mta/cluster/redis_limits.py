@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING
 
 from mta.policy.admission import TOLERANCE, Ask, Granted, Refused
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis  # imported only with Redis: mta.cluster.redis_client
 
 PREFIX = "mta:"
 NODES = PREFIX + "nodes"

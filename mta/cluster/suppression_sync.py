@@ -43,14 +43,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from mta.cluster import redis_client
 from mta.config import ClusterConfig
 from mta.spool import suppression
 from mta.spool.store import Spool
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis  # imported only with Redis: mta.cluster.redis_client
 
 log = logging.getLogger("mta.cluster")
 
@@ -101,11 +102,12 @@ class SuppressionSync:
 
     async def run(self) -> None:
         """Keep the spool's list and the fleet's in step, until cancelled."""
+        trouble = (TimeoutError, OSError, redis_client.redis_error())
         try:
             while True:
                 try:
                     await self.step()
-                except _REDIS_TROUBLE as error:
+                except trouble as error:
                     self._went_away(error)
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
@@ -197,9 +199,6 @@ class SuppressionSync:
             )
 
 
-_REDIS_TROUBLE = (TimeoutError, OSError, redis.exceptions.RedisError)
-
-
 def _first_id(entries: Any) -> str | None:
     """The ID of the first of XRANGE's (or XREVRANGE's) ``entries``, None if none."""
     return str(entries[0][0]) if entries else None
@@ -229,7 +228,7 @@ def syncer(cluster: ClusterConfig, spool: Spool) -> SuppressionSync | None:
         with spool.write() as txn:
             suppression.share(spool, txn, False)
         return None
-    client = aioredis.Redis.from_url(
+    client = redis_client.connect(
         cluster.redis,
         socket_connect_timeout=TIMEOUT_SECONDS,
         socket_timeout=TIMEOUT_SECONDS,

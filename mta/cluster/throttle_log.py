@@ -24,11 +24,12 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any
 
 from mta.policy.throttle import Throttles
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis  # imported only with Redis: mta.cluster.redis_client
 
 STREAM = "mta:throttles"
 MAX_ENTRIES = 10_000

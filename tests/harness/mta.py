@@ -64,6 +64,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. One that has exited but is not reaped
+    yet (a zombie: an orphan waits for init, which may take a second or two) has
+    let go of its files and ports, once every thread of it has ended."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+        except OSError:
+            continue  # that thread has just ended
+        if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
     """Until `process` accepts connections on ``port``; fails at once if it exits."""
 
@@ -226,6 +244,11 @@ class Mta:
         self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
 
     def start(self) -> None:
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Write the configuration and run `mta serve`; wait_started() waits for it."""
         self.write_config()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -234,6 +257,9 @@ class Mta:
             stderr=log,
             env=os.environ | self.env,
         )
+
+    def wait_started(self) -> None:
+        assert self.process is not None
         wait_for_port(self.port, START_TIMEOUT, self.process)
         self.wait_for_no_sessions()
 
@@ -291,7 +317,7 @@ class Mta:
         code = self.process.wait(timeout=timeout)
         self.process = None
         eventually(
-            lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+            lambda: not any(alive(pid) for pid in workers),
             10,
             f"workers {workers} outlived `mta serve`",
             interval=0.01,
@@ -325,3 +351,11 @@ class Mta:
             lambda: f"still queued: {self.queue_list()}",
             interval=0.1,
         )
+
+
+def start_together(*nodes: Mta) -> None:
+    """Start several MTAs (a fleet's nodes) side by side, not one after the other."""
+    for node in nodes:
+        node.launch()
+    for node in nodes:
+        node.wait_started()

@@ -18,7 +18,7 @@ import redis
 
 from mta.cluster.suppression_sync import LISTING
 from tests.harness.client import send
-from tests.harness.mta import Mta
+from tests.harness.mta import Mta, start_together
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
 from tests.integration.test_client import PEER, Peer
@@ -48,8 +48,7 @@ def test_additions_bounces_and_removals_reach_the_other_node(tmp_path: Path) -> 
     with RedisServer(tmp_path / "redis") as redis_server, Peer() as peer:
         a, b = node(tmp_path, "a", redis_server), node(tmp_path, "b", redis_server)
         b.routes = {"partial.test": f"{PEER}:{peer.port}"}  # refuses "bad...": 550 5.1.1
-        a.start()
-        b.start()
+        start_together(a, b)
 
         suppress(a, "add", "x@example.net", "--reason", "asked us to stop")
         eventually(lambda: refuses(b, "x@example.net"), WAIT, b.log)
@@ -68,8 +67,7 @@ def test_additions_bounces_and_removals_reach_the_other_node(tmp_path: Path) -> 
 def test_entries_for_one_sender_domain_reach_the_other_node(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as redis_server:
         a, b = node(tmp_path, "a", redis_server), node(tmp_path, "b", redis_server)
-        a.start()
-        b.start()
+        start_together(a, b)
         suppress(a, "add", "y@example.net", "--sender-domain", "shop.test", "--for", "30d")
         eventually(lambda: refuses(b, "y@example.net", sender="news@shop.test"), WAIT, b.log)
         assert accepts(b, "y@example.net") and accepts(b, "y@example.net", sender="")
@@ -87,8 +85,7 @@ def test_entries_for_one_sender_domain_reach_the_other_node(tmp_path: Path) -> N
 def test_changes_made_while_redis_is_away_or_lost_reach_every_node(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as redis_server:
         a, b = node(tmp_path, "a", redis_server), node(tmp_path, "b", redis_server)
-        a.start()
-        b.start()
+        start_together(a, b)
         suppress(a, "add", "early@example.net")
         eventually(lambda: refuses(b, "early@example.net"), WAIT, b.log)
 

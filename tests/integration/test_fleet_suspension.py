@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness.client import message, send
 from tests.harness.dns_server import DnsServer
-from tests.harness.mta import Mta
+from tests.harness.mta import Mta, start_together
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
 from tests.integration.test_suspension import DOMAINS, PEER, POLICY, DefersOnce, bigmail_dns
@@ -50,8 +50,7 @@ def test_a_suspension_on_one_node_holds_on_the_other_and_a_resume_frees_both(
         with RedisServer(tmp_path / "redis") as redis, DefersOnce(PEER, after=5) as peer:
             a = node(tmp_path / "a", "a", redis, dns, peer)
             b = node(tmp_path / "b", "b", redis, dns, peer)
-            a.start()
-            b.start()
+            start_together(a, b)
             for number in range(10):
                 send(a, message(f"on a {number}"), [f"a{number}@{DOMAINS[number]}"])
             eventually(lambda: peer.accepted_before is not None, 30, "no TSS04 yet")

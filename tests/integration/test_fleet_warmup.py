@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness.client import message, send
 from tests.harness.counting_peer import CountingPeer
-from tests.harness.mta import Mta
+from tests.harness.mta import Mta, start_together
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
 from tests.integration.test_policy import (
@@ -79,8 +79,7 @@ def test_two_nodes_send_one_days_warmup_cap_between_them(tmp_path: Path, nodes: 
         b = node(tmp_path / "b", "b", redis, peer, workers=1)
         nodes += [a, b]
         next_hour = from_hour_start(a, b)
-        a.start()
-        b.start()
+        start_together(a, b)
         for number, domain in enumerate(DOMAINS):
             send(a, message(f"on a {number}"), [f"a1@{domain}", f"a2@{domain}"])
             send(b, message(f"on b {number}"), [f"b1@{domain}", f"b2@{domain}"])

@@ -24,7 +24,9 @@ def test_an_untried_backlog_slows_mail_from_and_loses_nothing(mta: Mta) -> None:
         silent.listen(16)  # never accepted: the handshake completes, no banner comes
         mta.park_mail = False
         mta.routes = {"slow.test": f"127.0.0.1:{silent.getsockname()[1]}"}
-        mta.server |= {"inflow_backlog": 3, "inflow_max_delay": 0.2}
+        # shutdown_timeout: stop() gives up the delivery stuck on the silent receiver
+        # after a second instead of ten.
+        mta.server |= {"inflow_backlog": 3, "inflow_max_delay": 0.2, "shutdown_timeout": 1}
         mta.delivery |= {"max_concurrent_per_domain": 1}
         mta.start()
         for number in range(8):

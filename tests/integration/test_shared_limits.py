@@ -28,7 +28,8 @@ def one_provider(mta: Mta, peer: CountingPeer, limits: str) -> None:
     mta.park_mail = False
     mta.server["workers"] = 2
     mta.routes = dict.fromkeys(DOMAINS, f"{PEER}:{peer.port}")
-    mta.delivery |= {"retry_first": 1, "retry_max": 1}
+    # An idle connection keeps its slot: the other worker waits for it to close.
+    mta.delivery |= {"retry_first": 1, "retry_max": 1, "connection_idle_timeout": 1}
     mta.extra_config += f'[[policy.provider]]\nname = "peer"\nmx_suffixes = ["{PEER}"]\n{limits}'
 
 

@@ -4,7 +4,7 @@ resume` lets the mail it held go at once.
 Yahoo answers ``421 4.7.0 [TSS04]`` when it wants a sending address to stop
 for a while. Here a receiver takes 20 messages, defers the 21st that way,
 then accepts everything again, so whatever it accepts after the deferral is
-mail that went out on a suspended path. 100 messages go to ten domains
+mail that went out on a suspended path. 40 messages go to ten domains
 whose MX hosts belong to one provider ("bigmail"), so with two workers both
 deliver to the site. Then the operator resumes it, and the waiting mail
 must go without a flush.
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 PEER = "127.0.0.21"
 TSS04 = "421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to user complaints"
 ACCEPTED_FIRST = 20
-MESSAGES = 100
+MESSAGES = 40  # 20 before the deferral, 20 held until the resume
 MAX_CONNECTIONS = 2
 DOMAINS = [f"customer{n}.test" for n in range(10)]
 POLICY = f"""
@@ -87,6 +87,7 @@ def test_a_tss04_suspension_stops_the_site_at_once_and_resume_lets_it_go(mta: Mt
                 "smtp_port": peer.port,
                 "allow_private_mx": True,
                 "retry_first": 1,  # the deferred message soon waits for the suspension too
+                "connection_idle_timeout": 1,  # idle connections hold slots the other worker needs
             }
             add_policy(mta, POLICY)
             mta.start()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.client import send, verify
-from tests.harness.mta import MTA, Mta
+from tests.harness.mta import MTA, Mta, alive
 from tests.harness.poll import eventually
 from tests.harness.sink import Sink
 
@@ -109,7 +109,7 @@ def test_sigkill_of_the_supervisor_takes_the_workers_and_loses_nothing(
     send_to_every_domain(mta, 16)
     pids = mta.worker_pids()
     assert mta.stop(signal.SIGKILL) == -signal.SIGKILL  # waits for the workers to go
-    assert pids and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert pids and not any(alive(pid) for pid in pids)
     mta.park_mail = False
     mta.routes = {"*": f"{sink.host}:{sink.port}"}
     mta.delivery["retry_first"] = 1
@@ -139,4 +139,4 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_them(workers: Mta) -> Non
     workers.process.send_signal(signal.SIGHUP)
     eventually(lambda: workers.log().count("reloaded ") == 2, 10, "both workers to reload")
     assert workers.stop() == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not any(alive(pid) for pid in pids)

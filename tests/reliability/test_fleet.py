@@ -33,7 +33,7 @@ import pytest
 from mta.cluster.limits import RENEW_SECONDS, RETRY_SECONDS
 from tests.harness.client import send
 from tests.harness.counting_peer import CountingPeer
-from tests.harness.mta import Mta
+from tests.harness.mta import Mta, start_together
 from tests.harness.poll import eventually
 from tests.harness.redis_server import RedisServer
 from tests.integration.test_policy import add_policy
@@ -46,7 +46,9 @@ NODES = ["n1", "n2", "n3"]
 DOMAINS = [f"customer{n}.fleet.test" for n in range(200)]
 MAX_CONNECTIONS = 4
 RATE = 30  # messages per second, burst 1
-IDLE_TIMEOUT = 5.0  # [delivery] connection_idle_timeout's default
+# [delivery] connection_idle_timeout (the default is 5): a node's idle connection
+# keeps its slot from another worker's mail until it closes.
+IDLE_TIMEOUT = 1.0
 PER_PHASE = scaled(90, 600)  # messages sent in each phase, spread over the nodes
 BODY = "A line of a few kilobytes of fleet mail, to be delivered exactly once.\r\n" * 40
 POLICY = f"""
@@ -96,7 +98,7 @@ def node(root: Path, name: str, redis: RedisServer, peer: FleetPeer) -> Mta:
     mta.park_mail = False
     mta.server["workers"] = 2
     mta.routes = dict.fromkeys(DOMAINS, f"{PEER}:{peer.port}")
-    mta.delivery |= {"retry_first": 1, "retry_max": 2}
+    mta.delivery |= {"retry_first": 1, "retry_max": 2, "connection_idle_timeout": IDLE_TIMEOUT}
     add_policy(mta, POLICY.format(redis=redis.url, node=name))
     return mta
 
@@ -137,8 +139,7 @@ def deliver_in_phases(
 ) -> None:
     sent: list[str] = []
     phases: list[Phase] = []
-    for mta in nodes:
-        mta.start()
+    start_together(*nodes)
     all_known = time.monotonic() + RENEW_SECONDS + 1  # every worker's heartbeat saw all
 
     def run_phase(name: str, redis_answers: bool, ready: float = 0.0) -> None:
