@@ -31,12 +31,12 @@ from mta.config import Config, load
 from mta.observe.escape import printable
 from mta.observe.timefmt import iso_time
 from mta.outbound import warmup_counts
-from mta.outbound.egress import OTHER, load_throttles, save_throttles
 from mta.outbound.shaping import Shaping
-from mta.policy.limits import Site
+from mta.policy.limits import OTHER, Site
 from mta.policy.throttle import describe
 from mta.policy.warmup import day_of, hour_of, hour_share
 from mta.spool.store import Spool
+from mta.spool.throttles import load_throttles, save_throttles
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis  # imported only with Redis: mta.cluster.redis_client

@@ -33,10 +33,8 @@ from mta import config
 from mta.cli import policy
 from mta.cli.common import CommandError, Commands, config_option, open_spool
 from mta.mail.header import split_header
-from mta.node.evacuate import SpoolInUse, SpoolUsers, evacuate
 from mta.observe.escape import printable, tenant_fields
 from mta.observe.timefmt import iso_time
-from mta.outbound.pool import client_settings
 from mta.spool.ids import LENGTH, is_queue_id
 from mta.spool.records import Job, JobState, Message
 from mta.spool.store import DomainStats, Spool, SpoolStats
@@ -141,6 +139,10 @@ def run_change(args: argparse.Namespace) -> int:
 
 
 def run_evacuate(args: argparse.Namespace) -> int:
+    # Imported here: the SMTP client and DNS would slow every other `mta queue` start.
+    from mta.node.evacuate import SpoolInUse, SpoolUsers, evacuate
+    from mta.outbound.pool import client_settings
+
     try:
         target = config.parse_host_port(args.to)
     except ValueError as error:

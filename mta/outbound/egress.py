@@ -65,11 +65,12 @@ from mta.outbound.routes import Route
 from mta.outbound.shaping import Shaping
 from mta.outbound.smtp_client import Deliverer, Slot
 from mta.policy.admission import Ask, Refused, Warmup
-from mta.policy.limits import Limits, Site, site_for
+from mta.policy.limits import OTHER, Limits, Site, site_for
 from mta.policy.rules import DEFAULT_RULES, Action, Rule, Scope, match
 from mta.policy.throttle import EVERY_SOURCE, Restriction, Throttles, describe, domain_key
 from mta.policy.warmup import day_of
 from mta.spool.store import Spool
+from mta.spool.throttles import THROTTLES, load_throttles, parse_throttles, save_throttles
 
 log = logging.getLogger("mta.egress")
 
@@ -78,28 +79,9 @@ FOLLOW_SECONDS = 1.0  # how often the fleet's suspension decisions are read
 FLEET_CURSOR = "fleet-decisions"  # the spool policy-state name of where they were read to
 SLOT_POLL = 0.05  # how often a line's first job looks for a slot freed elsewhere
 REDIS_LOOKERS = 4  # jobs of a line that may ask Redis at once (mta.outbound.ready_queue)
-THROTTLES = "throttles"  # the spool policy-state name of the suspensions
-OTHER = "other"  # the metric label of sites that are no configured provider
 # Classifications of a reply that hold a source's warmup plan back for the day.
 REPUTATION = frozenset({"reputation", "spam_block"})
 SITES_CACHED = 100_000  # (domain, MX hosts) -> site answers kept; then the cache starts over
-
-
-def _parse_throttles(raw: bytes | None) -> Throttles:
-    return Throttles.from_json(raw.decode()) if raw else Throttles()
-
-
-def load_throttles(spool: Spool, txn: lmdb.Transaction) -> Throttles:
-    return _parse_throttles(spool.state(txn, THROTTLES))
-
-
-def save_throttles(
-    spool: Spool, txn: lmdb.Transaction, throttles: Throttles, now: float | None = None
-) -> bytes:
-    """Store ``throttles`` (with ``now``, less what has expired); the stored record."""
-    raw = throttles.to_json(now).encode()
-    spool.set_state(txn, THROTTLES, raw)
-    return raw
 
 
 @dataclass
@@ -557,7 +539,7 @@ class Egress:
         with self.spool.read() as txn:
             raw = self.spool.state(txn, THROTTLES)
         if raw != self._stored:
-            self.throttles, self._stored = _parse_throttles(raw), raw
+            self.throttles, self._stored = parse_throttles(raw), raw
         self._new_day(now)
         if now - self._gauged_at >= REFRESH:
             self._gauged_at = now

@@ -109,6 +109,9 @@ def layered(layers: Sequence[tuple[str, Limits]]) -> tuple[Limits, Mapping[str, 
     return Limits(**values), origins
 
 
+OTHER = "other"  # the metric label of a site that is no provider
+
+
 @dataclass(frozen=True)
 class Site:
     # The provider's name ("gmail") if the first MX host matches a provider; with
