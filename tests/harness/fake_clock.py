@@ -10,6 +10,7 @@ Monotonic clocks move with it, as they would when time passes.
 from __future__ import annotations
 
 import datetime
+import math
 import sysconfig
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ class FakeClock:
         }
 
     def move_to(self, moment: datetime.datetime) -> None:
-        """From now on the processes read `moment`, running on from there."""
-        offset = round(moment.timestamp() - time.time())
+        """From now on the processes read `moment` (up to a second after it: the
+        offset is whole seconds), running on from there. Never before it: a clock
+        moved to the start of an hour must not read the hour before."""
+        offset = math.ceil(moment.timestamp() - time.time())
         self.file.write_text(f"{offset:+d}s\n")
