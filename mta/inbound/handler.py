@@ -29,9 +29,7 @@ from mta.inbound.intake import Built, Intake, Origin
 from mta.inbound.message import Rejected
 from mta.inbound.tenants import Refused, Tenants, check_sender
 from mta.mail.address import address_is_valid
-from mta.observe import metrics
 from mta.observe.escape import field
-from mta.policy import inflow
 from mta.spool.ids import IdGenerator
 from mta.spool.store import Spool, SpoolFull
 
@@ -99,18 +97,10 @@ class Handler:
             if self.spool.room_problem(txn):
                 return reply_texts.NO_ROOM
             untried = self.spool.untried_jobs(txn)
-        await self._slow_inflow(untried)
+        await self.intake.slow_inflow(untried)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return reply_texts.SENDER_OK
-
-    async def _slow_inflow(self, untried: int) -> None:
-        """Wait as inflow control says for the node's backlog of untried mail."""
-        wait = inflow.delay(untried, self.config.inflow_backlog, self.config.inflow_max_delay)
-        if wait > 0:
-            metrics.INFLOW_DELAYED.inc()
-            metrics.INFLOW_DELAY_SECONDS.inc(wait)
-            await asyncio.sleep(wait)
 
     async def handle_RCPT(
         self,

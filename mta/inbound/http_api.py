@@ -155,7 +155,8 @@ class InjectApi:
         body = await _body(request, limits.max_request_size)
         try:
             inject = parse_request(_json(body), limits.max_recipients)
-            self._admit(inject, tenant, len(body))
+            untried = self._admit(inject, tenant, len(body))
+            await self.intake.slow_inflow(untried)
             protocol = "HTTPS" if request.secure else "HTTP"
             origin = Origin(helo=client, ip=client, protocol=protocol, tenant=tenant)
             outcome = await self._build(inject, Composer(inject.content), origin)
@@ -196,8 +197,9 @@ class InjectApi:
             )
         return tenant
 
-    def _admit(self, inject: InjectRequest, tenant: TenantConfig, size: int) -> None:
-        """What holds for every recipient, checked before any is built."""
+    def _admit(self, inject: InjectRequest, tenant: TenantConfig, size: int) -> int:
+        """What holds for every recipient, checked before any is built; the node's
+        untried jobs (for inflow control)."""
         check_sender(tenant, inject.envelope_sender, "envelope_sender")
         pools = {pool.name for pool in self.config.egress.pool}
         if inject.pool is not None and inject.pool not in pools:
@@ -205,8 +207,10 @@ class InjectApi:
         spool = self.intake.spool
         with spool.read() as txn:
             problem = spool.room_problem(txn, size)
+            untried = spool.untried_jobs(txn)
         if problem is not None:
             raise SpoolFull(problem)
+        return untried
 
     async def _build(self, inject: InjectRequest, composer: Composer, origin: Origin) -> Outcome:
         outcome = Outcome()

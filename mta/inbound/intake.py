@@ -40,6 +40,7 @@ from mta.mail.header import header_safe
 from mta.observe import metrics
 from mta.observe.escape import field as log_field
 from mta.observe.escape import tenant_fields
+from mta.policy import inflow
 from mta.signing.signer import Signer, SignResult
 from mta.spool import suppression
 from mta.spool.commit import GroupCommitter
@@ -213,6 +214,16 @@ class Intake:
             tenant_fields(message.tenant, message.campaign),
             note,
         )
+
+    async def slow_inflow(self, untried: int) -> None:
+        """Wait as inflow control says for the node's backlog of untried mail (at
+        MAIL FROM, and before an API request is built)."""
+        server = self.config.server
+        wait = inflow.delay(untried, server.inflow_backlog, server.inflow_max_delay)
+        if wait > 0:
+            metrics.INFLOW_DELAYED.inc()
+            metrics.INFLOW_DELAY_SECONDS.inc(wait)
+            await asyncio.sleep(wait)
 
     async def suppressed(self, address: str, sender: str) -> suppression.Entry | None:
         """The entry that stops mail from ``sender`` to ``address``; expired ones met go."""
