@@ -10,6 +10,7 @@ MAIL FROM is answered, and is still accepted (slowed, never refused).
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,17 @@ def test_an_untried_backlog_slows_mail_from_and_loses_nothing(mta: Mta) -> None:
         assert mta.stop() == 0
 
 
-def test_an_api_request_waits_for_an_untried_backlog_too(tmp_path: Path) -> None:
-    mta = ApiMta(tmp_path, tenants=[{"name": "shop", "sender_domains": ["example.test"]}])
+@pytest.fixture
+def api_mta(tmp_path: Path) -> Iterator[ApiMta]:
+    instance = ApiMta(tmp_path, tenants=[{"name": "shop", "sender_domains": ["example.test"]}])
+    yield instance
+    if instance.process is not None:  # the test failed before it stopped it
+        instance.process.kill()
+        instance.process.wait()
+
+
+def test_an_api_request_waits_for_an_untried_backlog_too(api_mta: ApiMta) -> None:
+    mta = api_mta
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
