@@ -50,9 +50,6 @@ sources = ["ip1"]
 [[egress.pool]]
 name = "reserved"
 sources = ["ip1"]
-[policy.default]
-max_rate = "100000/s"  # the shipped 100/s would take 10 s for the thousand
-max_connections = 20
 """
 TENANTS = [
     {"name": "shop", "sender_domains": ["example.test"], "pools": ["shared"]},
