@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,7 +57,6 @@ LEASE_SECONDS = 15.0  # a dead holder's slots come back within this
 RENEW_SECONDS = 1.0  # leases are renewed (and Redis's epoch checked) this often
 ALIVE_SECONDS = 30.0  # a node silent this long no longer counts for the shares
 RETRY_SECONDS = 1.0  # after a Redis failure, decide locally this long
-UNANSWERED_KEPT = 10_000  # leases remembered to give back in Redis when it returns
 NODES_FILE = "fleet-nodes.json"  # beside the spool: the nodes last seen alive
 
 
@@ -121,11 +119,9 @@ class SharedLimits:
         self._reserved: dict[str, Reservation] = {}
         self._tell_redis_all = True  # write the node's file to Redis before deciding there
         self._tasks: set[asyncio.Task[None]] = set()  # writes to Redis in the background
-        # Leases to give back in Redis when it answers again: those asked for
-        # when it did not answer in time (the script may still have granted
-        # them, to a holder that gave up), and those released while it was
-        # away. Beyond UNANSWERED_KEPT the oldest go: Redis has expired them.
-        self._unanswered: deque[tuple[list[str], str]] = deque(maxlen=UNANSWERED_KEPT)
+        # Leases asked for when Redis did not answer in time: the script may
+        # still have granted them when Redis woke up, to a holder that gave up.
+        self._unanswered: list[tuple[list[str], str]] = []
         self._names = (f"{node}.{os.getpid()}.{n}" for n in itertools.count())
         # What a Redis that is away raises (redis-py's names only with Redis:
         # mta.cluster.redis_client); nothing is asked of Redis without it.
@@ -201,18 +197,10 @@ class SharedLimits:
     async def release(self, holding: Holding) -> None:
         self._held.pop(holding.lease, None)
         self.local.release(holding.ask.path, holding.lease)
-        if self.remote is None:
-            return
-        given_back = ([holding.ask.path], holding.lease)
-        if self._away():
-            # Redis's copy would hold the slot, fleet-wide, until it expires:
-            # it is given back there first thing once Redis answers again.
-            self._unanswered.append(given_back)
-            return
-        try:
+        if self.remote is None or self._away():
+            return  # Redis's copy, if any, expires within LEASE_SECONDS
+        with contextlib.suppress(*self._trouble):
             await self._ask_redis(self._redis.release(holding.ask.path, holding.lease))
-        except self._trouble:
-            self._unanswered.append(given_back)
 
     async def run(self) -> None:
         """Renew the leases held and, with Redis, keep the heartbeat; until cancelled."""

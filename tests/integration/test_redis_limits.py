@@ -220,37 +220,6 @@ def test_after_an_empty_restart_a_node_writes_back_what_it_holds_before_deciding
     asyncio.run(main())
 
 
-def test_leases_given_back_while_redis_is_away_are_given_back_there_when_it_returns(
-    redis_server: RedisServer, tmp_path: Path
-) -> None:
-    """Else Redis would keep them until they expire, and the whole fleet would
-    send less to the site meanwhile."""
-    ask = Ask("ip1>yahoo", max_connections=5)
-
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_server.url)
-        await client.flushdb()
-        clock = [0.0]
-        shared = node_limits(client, "node-d", tmp_path / "limits", clock=lambda: clock[0])
-        before = await shared.admit([ask])
-        assert isinstance(before, Admitted) and before.holding is not None
-        assert await RedisLimits(client, TTL).in_use("ip1>yahoo") == 1
-        redis_server.pause()
-        try:
-            during = await shared.admit([ask])  # finds Redis away: decided in the file
-            assert isinstance(during, Admitted) and during.holding is not None
-            await shared.release(before.holding)
-            await shared.release(during.holding)
-        finally:
-            redis_server.resume()
-        clock[0] += 1.5  # past the retry pause: Redis is asked again
-        await shared.renew()
-        assert await RedisLimits(client, TTL).in_use("ip1>yahoo") == 0
-        await shared.close()
-
-    asyncio.run(main())
-
-
 def test_a_lease_of_a_node_that_died_expires(redis_server: RedisServer) -> None:
     ask = Ask("ip1>yahoo", max_connections=1)
 
