@@ -271,6 +271,8 @@ def show(spool: Spool, config: Config, as_json: bool, out: TextIO) -> int:
         "pools": {p.name: list(p.sources) for p in config.egress.pool},
         "limits": {  # effective, each value with the layer it comes from
             "default": _limits(shaping, Site("", None), ""),
+            # A static route's site: the operator's next hop, without the shipped default.
+            "static_routes": _limits(shaping, Site("", None, static=True), ""),
             "providers": {
                 name: {"mx_suffixes": list(suffixes), **_limits(shaping, Site(name, name), "")}
                 for name, suffixes in sorted(shaping.suffixes.items())
@@ -390,6 +392,7 @@ def _print(document: dict[str, Any], out: TextIO, now: float) -> None:
             out.write(f"  {name:<12} {', '.join(sources)}\n")
     limits = document["limits"]
     out.write(f"limits:\n  {'default':<30} {_limit_text(limits['default'])}\n")
+    out.write(f"  {'static routes':<30} {_limit_text(limits['static_routes'])}\n")
     for name, provider in limits["providers"].items():
         suffixes = " ".join(provider["mx_suffixes"])
         out.write(f"  {'provider ' + name:<30} {_limit_text(provider)}; MX {suffixes}\n")

@@ -3,10 +3,15 @@ the operator's own next hop, which the shipped default's caution is not for."""
 
 from __future__ import annotations
 
+import io
+import json
+
+from mta.cli.policy import show
 from mta.config import parse
 from mta.outbound.shaping import Shaping
 from mta.policy.limits import Limits, site_for
 from mta.policy.providers import DEFAULT_LIMITS
+from mta.spool.store import Spool
 
 
 def test_a_static_routes_site_has_no_shipped_default_but_what_is_configured() -> None:
@@ -30,3 +35,20 @@ def test_a_static_route_to_a_providers_host_keeps_the_providers_limits() -> None
     limits, origins = shaping.limits(relay, "shop.example")
     assert relay.provider == "gmail" and set(origins.values()) == {"shipped gmail"}
     assert limits.max_connections is not None and limits.max_rate is not None
+
+
+def test_policy_show_says_what_limits_a_static_route(spool: Spool) -> None:
+    config = parse({"policy": {"default": {"max_connections": 40}}})
+    out = io.StringIO()
+    show(spool, config, True, out)
+    limits = json.loads(out.getvalue())["limits"]
+    assert limits["default"]["limits"]["max_rate"] == DEFAULT_LIMITS.max_rate
+    assert limits["static_routes"]["limits"] == {
+        "max_connections": 40,
+        "max_messages_per_connection": None,
+        "max_rate": None,
+        "max_recipients": None,
+    }
+    text = io.StringIO()
+    show(spool, config, False, text)
+    assert "  static routes " in text.getvalue()
