@@ -54,7 +54,8 @@ class ApiMta(Mta):
     def start(self) -> None:
         super().start()
         assert self.process is not None
-        wait_for_port(self.api_port, START_TIMEOUT, self.process)
+        with self.killed_on_failure():
+            wait_for_port(self.api_port, START_TIMEOUT, self.process)
 
     def add_token(self, tenant: str) -> str:
         """A new token for ``tenant``: the last line `mta tenant token add` prints."""

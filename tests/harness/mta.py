@@ -12,6 +12,7 @@ accepting can look at the spool.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import json
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,14 @@ class Mta:
         self.launch()
         self.wait_started()
 
+    def kill(self) -> None:
+        """SIGKILL `mta serve` if it runs (its workers die with it): what a test's
+        teardown does when the test failed before stopping it."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def launch(self) -> None:
         """Write the configuration and run `mta serve`; wait_started() waits for it."""
         self.write_config()
@@ -259,9 +269,20 @@ class Mta:
         )
 
     def wait_started(self) -> None:
+        """Until it listens; if it does not, it is killed (no daemon outlives a test)."""
         assert self.process is not None
-        wait_for_port(self.port, START_TIMEOUT, self.process)
-        self.wait_for_no_sessions()
+        with self.killed_on_failure():
+            wait_for_port(self.port, START_TIMEOUT, self.process)
+            self.wait_for_no_sessions()
+
+    @contextlib.contextmanager
+    def killed_on_failure(self) -> Iterator[None]:
+        """A wait for the daemon to be ready: if it fails, the daemon is killed."""
+        try:
+            yield
+        except BaseException:
+            self.kill()
+            raise
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -286,7 +307,8 @@ class Mta:
         """Start with ``workers`` workers and wait until all listen (start() waits for one)."""
         self.server |= {"workers": workers, **server}
         self.start()
-        eventually(lambda: self.readyz() == 200, 20, "every worker to be ready")
+        with self.killed_on_failure():
+            eventually(lambda: self.readyz() == 200, 20, "every worker to be ready")
 
     def wait_for_no_sessions(self, timeout: float = 10.0) -> None:
         """Until the daemon has seen the end of every connection (wait_for_port's too)."""
@@ -357,5 +379,10 @@ def start_together(*nodes: Mta) -> None:
     """Start several MTAs (a fleet's nodes) side by side, not one after the other."""
     for node in nodes:
         node.launch()
-    for node in nodes:
-        node.wait_started()
+    try:
+        for node in nodes:
+            node.wait_started()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise

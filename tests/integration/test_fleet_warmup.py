@@ -57,9 +57,7 @@ def nodes() -> Iterator[list[Mta]]:
     started: list[Mta] = []
     yield started
     for mta in started:
-        if mta.process is not None and mta.process.poll() is None:
-            mta.process.kill()
-            mta.process.wait()
+        mta.kill()
 
 
 def all_waiting_until(mta: Mta, hour: datetime.datetime) -> list[dict[str, Any]]:

@@ -48,9 +48,7 @@ def test_an_untried_backlog_slows_mail_from_and_loses_nothing(mta: Mta) -> None:
 def api_mta(tmp_path: Path) -> Iterator[ApiMta]:
     instance = ApiMta(tmp_path, tenants=[{"name": "shop", "sender_domains": ["example.test"]}])
     yield instance
-    if instance.process is not None:  # the test failed before it stopped it
-        instance.process.kill()
-        instance.process.wait()
+    instance.kill()  # the test failed before it stopped it
 
 
 def test_an_api_request_waits_for_an_untried_backlog_too(api_mta: ApiMta) -> None:
