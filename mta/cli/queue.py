@@ -102,11 +102,7 @@ class Selection:
     def jobs(self, spool: Spool, txn: lmdb.Transaction) -> Iterator[tuple[Message, Job]]:
         """The selected jobs with their messages, in the spool's order."""
         messages: dict[str, Message | None] = {}
-        for job in spool.all_jobs(txn):
-            if (self.domain and job.domain != self.domain) or (
-                self.state and job.state != self.state
-            ):
-                continue
+        for job in self.bare_jobs(spool, txn):
             if job.message_id not in messages:
                 messages[job.message_id] = spool.message(txn, job.message_id)
             message = messages[job.message_id]
@@ -117,6 +113,21 @@ class Selection:
             ):
                 continue
             yield message, job
+
+    def bare_jobs(self, spool: Spool, txn: lmdb.Transaction) -> Iterator[Job]:
+        """The jobs of the domain and state selected: no message read (a change
+        by --domain holds the spool's write lock while it reads)."""
+        for job in spool.all_jobs(txn):
+            if (not self.domain or job.domain == self.domain) and (
+                not self.state or job.state == self.state
+            ):
+                yield job
+
+    def changed(self, spool: Spool, txn: lmdb.Transaction) -> Iterator[Job]:
+        """The selected jobs; their messages are read only to match a tenant or campaign."""
+        if self.tenant or self.campaign:
+            return (job for _, job in self.jobs(spool, txn))
+        return self.bare_jobs(spool, txn)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -392,7 +403,7 @@ def change(spool: Spool, action: str, ids: Iterable[str], selection: Selection, 
     changed = 0
     with spool.write() as txn:
         if selection:
-            jobs = [job for _, job in selection.jobs(spool, txn)]
+            jobs = list(selection.changed(spool, txn))
         else:
             jobs = []
             for queue_id in ids:

@@ -140,6 +140,8 @@ class Handler:
         )
         recipients = self._drop_suppressed(queue_id, envelope)
         try:
+            # Checked even when every recipient was suppressed ("drop"): a bad
+            # message gets its refusal whoever it was for (a rare case, signed in vain).
             built = await self.intake.build(
                 envelope.original_content or b"",
                 queue_id=queue_id,
@@ -173,11 +175,10 @@ class Handler:
         """Commit the message, then announce it; the reply. ``left`` is not
         empty when the client went before the reply."""
         try:
-            events = await self.intake.store([built])
+            await self.intake.store([built])
         except SpoolFull as full:
             log.warning("id=%s not queued: %s", built.message.id, full)
             return reply_texts.NO_ROOM
-        self.intake.events.publish(events)
         note = " (the client left before the reply: it will likely send it again)" if left else ""
         self.intake.announce(built, client_ip, note)
         return reply_texts.queued(built.message.id)

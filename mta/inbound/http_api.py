@@ -261,8 +261,7 @@ class InjectApi:
         await asyncio.shield(asyncio.ensure_future(self._commit(built, client)))
 
     async def _commit(self, built: list[Built], client: str) -> None:
-        events = await self.intake.store(built)
-        self.intake.events.publish(events)
+        await self.intake.store(built)
         for one in built:
             self.intake.announce(one, client)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from mta.config import Config, TenantConfig
-from mta.events.event import Event, received_events
+from mta.events.event import received_events
 from mta.events.log import EventLog
 from mta.inbound.message import (
     CAMPAIGN_HEADER,
@@ -34,7 +34,7 @@ from mta.inbound.message import (
     prepare,
     received_field,
 )
-from mta.inbound.tenants import Refused, check_sender, pool_for, priority_for
+from mta.inbound.tenants import check_author, pool_for, priority_for
 from mta.mail.address import domain_of
 from mta.mail.header import header_safe
 from mta.observe import metrics
@@ -142,12 +142,8 @@ class Intake:
             instructions=(egress.pool_header, PRIORITY_HEADER, CAMPAIGN_HEADER),
         )
         told = prepared.instructed
-        check_sender(origin.tenant, sender)
-        if origin.tenant is not None and prepared.author_domain not in origin.tenant.sender_domains:
-            raise Refused(
-                f"tenant {origin.tenant.name} may not send as From: domain "
-                f"{header_safe(prepared.author_domain)[:64] or '(none)'}"
-            )
+        if origin.tenant is not None:  # the envelope sender was checked at MAIL or per request
+            check_author(origin.tenant, prepared.author)
         pool = _choose(
             lambda name: pool_for(origin.tenant, name, sender, egress),
             wanted.pool,
@@ -163,7 +159,7 @@ class Intake:
             'is neither "transactional" nor "bulk"',
         )
         campaign = wanted.campaign or told.get(CAMPAIGN_HEADER.lower(), "")
-        signed = await self._sign(prepared.data)
+        signed = await self.sign(prepared.data)
         message = Message(
             id=queue_id,
             sender=sender,
@@ -181,17 +177,18 @@ class Intake:
         )
         return Built(message, signed)
 
-    async def store(self, built: Sequence[Built]) -> list[Event]:
-        """Commit ``built`` with their ``received`` events, all or none (SpoolFull);
-        the events, to announce."""
-        events = [event for one in built for event in received_events(one.message, time.time())]
+    async def store(self, built: Sequence[Built]) -> None:
+        """Commit ``built`` with their ``received`` events, all or none (SpoolFull),
+        then publish the events."""
+        now = time.time()
+        events = [event for one in built for event in received_events(one.message, now)]
 
         def add_all(txn: lmdb.Transaction) -> None:
             for one in built:
                 self.spool.add(txn, one.message, one.signed.message)
 
         await self.committer.run(self.events.storing(events, add_all))
-        return events
+        self.events.publish(events)
 
     def announce(self, built: Built, client_ip: str, note: str = "") -> None:
         """After the commit: count, log and offer one stored message for delivery."""
@@ -238,7 +235,8 @@ class Intake:
                 )
         return found.entry
 
-    async def _sign(self, data: bytes) -> SignResult:
+    async def sign(self, data: bytes) -> SignResult:
+        """``data`` signed with the keys of the configuration in force."""
         if len(data) <= INLINE_SIGN_MAX:
             return self._sign_now(data)
         loop = asyncio.get_running_loop()

@@ -21,7 +21,6 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parseaddr
 
 from mta.inbound.reply_texts import BARE_LINE_ENDING
 from mta.mail.address import is_address_literal
@@ -59,7 +58,7 @@ class Rejected(Exception):
 class Prepared:
     data: bytes  # the message as it will be signed and stored
     message_id: str  # its Message-ID field's value
-    author_domain: str  # the domain of the From field's address ("" if it has none)
+    author: str  # the From field's value (unfolded), for the tenant's check
     # The values of the instruction fields found, by lower-case name; the fields were removed.
     instructed: Mapping[str, str] = field(default_factory=dict)
 
@@ -164,5 +163,4 @@ def prepare(
         stamp = time.time() if now is None else now
         added.append(f"Date: {rfc5322_date(stamp)}\r\n".encode())
     data = received + b"".join(lines) + b"".join(added) + CRLF + body
-    author = parseaddr(senders[0].decode("utf-8", "replace"))[1]
-    return Prepared(data, message_id, author.rpartition("@")[2].lower(), instructed)
+    return Prepared(data, message_id, senders[0].decode("utf-8", "replace"), instructed)

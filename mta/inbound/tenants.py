@@ -15,7 +15,9 @@ from collections.abc import Iterable
 
 from mta.config import PRIORITIES, EgressConfig, TenantConfig
 from mta.inbound.access import in_networks
-from mta.mail.address import domain_of
+from mta.mail.address import domain_of, mailbox_domain
+from mta.mail.domain import lowercase_name
+from mta.mail.header import header_safe
 
 
 class Refused(Exception):
@@ -52,6 +54,14 @@ def check_sender(tenant: TenantConfig | None, address: str, what: str = "sender"
     domain = domain_of(address)
     if domain not in tenant.sender_domains:
         raise Refused(f"tenant {tenant.name} may not send as {what} domain {domain}")
+
+
+def check_author(tenant: TenantConfig, from_value: str) -> None:
+    """Refused unless ``tenant`` may send as the From field's address."""
+    domain = mailbox_domain(from_value)
+    if domain is None or lowercase_name(domain) not in tenant.sender_domains:
+        shown = header_safe(domain or "(none)")[:64]  # the client's text, in a reply and the log
+        raise Refused(f"tenant {tenant.name} may not send as From: domain {shown}")
 
 
 def pool_for(

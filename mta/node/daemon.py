@@ -184,9 +184,11 @@ class Daemon:
             NodeSessions.clear(str(node_sessions_dir(config.spool.path)))  # and sessions
         # Connection counts and AUTH failures, shared by the node's workers.
         self.node_sessions = NodeSessions(str(node_sessions_dir(config.spool.path)))
-        local_mail = LocalMail(
-            self.spool, self.committer, signer, self.sign_pool, new_id, self.queued
+        self.intake = Intake(
+            config, self.spool, self.committer, signer, self.sign_pool, self.queued, self.events
         )
+        # The node's own mail is signed by the intake, so with the keys of a reload too.
+        local_mail = LocalMail(self.spool, self.committer, self.intake.sign, new_id, self.queued)
         self.tls_reports = tls_reports(config, self.spool, local_mail)
         self.egress = Egress(config, self.spool, on_tls=self.tls_session)
         self.scheduler = Scheduler(
@@ -210,9 +212,6 @@ class Daemon:
             tls_policies=TlsPolicies(config, self.spool),
             suppression_config=config.suppression,
             events=self.events,
-        )
-        self.intake = Intake(
-            config, self.spool, self.committer, signer, self.sign_pool, self.queued, self.events
         )
         self.handler = Handler(
             config.server,
@@ -398,6 +397,12 @@ class Daemon:
             new = load(self.path)
             resources = Resources.load(new)
             schedule = retry_schedule(new)
+            if self.api is not None and self.api.tls is not None and resources.api_tls:
+                # The listener keeps its context: the renewed certificate goes into it,
+                # before anything else changes (it was checked by Resources.load).
+                cert, key = new.http.tls_cert, new.http.tls_key
+                assert cert is not None and key is not None
+                load_certificate(self.api.tls, cert, key, "[http]")
         except (ConfigError, SigningError, UsersFileError) as error:
             log.error("reload failed, the running configuration stays: %s", error)
             return
@@ -416,14 +421,9 @@ class Daemon:
         log.info("reloaded %s: %d DKIM key(s)", self.path, self.key_count)
 
     def _reload_api(self, new: Config) -> None:
-        """The API takes the new tenants and limits, and a renewed certificate
-        (read again into the context its listener uses)."""
-        if self.api is None:
-            return
-        self.api.reload(new, Tenants(new.tenant))
-        cert, key = new.http.tls_cert, new.http.tls_key
-        if self.api.tls is not None and cert is not None and key is not None:
-            load_certificate(self.api.tls, cert, key, "[http]")
+        """The API takes the new tenants and limits (its certificate: in reload)."""
+        if self.api is not None:
+            self.api.reload(new, Tenants(new.tenant))
 
     def _warn_restart_only(self, new: Config, resources: Resources) -> None:
         """Log each change a reload cannot apply: these need a restart."""

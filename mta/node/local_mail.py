@@ -7,13 +7,11 @@ crash after the commit loses nothing.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Sequence
 
 from mta.mail.address import domain_of
-from mta.signing.signer import Signer
+from mta.signing.signer import SignResult
 from mta.spool.commit import GroupCommitter
 from mta.spool.ids import IdGenerator
 from mta.spool.records import Message
@@ -25,18 +23,16 @@ class LocalMail:
         self,
         spool: Spool,
         committer: GroupCommitter,
-        signer: Signer,
-        sign_pool: Executor,
+        sign: Callable[[bytes], Awaitable[SignResult]],
         new_id: IdGenerator,
         on_queued: Callable[[Message], None],
     ) -> None:
-        self.spool, self.committer, self.signer = spool, committer, signer
-        self.sign_pool, self.new_id, self.on_queued = sign_pool, new_id, on_queued
+        self.spool, self.committer, self.sign = spool, committer, sign
+        self.new_id, self.on_queued = new_id, on_queued
 
     async def enqueue(self, sender: str, recipients: Sequence[str], data: bytes) -> None:
         """Sign ``data`` and store it for ``recipients``; returns once it is committed."""
-        loop = asyncio.get_running_loop()
-        signed = await loop.run_in_executor(self.sign_pool, self.signer.sign, data)
+        signed = await self.sign(data)
         message = Message(
             id=self.new_id(),
             sender=sender,
