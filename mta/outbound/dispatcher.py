@@ -189,18 +189,22 @@ class Attempter:
         stream = Stream(message.sending_domain, message.id)
         # Waiting for a path, the job holds no delivery slot (mta.outbound.ready_queue).
         lease = await self.egress.lease(
-            message.pool, site, job.domain, len(job.recipients), stream, job.priority
+            message.pool,
+            site,
+            job.domain,
+            len(job.recipients),
+            stream,
+            job.priority,
+            # After a wait: `mta queue hold --campaign` stops what waited for a path too.
+            still_wanted=lambda: self._still_ready(job),
         )
+        if lease is None:
+            return None
         if isinstance(lease, Wait):
             reply = Reply(451, f"4.7.0 delivery deferred: {lease.reason}")
             return AttemptResult(
                 NO_RELAY, dict.fromkeys(job.recipients, reply), wait_until=lease.until
             )
-        if not self._still_ready(job):
-            # `mta queue hold --campaign` stops what waits in the ready queue too.
-            self.egress.release(lease)
-            self.egress.settle(lease)
-            return None
         sending = lease.recipients(job.recipients)
         # The rest wait for another source, or the next day: a warmup cap.
         capped = Reply(451, f"4.7.0 {lease.source.name} reached its warmup cap for {site.name}")

@@ -228,13 +228,18 @@ class Egress:
         recipients: int = 1,
         stream: Stream = Stream(),
         priority: str = "bulk",
-    ) -> Lease | Wait:
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> Lease | Wait | None:
         """A path to send ``recipients`` of ``stream`` on now (waiting for a slot or the
         rate, behind the jobs of its ``priority`` and those before it), or when to come
-        back; a warmup cap may let the lease take fewer."""
+        back; a warmup cap may let the lease take fewer. None: the job waited and is no
+        longer ``still_wanted``."""
         line = (pool, site.name, domain if domain in self.domain_limits else "")
         return await self.ready_queue.wait(
-            line, lambda now: self._try_lease(pool, site, domain, recipients, stream, now), priority
+            line,
+            lambda now: self._try_lease(pool, site, domain, recipients, stream, now),
+            priority,
+            still_wanted,
         )
 
     async def _try_lease(

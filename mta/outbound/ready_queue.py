@@ -81,11 +81,15 @@ class ReadyQueue:
         line: Hashable,
         attempt: Callable[[float], Awaitable[T | Busy]],
         priority: str = "bulk",
-    ) -> T:
-        """The first answer of ``attempt(now)`` that is not ``Busy``, in ``line``'s order."""
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> T | None:
+        """The first answer of ``attempt(now)`` that is not ``Busy``, in ``line``'s
+        order; None if, after a wait, the job is no longer ``still_wanted`` (an
+        operator held or deleted it meanwhile): it then takes no path at all."""
         place = _Place((precedence(priority), next(self._arrivals)))
         bisect.insort(self._lines.setdefault(line, []), place, key=lambda p: p.order)
         slot = current_slot()
+        waited = False
         try:
             while True:
                 pause: float | None = None  # None: until its turn comes
@@ -93,6 +97,8 @@ class ReadyQueue:
                     await slot.take()  # perhaps a wait, while others of the line look
                 place.turn_wait = not self._may_look(line, place)
                 if not place.turn_wait:
+                    if waited and not still_wanted():
+                        return None
                     outcome = await self._look(line, place, attempt)
                     if not isinstance(outcome, Busy):
                         return outcome
@@ -104,6 +110,7 @@ class ReadyQueue:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):  # no task per wait, unlike wait_for
                         await place.ready.wait()
+                waited = True
         finally:
             self._leave(line, place)
 
