@@ -27,7 +27,7 @@ from mta.inbound import reply_texts
 from mta.inbound.access import may_relay
 from mta.inbound.intake import Built, Intake, Origin
 from mta.inbound.message import Rejected
-from mta.inbound.tenants import Refused, Tenants, check_sender
+from mta.inbound.tenants import Refused, check_sender
 from mta.mail.address import address_is_valid
 from mta.observe.escape import field
 from mta.spool.ids import IdGenerator
@@ -47,14 +47,12 @@ class Handler:
         spool: Spool,
         intake: Intake,
         new_id: IdGenerator,
-        tenants: Tenants,
         suppression: SuppressionConfig | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.intake = intake
         self.new_id = new_id
-        self.tenants = tenants
         self.suppression = suppression or SuppressionConfig()
         # Per transaction: suppressed recipients accepted at RCPT, to leave out at DATA.
         self._dropped: weakref.WeakKeyDictionary[Envelope, set[str]] = weakref.WeakKeyDictionary()
@@ -62,7 +60,6 @@ class Handler:
     def reload(self, config: Config) -> None:
         """Take a reloaded configuration (the intake takes its own)."""
         self.config, self.suppression = config.server, config.suppression
-        self.tenants = Tenants(config.tenant)
 
     async def handle_EHLO(
         self,
@@ -115,7 +112,7 @@ class Handler:
         authenticated = bool(session.authenticated)
         if not (
             may_relay(server.ip, authenticated, self.config.relay_networks)
-            or self.tenants.may_relay(server.ip)
+            or self.intake.tenants.may_relay(server.ip)
         ):
             return reply_texts.relay_denied(address)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
@@ -169,7 +166,7 @@ class Handler:
 
     def _tenant(self, server: Any, session: SmtpSession) -> TenantConfig | None:
         user = session.auth_data if session.authenticated else None  # the AUTH name
-        return self.tenants.of_client(user, server.ip)
+        return self.intake.tenants.of_client(user, server.ip)
 
     async def _store(self, built: Built, client_ip: str, left: list[bool]) -> str:
         """Commit the message, then announce it; the reply. ``left`` is not

@@ -38,7 +38,7 @@ from mta.inbound.api_tokens import ApiTokens
 from mta.inbound.compose import ComposeError, Composer, Unaddressable
 from mta.inbound.intake import Built, Intake, Origin, Wanted
 from mta.inbound.message import Rejected
-from mta.inbound.tenants import Refused, Tenants, check_sender
+from mta.inbound.tenants import Refused, check_sender
 from mta.mail.address import address_is_valid
 from mta.observe.escape import field as log_field
 from mta.spool.ids import IdGenerator
@@ -94,18 +94,17 @@ class InjectApi:
         self,
         config: Config,
         intake: Intake,
-        tenants: Tenants,
         new_id: IdGenerator,
         tls: ssl.SSLContext | None,
     ) -> None:
-        self.config, self.intake, self.tenants, self.new_id = config, intake, tenants, new_id
+        self.config, self.intake, self.new_id = config, intake, new_id
         self.tls = tls
         self.tokens = ApiTokens(config.http.tokens_file)
         self.runner: web.AppRunner | None = None
 
-    def reload(self, config: Config, tenants: Tenants) -> None:
+    def reload(self, config: Config) -> None:
         """Take a reloaded configuration (listen and TLS on or off need a restart)."""
-        self.config, self.tenants = config, tenants
+        self.config = config
         if self.tokens.path != Path(config.http.tokens_file):
             self.tokens.close()
             self.tokens = ApiTokens(config.http.tokens_file)
@@ -188,7 +187,7 @@ class InjectApi:
                 401, "send a token: Authorization: Bearer TOKEN", {"WWW-Authenticate": _CHALLENGE}
             )
         name = self.tokens.tenant_of(token.strip())
-        tenant = self.tenants.named(name) if name is not None else None
+        tenant = self.intake.tenants.named(name) if name is not None else None
         if tenant is None:  # no such token, or its tenant is no longer configured
             raise ApiError(
                 401,

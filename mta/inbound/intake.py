@@ -34,7 +34,7 @@ from mta.inbound.message import (
     prepare,
     received_field,
 )
-from mta.inbound.tenants import check_author, pool_for, priority_for
+from mta.inbound.tenants import Tenants, check_author, pool_for, priority_for
 from mta.mail.address import domain_of
 from mta.mail.header import header_safe
 from mta.observe import metrics
@@ -106,10 +106,12 @@ class Intake:
         self.sign_pool = sign_pool
         self.on_queued = on_queued  # the scheduler tries new mail at once
         self.events = events
+        self.tenants = Tenants(config.tenant)  # SMTP's and the API's
 
     def reload(self, config: Config, signer: Signer) -> None:
         """Take a reloaded configuration and the signer built from its keys."""
         self.config, self.signer = config, signer
+        self.tenants = Tenants(config.tenant)
 
     async def build(
         self,

@@ -42,7 +42,6 @@ from mta.inbound.handler import Handler
 from mta.inbound.intake import Intake
 from mta.inbound.node_sessions import NodeSessions, node_sessions_dir
 from mta.inbound.server import Session, Sessions
-from mta.inbound.tenants import Tenants
 from mta.node.local_mail import LocalMail
 from mta.node.ownership import Peers
 from mta.observe import http, loop_lag, metrics
@@ -218,7 +217,6 @@ class Daemon:
             self.spool,
             self.intake,
             new_id,
-            Tenants(config.tenant),
             suppression=config.suppression,
         )
         self.api: InjectApi | None = None
@@ -226,8 +224,7 @@ class Daemon:
             # Imported only here: aiohttp and Jinja2 cost every other start 0.15 s.
             from mta.inbound.http_api import InjectApi
 
-            tenants = Tenants(config.tenant)
-            self.api = InjectApi(config, self.intake, tenants, new_id, resources.api_tls)
+            self.api = InjectApi(config, self.intake, new_id, resources.api_tls)
         self.sessions = Sessions(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -423,7 +420,7 @@ class Daemon:
     def _reload_api(self, new: Config) -> None:
         """The API takes the new tenants and limits (its certificate: in reload)."""
         if self.api is not None:
-            self.api.reload(new, Tenants(new.tenant))
+            self.api.reload(new)
 
     def _warn_restart_only(self, new: Config, resources: Resources) -> None:
         """Log each change a reload cannot apply: these need a restart."""

@@ -31,7 +31,6 @@ from mta.inbound.handler import Handler
 from mta.inbound.intake import Intake
 from mta.inbound.message import Rejected, has_bare_line_ending, prepare
 from mta.inbound.server import Session, Sessions
-from mta.inbound.tenants import Tenants
 from mta.mail.address import address_is_valid
 from mta.mail.header import split_header
 from mta.mail.reply import parse_reply
@@ -403,7 +402,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory, keys: list[DkimKey]) -> I
     config = Config(server=server)
     events = EventLog(config.events)
     intake = Intake(config, spool, committer, Signer(keys), pool, lambda message: None, events)
-    handler = Handler(server, spool, intake, IdGenerator(node="test"), Tenants(()))
+    handler = Handler(server, spool, intake, IdGenerator(node="test"))
     yield Listener(handler, spool, Sessions(max_total=1000, max_per_ip=1000))
     committer.close()
     pool.shutdown()
